@@ -1,0 +1,28 @@
+# The two fresh-machine commands (README): `make quickstart` and `make test`.
+# Both create .venv on first use with the pinned versions in constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: install quickstart test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+quickstart: install
+	$(BIN)/raptor run jobs/quickstart.yaml
+
+test: install
+	bash scripts/test.sh
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,332 @@
+"""The job spec: one pydantic model shared by the CLI, Ray jobs, sweeps and the Kubernetes renderer.
+
+A spec is a YAML file (``jobs/*.yaml``), overridable from the command line with
+``--set section.field=value`` (the value is parsed as YAML, so ``--set stage2.steps=2000`` is an
+int), and saved beside every run's artifacts as ``spec.yaml``. Every error names the field and the
+bad value in one line: ``jobs/x.yaml: stage2.steps: must be > 0 (got -5)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raptor import storage
+
+# Schemes fsspec reaches without extra code here; others need their fsspec plugin installed.
+READ_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf"}
+WRITE_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory"}
+
+# Depths of the DINOv2 family, so ``k > L`` fails when the spec is loaded, before any model is built.
+_DINOV2_DEPTHS = {"small": 12, "base": 12, "large": 24, "giant": 40}
+
+
+class SpecError(ValueError):
+    """A job spec that does not validate; the message is one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_url(url: str, allowed: set[str], field: str) -> str:
+    scheme = storage.scheme(url)
+    if scheme not in allowed:
+        raise ValueError(f"unsupported URL scheme {scheme!r} for {field} (use one of {', '.join(sorted(allowed))})")
+    return url
+
+
+class TeacherTrainSpec(_Section):
+    """Supervised training of the teacher on the shards (``raptor teacher train``); used when no checkpoint is given."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    num_workers: int = Field(1, ge=0, description="loader workers")
+
+
+class TeacherSpec(_Section):
+    """The frozen teacher: a timm ViT, loaded from a checkpoint or trained first."""
+
+    name: str = "vit_base_patch14_reg4_dinov2"
+    checkpoint: str | None = Field(None, description="local path or fsspec URL; .pth (official DINOv2), safetensors (timm/HF) or a raptor export")
+    img_size: int = Field(224, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth when training the teacher")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm overrides, e.g. embed_dim, depth, num_heads")
+    train: TeacherTrainSpec | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_scheme(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, READ_SCHEMES, "teacher.checkpoint")
+
+    @model_validator(mode="after")
+    def _source(self) -> "TeacherSpec":
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("teacher needs a checkpoint URL or a train section")
+        return self
+
+    def depth(self) -> int | None:
+        """The teacher's depth L when the spec states it (model_kwargs.depth or a DINOv2 name)."""
+        if "depth" in self.model_kwargs:
+            return int(self.model_kwargs["depth"])
+        m = re.match(r"vit_(small|base|large|giant)_patch14(_reg4)?_dinov2", self.name)
+        return _DINOV2_DEPTHS[m.group(1)] if m else None
+
+
+class GenerateSpec(_Section):
+    """Procedurally generated labelled shards (the embedded default); written when missing."""
+
+    train_samples: int = Field(4000, gt=0)
+    val_samples: int = Field(500, gt=0)
+    num_classes: int = Field(10, gt=1)
+    image_size: int = Field(112, gt=0)
+    seed: int = 0
+
+
+class DataSpec(_Section):
+    train: str = Field(..., description="shard URL with brace expansion, e.g. s3://bucket/imagenet/train-{000000..001023}.tar")
+    val: str | None = None
+    batch_size: int = Field(64, gt=0, description="per worker")
+    num_workers: int = Field(4, ge=0, description="loader workers per training worker")
+    seed: int = 0
+    error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
+    generate: GenerateSpec | None = None
+
+    @field_validator("train", "val")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, READ_SCHEMES, "data URL")
+
+
+class DiscoverySpec(_Section):
+    metric: Literal["cosine", "mse", "cka", "swap"] = "cosine"
+    method: Literal["dp", "bisection"] = "dp"
+    k: int = Field(3, ge=1)
+    boundaries: list[int] | None = Field(None, description="fixed boundaries; skip the search")
+    num_images: int = Field(10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _boundaries(self) -> "DiscoverySpec":
+        b = self.boundaries
+        if b is not None:
+            if any(x <= 0 for x in b) or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"boundaries must be increasing positive layer numbers (got {b})")
+            if len(b) + 1 != self.k:
+                raise ValueError(f"{len(b)} boundaries make k={len(b) + 1} blocks, but k={self.k}")
+        return self
+
+
+class StudentSpec(_Section):
+    """Architecture of the k student blocks: fixed for both stages, so it lives outside them."""
+
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    depth_scaling: bool = True
+    init: Literal["random", "teacher"] = "random"
+
+
+class TokenWeights(_Section):
+    cls: float = Field(1 / 3, ge=0)
+    reg: float = Field(1 / 3, ge=0)
+    patch: float = Field(1 / 3, ge=0)
+
+
+class StageSpec(_Section):
+    """Optimiser and loss of one training stage (the paper's recipe is the default)."""
+
+    steps: int = Field(..., gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate at the spec's effective batch")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    loss: Literal["mse", "token", "cosine"] = "mse"
+    token_weights: TokenWeights = Field(default_factory=TokenWeights)
+    sigma: float = Field(0.0, ge=0, description="input noise on teacher states")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "StageSpec":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class Stage1Spec(StageSpec):
+    """Per-block training: lambda * teacher forcing + (1 - lambda) * autoregressive."""
+
+    lambda_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lambda_min: float = Field(0.0, ge=0, le=1)
+    lambda_rho: float = Field(0.25, gt=0, le=1, description="fraction of steps over which lambda anneals")
+    horizon: int | None = Field(None, gt=0, description="autoregressive horizon; None = segment length (the paper)")
+    last_block_token_weights: TokenWeights | None = Field(
+        default_factory=lambda: TokenWeights(cls=0.34, reg=0.33, patch=0.33),
+        description="the paper weights cls up for the last block; None = same loss as the others",
+    )
+
+
+class Stage2Spec(StageSpec):
+    """End-to-end autoregressive rollout of the chained student over all L layers."""
+
+    loss: Literal["mse", "token", "cosine"] = "token"
+    token_weights: TokenWeights = Field(default_factory=lambda: TokenWeights(cls=0.45, reg=0.10, patch=0.45))
+
+
+class ProbeSpec(_Section):
+    """Linear classification probe on frozen features (DINOv2 protocol)."""
+
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(512, gt=0)
+    lrs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    init_from_teacher_head: bool = True
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
+
+    def worker_resources(self) -> dict[str, float]:
+        """Resources one Ray Train worker asks for."""
+        res = {"CPU": self.cpus_per_worker, **self.resources_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+class DeepSpeedSpec(_Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    gradient_clipping: float = Field(1.0, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    activation_checkpointing: bool = False
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSpec":
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param needs zero_stage 3 (got zero_stage={self.zero_stage})")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class StorageSpec(_Section):
+    url: str = Field(..., description="artifact root of this run: local path or fsspec URL")
+    checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
+    keep: int = Field(2, gt=0, description="checkpoints kept per stage")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        return _check_url(v, WRITE_SCHEMES, "storage.url")
+
+
+class LoggingSpec(_Section):
+    wandb_project: str = "raptor"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline")
+    log_interval: int = Field(50, gt=0)
+    val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
+
+
+class JobSpec(_Section):
+    """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    teacher: TeacherSpec
+    data: DataSpec
+    discovery: DiscoverySpec = Field(default_factory=DiscoverySpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    stage1: Stage1Spec
+    stage2: Stage2Spec
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    storage: StorageSpec
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for `raptor submit`")
+
+    @model_validator(mode="after")
+    def _k_fits_teacher(self) -> "JobSpec":
+        depth = self.teacher.depth()
+        if depth is not None:
+            if self.discovery.k > depth:
+                raise ValueError(f"discovery.k={self.discovery.k} exceeds the teacher's depth L={depth}")
+            b = self.discovery.boundaries
+            if b and b[-1] >= depth:
+                raise ValueError(f"discovery.boundaries {b} must lie in 1..{depth - 1} (teacher depth {depth})")
+        return self
+
+    @property
+    def effective_batch(self) -> int:
+        return self.data.batch_size * self.scaling.num_workers * self.deepspeed.gradient_accumulation_steps
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides to a raw spec dict; values are parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    bad = err.get("input")
+    if isinstance(bad, dict):  # a whole section failed a cross-field check; msg names the values
+        return f"{loc}: {msg}" if loc else msg
+    return f"{loc}: {msg} (got {bad!r})"
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    """Validate a raw dict; raise SpecError naming the first bad field."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SpecError(f"{source}: {_describe(errors[0])}{extra}") from None
+
+
+def load_spec(url: str, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML spec from a path or URL, apply ``--set`` overrides, validate."""
+    try:
+        raw = yaml.safe_load(storage.read_bytes(url).decode())
+    except FileNotFoundError:
+        raise SpecError(f"{url}: no such spec file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{url}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{url}: a job spec is a YAML mapping of sections")
+    return parse_spec(apply_overrides(raw, overrides or []), source=url)

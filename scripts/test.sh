@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the default test suite. pytest's exit code 5 (no tests collected) counts as failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline WANDB_SILENT=true
+export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/raptor-ray}"
+mkdir -p "$RAY_TMPDIR"
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
