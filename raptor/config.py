@@ -243,6 +243,25 @@ class LoggingSpec(_Section):
     val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
 
 
+class ClusterSpec(_Section):
+    """Where the job runs on Kubernetes (KubeRay); read only by ``raptor k8s render``, never by training."""
+
+    image: str = Field("ghcr.io/raptor-distill/raptor:0.1.0", description="image built from cluster/Dockerfile, for head, workers and submitter")
+    namespace: str = Field("raptor", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    service_account: str = Field("raptor", description="ServiceAccount of the Ray pods")
+    service_account_annotations: dict[str, str] = Field(default_factory=dict, description="cloud workload identity, e.g. eks.amazonaws.com/role-arn, so pods reach S3 without keys")
+    gpus_per_node: int = Field(8, gt=0, description="GPUs of one worker pod; workers are packed onto pods of this size")
+    memory_per_worker_gib: int = Field(64, gt=0, description="host memory per Ray Train worker (half of a pod's memory backs /dev/shm)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for worker pods, e.g. the GPU type")
+    head_cpus: int = Field(8, gt=0, description="the head runs the driver and dashboard only (Ray schedules no work there)")
+    head_memory_gib: int = Field(32, gt=0)
+    wandb_secret: str | None = Field("raptor-wandb", description="Secret with key api-key -> WANDB_API_KEY; None = no wandb credentials")
+    s3_secret: str | None = Field("raptor-s3", description="Secret with keys access-key-id, secret-access-key; optional where workload identity is used")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="the job's Ray cluster is deleted this long after the job ends")
+    active_deadline_seconds: int | None = Field(172_800, gt=0, description="the RayJob fails after running this long")
+    backoff_limit: int = Field(1, ge=0, description="RayJob retries, each on a fresh Ray cluster; resumes from the last checkpoint")
+
+
 class JobSpec(_Section):
     """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
 
@@ -259,6 +278,7 @@ class JobSpec(_Section):
     storage: StorageSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for `raptor submit`")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @model_validator(mode="after")
     def _k_fits_teacher(self) -> "JobSpec":

@@ -1,0 +1,344 @@
+"""KubeRay manifests rendered from a job spec: the cluster's shape is read from the spec, never typed twice.
+
+``render`` turns a spec into the objects ``kubectl apply`` needs: the namespace and ServiceAccount
+(shared, the kustomize base) and, per overlay, a RayJob whose embedded RayCluster has exactly the
+pods the spec's ``scaling`` section asks for, plus a NetworkPolicy that closes the head to everyone
+but the job's own pods and the KubeRay operator. An overlay is a named set of ``--set`` overrides,
+and the RayJob's entrypoint carries the same overrides, so the job always asks Ray for the
+resources its cluster has.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from raptor.config import ClusterSpec, JobSpec, ScalingSpec, load_spec
+
+# overlay -> the --set overrides it applies on top of the spec
+OVERLAYS: dict[str, tuple[str, ...]] = {
+    "dev": ("scaling.num_workers=1",),  # one GPU worker: the whole deployment at the smallest size
+    "multinode": (),  # the spec's own scaling: scaling.num_workers GPUs on pods of cluster.gpus_per_node
+}
+
+PROJECT_DIR = "/home/ray/raptor"  # WORKDIR of cluster/Dockerfile; holds jobs/
+RAY_UID, RAY_GID = 1000, 100  # the image's non-root user
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+DASHBOARD_AGENT_PORT = 52365
+MAX_JOB_NAME = 47  # KubeRay appends a suffix for the cluster and its services (63-character names)
+BASE_KINDS = ("Namespace", "ServiceAccount")  # shared by every overlay
+
+
+class RenderError(ValueError):
+    """A spec that cannot be laid out on Kubernetes pods; the message names the fields."""
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """How the spec's Ray Train workers are packed onto identical worker pods."""
+
+    pods: int
+    workers_per_pod: int
+    gpus_per_pod: int
+    cpus_per_pod: float
+    memory_gib: int
+
+
+def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec) -> WorkerLayout:
+    """Pack workers onto pods of ``cluster.gpus_per_node`` GPUs (one worker per pod on CPU)."""
+    workers_per_pod = 1
+    if scaling.use_gpu:
+        if scaling.gpus_per_worker <= 0:
+            raise RenderError("scaling.gpus_per_worker must be > 0 when scaling.use_gpu is true")
+        if scaling.gpus_per_worker > cluster.gpus_per_node:
+            raise RenderError(
+                f"scaling.gpus_per_worker={scaling.gpus_per_worker:g} exceeds cluster.gpus_per_node={cluster.gpus_per_node}"
+            )
+        workers_per_pod = min(scaling.num_workers, int(cluster.gpus_per_node // scaling.gpus_per_worker))
+        if scaling.num_workers % workers_per_pod:
+            raise RenderError(
+                f"scaling.num_workers={scaling.num_workers} does not fill pods of {workers_per_pod} workers "
+                f"(cluster.gpus_per_node={cluster.gpus_per_node}); use a multiple of {workers_per_pod}"
+            )
+    gpus = workers_per_pod * scaling.gpus_per_worker if scaling.use_gpu else 0
+    if gpus != int(gpus):
+        raise RenderError(f"{workers_per_pod} workers x scaling.gpus_per_worker={scaling.gpus_per_worker:g} is not a whole number of GPUs per pod")
+    return WorkerLayout(
+        pods=scaling.num_workers // workers_per_pod,
+        workers_per_pod=workers_per_pod,
+        gpus_per_pod=int(gpus),
+        cpus_per_pod=scaling.cpus_per_worker * workers_per_pod,
+        memory_gib=cluster.memory_per_worker_gib * workers_per_pod,
+    )
+
+
+def job_name(spec: JobSpec, overlay: str) -> str:
+    """The RayJob's name: the spec's name as a DNS label, with the overlay so both can coexist."""
+    name = f"{re.sub(r'[^a-z0-9-]+', '-', spec.name.lower()).strip('-')}-{overlay}"
+    if len(name) > MAX_JOB_NAME:
+        raise RenderError(f"name: {name!r} is {len(name)} characters; KubeRay allows {MAX_JOB_NAME} for a RayJob")
+    return name
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "raptor", "app.kubernetes.io/instance": name, "app.kubernetes.io/component": component}
+
+
+def _secret_env(cluster: ClusterSpec) -> list[dict[str, Any]]:
+    """Credentials as secretKeyRef only; optional, so workload identity and offline wandb still start."""
+    refs = []
+    if cluster.wandb_secret:
+        refs.append(("WANDB_API_KEY", cluster.wandb_secret, "api-key"))
+    if cluster.s3_secret:
+        refs += [("AWS_ACCESS_KEY_ID", cluster.s3_secret, "access-key-id"), ("AWS_SECRET_ACCESS_KEY", cluster.s3_secret, "secret-access-key")]
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}} for env, secret, key in refs]
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod_spec(cluster: ClusterSpec, containers: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "serviceAccountName": cluster.service_account,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RAY_UID,
+            "runAsGroup": RAY_GID,
+            "fsGroup": RAY_GID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers,
+        **extra,
+    }
+
+
+def _ray_container(spec: JobSpec, role: str, resources: dict[str, str], ready: str) -> dict[str, Any]:
+    """A Ray node container; KubeRay supplies its ``ray start`` command."""
+    container: dict[str, Any] = {
+        "name": f"ray-{role}",
+        "image": spec.cluster.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": PROJECT_DIR,
+        "env": _secret_env(spec.cluster),
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+        "readinessProbe": {
+            "exec": {"command": ["/bin/sh", "-c", ready]},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 12,
+        },
+        "securityContext": _container_security(),
+    }
+    if not container["env"]:
+        del container["env"]
+    if role == "head":
+        container["ports"] = [{"name": n, "containerPort": p} for n, p in HEAD_PORTS.items()]
+    return container
+
+
+def _shm_volume(gib: int) -> list[dict[str, Any]]:
+    """Memory-backed /dev/shm for Ray's object store, DataLoader workers and NCCL (the default is 64 MiB)."""
+    return [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{gib}Gi"}}]
+
+
+def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
+    """The RayCluster spec: a CPU head with the dashboard and one worker group sized by ``spec.scaling``."""
+    cluster, scaling = spec.cluster, spec.scaling
+    layout = worker_layout(scaling, cluster)
+    raylet_ok = f"curl -fsS http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep -q success"
+    head_ok = f"{raylet_ok} && curl -fsS http://localhost:{HEAD_PORTS['dashboard']}/api/gcs_healthz | grep -q success"
+
+    head_res = {"cpu": str(cluster.head_cpus), "memory": f"{cluster.head_memory_gib}Gi"}
+    head = {
+        # num-cpus 0: Ray schedules no tasks on the head, so the driver and GCS never compete with training
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+        "template": {
+            "metadata": {"labels": _labels(name, "ray-head")},
+            "spec": _pod_spec(
+                cluster,
+                [_ray_container(spec, "head", head_res, head_ok)],
+                volumes=_shm_volume(cluster.head_memory_gib // 2),
+            ),
+        },
+    }
+
+    worker_res = {"cpu": _quantity(layout.cpus_per_pod), "memory": f"{layout.memory_gib}Gi"}
+    worker_extra: dict[str, Any] = {"volumes": _shm_volume(layout.memory_gib // 2)}
+    if layout.gpus_per_pod:
+        worker_res["nvidia.com/gpu"] = str(layout.gpus_per_pod)
+        worker_extra["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if cluster.node_selector:
+        worker_extra["nodeSelector"] = dict(cluster.node_selector)
+    start_params: dict[str, str] = {}
+    if scaling.resources_per_worker:
+        pod_resources = {k: v * layout.workers_per_pod for k, v in scaling.resources_per_worker.items()}
+        start_params["resources"] = yaml.safe_dump(pod_resources, default_flow_style=True).strip()
+    workers = {
+        "groupName": "gpu-workers" if layout.gpus_per_pod else "cpu-workers",
+        "replicas": layout.pods,
+        "minReplicas": 0,
+        "maxReplicas": layout.pods,
+        "rayStartParams": start_params,
+        "template": {
+            "metadata": {"labels": _labels(name, "ray-worker")},
+            "spec": _pod_spec(
+                cluster,
+                [_ray_container(spec, "worker", worker_res, raylet_ok)],
+                **worker_extra,
+            ),
+        },
+    }
+    return {
+        "rayVersion": metadata.version("ray"),
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": 300,
+            "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+            "securityContext": _container_security(),
+        },
+        "headGroupSpec": head,
+        "workerGroupSpecs": [workers],
+    }
+
+
+def ray_job(spec: JobSpec, name: str, entrypoint: str) -> dict[str, Any]:
+    """The RayJob: creates the cluster, submits ``raptor run``, deletes the cluster after a TTL."""
+    cluster = spec.cluster
+    submitter = {
+        "name": "submitter",
+        "image": cluster.image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "securityContext": _container_security(),
+    }
+    job: dict[str, Any] = {"entrypoint": entrypoint, "submissionMode": "K8sJobMode"}
+    if spec.runtime_env:
+        job["runtimeEnvYAML"] = yaml.safe_dump(spec.runtime_env, sort_keys=True)
+    job |= {
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
+        "backoffLimit": cluster.backoff_limit,
+    }
+    if cluster.active_deadline_seconds is not None:
+        job["activeDeadlineSeconds"] = cluster.active_deadline_seconds
+    job["submitterPodTemplate"] = {
+        "metadata": {"labels": _labels(name, "submitter")},
+        "spec": _pod_spec(cluster, [submitter], restartPolicy="Never"),
+    }
+    job["rayClusterSpec"] = ray_cluster_spec(spec, name)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": _labels(name, "job")},
+        "spec": job,
+    }
+
+
+def network_policy(spec: JobSpec, name: str) -> dict[str, Any]:
+    """Only this job's pods (head, workers, submitter) and the KubeRay operator reach the head."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-head", "namespace": spec.cluster.namespace, "labels": _labels(name, "network-policy")},
+        "spec": {
+            "podSelector": {"matchLabels": _labels(name, "ray-head")},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                # the job's own pods: GCS, dashboard and every raylet/object-manager/worker port
+                {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": name}}}]},
+                # the operator polls the dashboard for job status
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {},
+                            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": HEAD_PORTS["dashboard"]}],
+                },
+            ],
+        },
+    }
+
+
+def namespace(cluster: ClusterSpec) -> dict[str, Any]:
+    # baseline is enforced; restricted is audited (KubeRay injects containers we do not template)
+    psa = {f"pod-security.kubernetes.io/{mode}": level for mode, level in (("enforce", "baseline"), ("warn", "restricted"), ("audit", "restricted"))}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cluster.namespace, "labels": psa}}
+
+
+def service_account(cluster: ClusterSpec) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": cluster.service_account, "namespace": cluster.namespace, "labels": {"app.kubernetes.io/name": "raptor"}}
+    if cluster.service_account_annotations:
+        meta["annotations"] = dict(cluster.service_account_annotations)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
+
+
+def entrypoint(spec_ref: str, overrides: Sequence[str]) -> str:
+    """``raptor run SPEC --set ...``: the spec path as given (relative to the image's project dir, or a URL)."""
+    return shlex.join(["raptor", "run", spec_ref, *(arg for o in overrides for arg in ("--set", o))])
+
+
+def render(spec_ref: str, overlay: str = "multinode", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every object for one overlay of the spec at ``spec_ref``: base objects first, then the job's."""
+    if overlay not in OVERLAYS:
+        raise RenderError(f"unknown overlay {overlay!r} (use one of {', '.join(OVERLAYS)})")
+    applied = [*OVERLAYS[overlay], *overrides]
+    spec = load_spec(spec_ref, applied)
+    name = job_name(spec, overlay)
+    return [
+        namespace(spec.cluster),
+        service_account(spec.cluster),
+        network_policy(spec, name),
+        ray_job(spec, name, entrypoint(spec_ref, applied)),
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (runtimeEnvYAML), so the manifests read like hand-written ones."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def dump(objects: Sequence[dict[str, Any]], header: str = "") -> str:
+    """A YAML stream of ``objects`` (``kubectl apply -f -`` reads it)."""
+    docs = [yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=120) for o in objects]
+    return header + "---\n".join(docs)
+
+
+def write_tree(objects: Sequence[dict[str, Any]], out: str | Path, overlay: str, spec_ref: str) -> list[Path]:
+    """Write a kustomize tree: ``base/`` (namespace, ServiceAccount) and ``overlays/<overlay>/`` (the job)."""
+    out = Path(out)
+    folders = (
+        (out / "base", [o for o in objects if o["kind"] in BASE_KINDS], [], spec_ref),
+        (out / "overlays" / overlay, [o for o in objects if o["kind"] not in BASE_KINDS], ["../../base"], f"{spec_ref} --overlay {overlay}"),
+    )
+    written = []
+    for folder, objs, parents, source in folders:
+        header = f"# Generated by `raptor k8s render` from {source}; edit the spec and re-render, not this file.\n"
+        files = {f"{o['kind'].lower()}.yaml": o for o in objs}
+        files["kustomization.yaml"] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [*parents, *files]}
+        folder.mkdir(parents=True, exist_ok=True)
+        for filename, obj in files.items():
+            (folder / filename).write_text(dump([obj], header))
+            written.append(folder / filename)
+    return written

@@ -1,0 +1,352 @@
+"""KubeRay manifests from the job spec: schema-valid, kustomize-buildable, committed output in sync, no secrets, non-root."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from raptor.cli import build_parser, main
+from raptor.config import load_spec
+from raptor.deploy.k8s import OVERLAYS, PROJECT_DIR, RAY_UID, RenderError, render
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+DISTILL = "jobs/distill_k3.yaml"  # relative: the path the image sees under its project dir
+K8S_VERSION = "1.32"
+SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.I)
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def _job(overlay: str = "multinode", overrides: tuple[str, ...] = (), spec: str = DISTILL) -> dict[str, Any]:
+    return _by_kind(render(spec, overlay, overrides))["RayJob"]
+
+
+def _workers(job: dict[str, Any]) -> dict[str, Any]:
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return group
+
+
+def _worker_resources(job: dict[str, Any]) -> dict[str, str]:
+    return _workers(job)["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def _pod_templates(job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    cluster = job["spec"]["rayClusterSpec"]
+    yield cluster["headGroupSpec"]["template"]
+    yield from (g["template"] for g in cluster["workerGroupSpecs"])
+    yield job["spec"]["submitterPodTemplate"]
+
+
+def _as_raycluster(job: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": dict(job["metadata"]), "spec": job["spec"]["rayClusterSpec"]}
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+
+
+def _closed(schema: Any) -> Any:
+    """Close every object schema that lists its properties, as the API server's pruning does: a
+    misspelt field would be dropped silently there, so here it is an error."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "default", "properties") else _closed(v) for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: _closed(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    path = SCHEMAS / f"ray.io_{kind.lower()}s.yaml"
+    if not path.exists():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (shared/ is expected beside the repository)")
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft202012Validator(_closed(version["schema"]["openAPIV3Schema"]))
+
+
+def _crd_errors(obj: dict[str, Any]) -> list[str]:
+    return [f"{e.json_path}: {e.message[:200]}" for e in _crd_validator(obj["kind"]).iter_errors(obj)]
+
+
+RENDERINGS = [("dev", ()), ("multinode", ()), ("multinode", ("scaling.num_workers=32", "scaling.resources_per_worker={ssd: 1}"))]
+
+
+@pytest.mark.parametrize(("overlay", "overrides"), RENDERINGS)
+def test_ray_objects_validate_against_kuberay_crds(overlay, overrides):
+    job = _job(overlay, overrides)
+    assert _crd_errors(job) == []
+    assert _crd_errors(_as_raycluster(job)) == []
+
+
+def test_quickstart_renders_cpu_pods_that_validate():
+    job = _job("multinode", spec="jobs/quickstart.yaml")
+    assert _crd_errors(job) == []
+    group = _workers(job)
+    assert group["groupName"] == "cpu-workers" and group["replicas"] == 2
+    assert "nvidia.com/gpu" not in _worker_resources(job) and "tolerations" not in group["template"]["spec"]
+
+
+def test_crd_validation_catches_a_misspelt_field():
+    job = _job("dev")
+    bad = copy.deepcopy(job)
+    _workers(bad)["replica"] = _workers(bad).pop("replicas")
+    assert any("replica" in e for e in _crd_errors(bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["shutdownAfterJobFinishes"] = "yes"
+    assert any("shutdownAfterJobFinishes" in e for e in _crd_errors(bad))
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_core_objects_and_pod_templates_validate_against_kubernetes(overlay):
+    objects = render(DISTILL, overlay)
+    for obj in objects:
+        if obj["apiVersion"] != "ray.io/v1":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    # the pod templates inside the RayJob are core objects too: check them as PodTemplates
+    for i, template in enumerate(_pod_templates(_by_kind(objects)["RayJob"])):
+        pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": template}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_validation_catches_a_bad_field():
+    policy = _by_kind(render(DISTILL, "dev"))["NetworkPolicy"]
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+
+
+# ---- committed manifests and kustomize -----------------------------------------------------------
+
+
+def test_committed_manifests_match_the_spec(tmp_path):
+    for overlay in OVERLAYS:
+        assert main(["k8s", "render", DISTILL, "--overlay", overlay, "--out", str(tmp_path)]) == 0
+    fresh = {p.relative_to(tmp_path): p.read_text() for p in sorted(tmp_path.rglob("*.yaml"))}
+    committed = {p.relative_to(ROOT / "k8s"): p.read_text() for p in sorted((ROOT / "k8s").rglob("*.yaml"))}
+    assert sorted(map(str, committed)) == sorted(map(str, fresh)), "k8s/ holds files the renderer does not write"
+    stale = [str(p) for p in fresh if committed[p] != fresh[p]]
+    assert not stale, f"k8s/ drifted from {DISTILL}: {stale}; re-run `raptor k8s render {DISTILL} --overlay OVERLAY --out k8s` for each overlay"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_kubectl_kustomize_builds_each_overlay(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed on this machine")
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    built = _by_kind([d for d in yaml.safe_load_all(out.stdout) if d])
+    assert built == _by_kind(render(DISTILL, overlay))
+
+
+# ---- what the spec decides ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overlay", "overrides", "pods", "gpus", "cpus", "memory"),
+    [
+        ("multinode", (), 2, "8", "80", "512Gi"),  # 16 workers x 1 GPU on 8-GPU nodes
+        ("multinode", ("scaling.num_workers=32",), 4, "8", "80", "512Gi"),
+        ("multinode", ("cluster.gpus_per_node=4",), 4, "4", "40", "256Gi"),
+        ("multinode", ("scaling.gpus_per_worker=2",), 4, "8", "40", "256Gi"),  # 4 workers per node
+        ("multinode", ("scaling.cpus_per_worker=4", "cluster.memory_per_worker_gib=32"), 2, "8", "32", "256Gi"),
+        ("multinode", ("scaling.num_workers=4",), 1, "4", "40", "256Gi"),  # fewer workers than a node holds
+        ("dev", (), 1, "1", "10", "64Gi"),
+    ],
+)
+def test_scaling_decides_replicas_and_resources(overlay, overrides, pods, gpus, cpus, memory):
+    job = _job(overlay, overrides)
+    group = _workers(job)
+    assert (group["replicas"], group["maxReplicas"]) == (pods, pods) and group["minReplicas"] <= pods
+    assert _worker_resources(job) == {"cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus}
+    shm = group["template"]["spec"]["volumes"][0]["emptyDir"]
+    assert shm == {"medium": "Memory", "sizeLimit": f"{int(memory[:-2]) // 2}Gi"}
+    # the job asks Ray for what the cluster has: the entrypoint repeats every override
+    applied = [*OVERLAYS[overlay], *overrides]
+    assert shlex.split(job["spec"]["entrypoint"]) == ["raptor", "run", DISTILL, *(a for o in applied for a in ("--set", o))]
+    spec = load_spec(DISTILL, applied)
+    assert spec.scaling.num_workers * spec.scaling.gpus_per_worker == pods * int(gpus)
+
+
+def test_extra_ray_resources_are_declared_per_pod():
+    group = _workers(_job("multinode", ("scaling.resources_per_worker={ssd: 1}",)))
+    assert yaml.safe_load(group["rayStartParams"]["resources"]) == {"ssd": 8}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("scaling.num_workers=12",), "scaling.num_workers=12 does not fill pods of 8 workers"),
+        (("scaling.gpus_per_worker=16",), "scaling.gpus_per_worker=16 exceeds cluster.gpus_per_node=8"),
+        (("scaling.gpus_per_worker=0",), "scaling.gpus_per_worker must be > 0"),
+        (("scaling.gpus_per_worker=0.75", "scaling.num_workers=10"), "10 workers x scaling.gpus_per_worker=0.75 is not a whole number"),
+        (("name=a-very-long-name-for-a-distillation-job-on-k8s",), "KubeRay allows 47"),
+    ],
+)
+def test_specs_that_do_not_fit_pods_fail_naming_the_fields(overrides, message):
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render(DISTILL, "multinode", overrides)
+
+
+def test_cli_prints_a_stream_and_reports_bad_input_in_one_line(capsys):
+    assert main(["k8s", "render", DISTILL, "--overlay", "dev", "--set", "stage2.steps=1000"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "NetworkPolicy", "RayJob"]
+    assert docs[-1]["spec"]["entrypoint"].endswith("--set scaling.num_workers=1 --set stage2.steps=1000")
+    assert main(["k8s", "render", DISTILL, "--set", "scaling.num_workers=12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raptor k8s: error: scaling.num_workers=12") and "\n" not in err
+    assert main(["k8s", "render", DISTILL, "--set", "stage2.steps=-1"]) == 2
+    assert "stage2.steps" in capsys.readouterr().err
+
+
+def test_rayjob_runs_the_spec_and_cleans_up():
+    spec = load_spec(DISTILL)
+    job = _job("multinode")
+    body = job["spec"]
+    assert body["submissionMode"] == "K8sJobMode"
+    assert yaml.safe_load(body["runtimeEnvYAML"]) == spec.runtime_env
+    assert body["shutdownAfterJobFinishes"] is True
+    assert body["ttlSecondsAfterFinished"] == spec.cluster.ttl_seconds_after_finished
+    assert body["activeDeadlineSeconds"] == spec.cluster.active_deadline_seconds
+    assert body["backoffLimit"] == spec.cluster.backoff_limit
+    cluster = body["rayClusterSpec"]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert cluster["rayVersion"] == pins["ray"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265, 10001} <= head_ports
+    for template in _pod_templates(job):
+        for c in template["spec"]["containers"]:
+            assert c["image"] == spec.cluster.image
+    for template in list(_pod_templates(job))[:2]:  # head and workers
+        (c,) = template["spec"]["containers"]
+        assert c["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
+        assert "healthz" in c["readinessProbe"]["exec"]["command"][-1]
+        assert c["workingDir"] == PROJECT_DIR
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    tolerations = _workers(job)["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_entrypoint_is_a_raptor_command_on_a_spec_the_image_holds():
+    entry = shlex.split(_job("dev")["spec"]["entrypoint"])
+    assert (ROOT / entry[2]).is_file() and entry[2].startswith("jobs/")  # cluster/Dockerfile copies jobs/
+    if importlib.util.find_spec("raptor.pipeline_cli") is None:
+        pytest.skip("raptor.pipeline_cli (`raptor run`) is not in this checkout yet")
+    args = build_parser().parse_args(entry[1:])
+    assert args.command == "run"
+
+
+def test_network_policy_admits_exactly_this_jobs_pods_and_the_operator():
+    objects = _by_kind(render(DISTILL, "multinode"))
+    policy, job = objects["NetworkPolicy"]["spec"], objects["RayJob"]
+
+    def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    head, worker, submitter = (t["metadata"]["labels"] for t in _pod_templates(job))
+    assert selects(policy["podSelector"]["matchLabels"], head)
+    assert not selects(policy["podSelector"]["matchLabels"], worker)
+    own, operator = policy["ingress"]
+    peer = own["from"][0]["podSelector"]["matchLabels"]
+    assert all(selects(peer, labels) for labels in (head, worker, submitter))
+    other_job = _by_kind(render(DISTILL, "dev"))["RayJob"]
+    assert not selects(peer, next(_pod_templates(other_job))["metadata"]["labels"])
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+# ---- secrets and privileges -----------------------------------------------------------------------
+
+
+def _literal_secrets(node: Any, path: str = "") -> list[str]:
+    """Paths where a credential could be written literally: secret-like env values, Secret objects,
+    runtime-env variables with secret-like names, and strings shaped like AWS or wandb keys."""
+    found = []
+    if isinstance(node, dict):
+        if node.get("kind") == "Secret":
+            found.append(f"{path}: a Secret object")
+        if "name" in node and SECRETISH.search(str(node["name"])) and "value" in node:
+            found.append(f"{path}: {node['name']} has a literal value")
+        if "runtimeEnvYAML" in node:
+            env = (yaml.safe_load(node["runtimeEnvYAML"]) or {}).get("env_vars", {})
+            found += [f"{path}.runtimeEnvYAML: {k}" for k in env if SECRETISH.search(k)]
+        for k, v in node.items():
+            found += _literal_secrets(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _literal_secrets(v, f"{path}[{i}]")
+    elif isinstance(node, str) and re.search(r"\bAKIA[0-9A-Z]{16}\b|\b[0-9a-f]{40}\b", node):
+        found.append(f"{path}: looks like a key")
+    return found
+
+
+def test_no_manifest_holds_a_literal_secret():
+    committed = [d for p in sorted((ROOT / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    assert committed and _literal_secrets(committed) == []
+    job = _job("multinode")
+    envs = [e for t in list(_pod_templates(job))[:2] for e in t["spec"]["containers"][0]["env"]]
+    assert {e["name"] for e in envs} >= {"WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"] for e in envs)
+
+
+def test_secret_check_catches_literal_credentials():
+    job = _job("dev")
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["env"].append({"name": "WANDB_API_KEY", "value": "0123456789abcdef0123456789abcdef01234567"})
+    job["spec"]["runtimeEnvYAML"] = "env_vars:\n  AWS_SECRET_ACCESS_KEY: x\n"
+    found = _literal_secrets(job)
+    assert any("literal value" in f for f in found) and any("looks like a key" in f for f in found)
+    assert any("runtimeEnvYAML: AWS_SECRET_ACCESS_KEY" in f for f in found)
+
+
+def test_secret_names_follow_the_spec_and_can_be_dropped():
+    job = _job("dev", ("cluster.wandb_secret=team-wandb", "cluster.s3_secret=null"))
+    (env,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "team-wandb", "key": "api-key", "optional": True}
+
+
+def test_workload_identity_annotations_reach_the_service_account():
+    arn = "arn:aws:iam::111122223333:role/raptor-s3"
+    objects = _by_kind(render(DISTILL, "dev", (f"cluster.service_account_annotations={{eks.amazonaws.com/role-arn: '{arn}'}}",)))
+    assert objects["ServiceAccount"]["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": arn}
+    for template in _pod_templates(objects["RayJob"]):
+        assert template["spec"]["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_container_runs_as_non_root(overlay):
+    for template in _pod_templates(_job(overlay)):
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == RAY_UID != 0
+        for c in template["spec"]["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
