@@ -1,0 +1,103 @@
+"""``raptor shards ...`` (write shards) and ``raptor data bench`` (reader throughput)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from raptor.data.bench import bench
+from raptor.data.shards import read_info, write_shards
+from raptor.data.sources import imagefolder_source, listfile_source
+from raptor.data.synthetic import synthetic_source
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    shards = subparsers.add_parser("shards", help="write WebDataset shards (folder or s3:// URL)")
+    sub = shards.add_subparsers(dest="shards_command", required=True, metavar="SOURCE")
+
+    p = sub.add_parser("imagefolder", help="convert an ImageNet-layout SRC/<class>/<image> tree")
+    p.add_argument("src")
+    _writer_args(p)
+    p.set_defaults(func=lambda a: _write(a, imagefolder_source(a.src)))
+
+    p = sub.add_parser("list", help="convert a list file of 'path<TAB>label' lines")
+    p.add_argument("listfile")
+    _writer_args(p)
+    p.set_defaults(func=lambda a: _write(a, listfile_source(a.listfile)))
+
+    p = sub.add_parser("generate", help="write the procedural labelled image set")
+    _writer_args(p)
+    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--size", type=int, default=112, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense", action="store_true", help="add seg.png masks and depth.npy maps")
+    p.set_defaults(
+        func=lambda a: _write(a, synthetic_source(a.samples, a.classes, a.size, a.seed, a.dense))
+    )
+
+    p = sub.add_parser("info", help="print a dataset's _info.json summary")
+    p.add_argument("url")
+    p.set_defaults(func=_info)
+
+    data = subparsers.add_parser("data", help="data tools")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    p = dsub.add_parser("bench", help="decode+augment samples/s per loader worker")
+    p.add_argument("url", help="dataset folder or shard pattern")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    p.add_argument("--eval", action="store_true", help="eval transform instead of train")
+    p.set_defaults(func=_bench)
+
+
+def _writer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output folder or s3://bucket/prefix")
+    p.add_argument("--prefix", default="train", help="shard name prefix (train, val, ...)")
+    p.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
+    p.add_argument("--max-mb", type=float, default=256, help="MiB per shard at most")
+    p.add_argument("--workers", type=int, default=4, help="shards written at once")
+    p.add_argument("--reencode", type=int, metavar="QUALITY", help="re-encode images as JPEG")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in OUT")
+
+
+def _write(args: argparse.Namespace, source) -> int:
+    info = write_shards(
+        source,
+        args.out,
+        prefix=args.prefix,
+        max_samples=args.max_samples,
+        max_bytes=int(args.max_mb * 2**20),
+        workers=args.workers,
+        reencode=args.reencode,
+        overwrite=args.overwrite,
+    )
+    print(_summary(args.out, info))
+    return 0
+
+
+def _summary(url: str, info: dict) -> str:
+    size = sum(s["bytes"] for s in info["shards"]) / 2**20
+    return (
+        f"{url}: {info['total']} samples, {info['num_classes']} classes, "
+        f"{len(info['shards'])} shards, {size:.1f} MiB" + (", dense" if info["dense"] else "")
+    )
+
+
+def _info(args: argparse.Namespace) -> int:
+    print(_summary(args.url, read_info(args.url)))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    result = bench(
+        args.url,
+        image_size=args.size,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        num_workers=args.workers,
+        train=not args.eval,
+    )
+    print(json.dumps(result))
+    return 0

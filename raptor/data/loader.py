@@ -1,0 +1,411 @@
+"""The streaming reader every training worker uses: shards -> decoded, augmented batches.
+
+Who reads what (non-resampled): the shard list is shuffled by (seed, epoch), dealt round-robin to
+the ranks, and each rank's shards dealt round-robin to its DataLoader workers ("readers"). Every
+rank yields exactly ``batches_per_epoch`` batches, split among its readers in proportion to their
+samples; a reader whose shards run short reads them again (counted as ``repeated``), one with
+extra stops early, so ranks never wait on each other at a collective. When the shards divide
+evenly, every sample is seen exactly once per epoch across all ranks and readers. Resampled mode
+draws shards with replacement instead (no notion of a pass, as open_clip's ``--dataset-resampled``).
+
+Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers), so a
+run repeats bit for bit and another epoch gets another order.
+
+Error counts: each reader counts into its own :class:`DataStats` inside its worker process, and
+sends the increments along with every batch; :class:`ShardLoader` strips them off in the training
+process and adds them to ``loader.stats``. So the counts need no shared memory, and they are
+exact for every batch the training loop has received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from raptor import storage
+from raptor.data.reader import DataStats, Reader
+from raptor.data.shards import dataset_folder, read_info
+from raptor.data.transforms import geometric_transform, normalise_batch
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, ...]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit arguments, else torch.distributed, else the Ray Train context, else (0, 1).
+
+    Ray is consulted only when it is already imported (a Ray worker), so the library neither needs
+    nor loads it anywhere else.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    if rank is None or world_size is None:
+        rank, world_size = _context_rank()
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return rank, world_size
+
+
+def _context_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "ray" in sys.modules:
+        try:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            return ctx.get_world_rank(), ctx.get_world_size()
+        except (ImportError, RuntimeError, AttributeError):
+            pass  # Ray is loaded, but this is not a Ray Train worker
+    return 0, 1
+
+
+def _seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def split_quota(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` samples in proportion to ``weights`` by largest remainder."""
+    if sum(weights) == 0:
+        weights = [1] * len(weights)
+    exact = [total * w / sum(weights) for w in weights]
+    quota = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (quota[i] - exact[i], i))
+    for i in order[: total - sum(quota)]:
+        quota[i] += 1
+    return quota
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The shard URLs of a dataset, with their sample counts when ``_info.json`` has them."""
+
+    urls: list[str]
+    counts: list[int | None]
+    num_classes: int | None
+
+    @classmethod
+    def resolve(cls, url: str) -> "Shards":
+        """A dataset folder (with ``_info.json``), a brace pattern or a single shard URL."""
+        try:
+            info: dict[str, Any] | None = read_info(url)
+        except FileNotFoundError:
+            info = None
+        folder = dataset_folder(url)
+        if folder == url.rstrip("/"):
+            if info is None:
+                raise FileNotFoundError(
+                    f"{url}: no _info.json, so not a complete shard folder; "
+                    "pass a shard pattern like .../train-{000000..000009}.tar instead"
+                )
+            urls = [storage.join(folder, s["name"]) for s in info["shards"]]
+        else:
+            urls = wds.shardlists.expand_urls(url)  # WebDataset syntax: braces, '::' lists
+        listed = (info or {}).get("shards", [])
+        known = {storage.join(folder, s["name"]): s["samples"] for s in listed}
+        return cls(urls, [known.get(u) for u in urls], info["num_classes"] if info else None)
+
+    @property
+    def total(self) -> int | None:
+        return None if None in self.counts else sum(c for c in self.counts if c is not None)
+
+
+@dataclass
+class ShardStream(IterableDataset):
+    """The per-reader pipeline run inside each DataLoader worker (see the module docstring)."""
+
+    shards: Shards
+    rank: int
+    world_size: int
+    batch_size: int
+    batches_per_epoch: int | None  # per rank; None: one exact pass with a final partial batch
+    image_size: int
+    train: bool
+    shuffle: bool
+    seed: int
+    epoch: int
+    resampled: bool
+    dense: bool
+    error_budget: float
+    shuffle_buffer: int
+    retries: int
+    backoff_s: float
+    patch_size: int | None = None
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    _transform: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self._transform = geometric_transform(
+            self.image_size, self.train, self.patch_size, self.crop_scale
+        )
+
+    def assignment(self, worker: int, num_workers: int) -> tuple[list[int], int | None]:
+        """(shard indices, sample quota) of one reader this epoch; quota None: one exact pass."""
+        n = len(self.shards.urls)
+        if self.resampled:
+            assert self.batches_per_epoch is not None  # loader() refuses resampled exact passes
+            return list(range(n)), split_quota(self.rank_samples, [1] * num_workers)[worker]
+        order = list(range(n))
+        if self.shuffle:
+            random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+        mine = order[self.rank :: self.world_size]
+        if len(mine) < num_workers:
+            raise ValueError(
+                f"{n} shards cannot feed {self.world_size} rank(s) x {num_workers} loader "
+                "worker(s): write more, smaller shards (max_samples), use fewer loader workers "
+                "or resampled=True"
+            )
+        per_worker = [mine[w::num_workers] for w in range(num_workers)]
+        if self.batches_per_epoch is None:
+            return per_worker[worker], None
+        weights = [sum(self.shards.counts[s] or 1 for s in shards) for shards in per_worker]
+        return per_worker[worker], split_quota(self.rank_samples, weights)[worker]
+
+    @property
+    def rank_samples(self) -> int:
+        """Samples this rank delivers per epoch: whole batches only."""
+        assert self.batches_per_epoch is not None
+        return self.batches_per_epoch * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, int]]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        shard_ids, quota = self.assignment(worker, num_workers)
+        if quota == 0 or not shard_ids:
+            return
+        slot_seed = _seed(self.seed, self.epoch, self.rank, self.world_size, worker, num_workers)
+        if quota is None:
+            expected = sum(self.shards.counts[s] or 0 for s in shard_ids)
+        else:
+            expected = quota
+        reader = Reader(
+            where=f"rank {self.rank} worker {worker}",
+            budget=self.error_budget,
+            expected=expected,
+            num_classes=self.shards.num_classes,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            stats=DataStats(),
+        )
+        raw = self._raw(reader, shard_ids, random.Random(slot_seed), repeat=quota is not None)
+        sent = DataStats()
+        aug_state = torch.Generator().manual_seed(slot_seed).get_state()
+        remaining = quota
+        while remaining is None or remaining > 0:
+            want = self.batch_size if remaining is None else min(self.batch_size, remaining)
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(aug_state)  # augmentation draws its own reproducible stream
+                items = self._take(reader, raw, want)
+                aug_state = torch.get_rng_state()
+            if not items:
+                return  # one exact pass is over
+            delta = {k: v - getattr(sent, k) for k, v in reader.stats.as_dict().items()}
+            sent = replace(reader.stats)
+            if remaining is not None:
+                remaining -= len(items)
+            yield _collate(items), delta
+
+    def _take(
+        self, reader: Reader, raw: Iterator[dict[str, Any]], want: int
+    ) -> list[tuple[torch.Tensor, ...]]:
+        items: list[tuple[torch.Tensor, ...]] = []
+        for sample in raw:
+            item = reader.decode(sample, self._transform, self.dense)
+            if item is not None:
+                items.append(item)
+                if len(items) == want:
+                    break
+        return items
+
+    def _raw(
+        self, reader: Reader, shard_ids: list[int], rng: random.Random, repeat: bool
+    ) -> Iterator[dict[str, Any]]:
+        """Samples of this reader's shards, pass after pass while ``repeat``.
+
+        Each pass is shuffled through its own buffer, drained before the next pass starts, so a
+        pass never leaks samples into another and one pass is exactly one copy of the shards.
+        Resampled passes draw as many shards, with replacement.
+        """
+        passes = 0
+        while True:
+            if self.resampled:
+                order = [rng.choice(shard_ids) for _ in shard_ids]
+            else:
+                order = list(shard_ids)
+                if passes and self.shuffle:
+                    rng.shuffle(order)
+            samples = self._pass(reader, order, repeated=passes > 0 and not self.resampled)
+            if self.shuffle and self.shuffle_buffer > 1:
+                buffer = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+                samples = buffer(samples)
+            got = 0
+            for sample in samples:
+                got += 1
+                yield sample
+            if not repeat:
+                return
+            if got == 0:
+                raise RuntimeError(
+                    f"{reader.where}: shards {[self.shards.urls[s] for s in order]} "
+                    "hold no readable samples"
+                )
+            passes += 1
+
+    def _pass(self, reader: Reader, order: list[int], repeated: bool) -> Iterator[dict[str, Any]]:
+        for s in order:
+            for sample in reader.samples(self.shards.urls[s], self.shards.counts[s]):
+                if repeated:
+                    reader.stats.repeated += 1
+                yield sample
+
+
+def _collate(items: list[tuple[torch.Tensor, ...]]) -> Batch:
+    """Stack samples; images become normalised floats here, once per batch."""
+    columns = [
+        torch.stack([item[i].as_subclass(torch.Tensor) for item in items])
+        for i in range(len(items[0]))
+    ]
+    columns[0] = normalise_batch(columns[0])
+    return tuple(columns)
+
+
+class ShardLoader:
+    """Iterable of batches for one rank: ``(images [B,3,H,W] float normalised, labels [B] long)``,
+    plus ``masks [B,H,W] long`` and ``depth [B,H,W] float`` when dense.
+
+    ``len(loader)`` is the number of batches per epoch (exact for every rank unless
+    ``drop_last=False``); ``loader.set_epoch(e)`` before iterating picks the epoch's order;
+    ``loader.stats`` holds the summed error counters of every batch received so far.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.stats = DataStats()
+        for worker in range(max(num_workers, 1)):  # fail now, in the caller, on a bad split
+            stream.assignment(worker, max(num_workers, 1))
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.stream.shards.num_classes
+
+    def __len__(self) -> int:
+        if self.stream.batches_per_epoch is None:
+            raise TypeError("drop_last=False: the number of batches is not fixed")
+        return self.stream.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        yield from self._rebatch(data)
+
+    def _rebatch(self, data: Iterable[tuple[Batch, dict[str, int]]]) -> Iterator[Batch]:
+        """Merge the readers' partial last batches, so only whole batches leave (but a final one
+        when ``drop_last=False``), and add up the error counts riding along."""
+        size = self.stream.batch_size
+        parts: list[Batch] = []
+        for batch, delta in data:
+            self.stats.add(delta)
+            if len(batch[0]) == size and not parts:
+                yield batch
+                continue
+            parts.append(batch)
+            while parts and sum(len(p[0]) for p in parts) >= size:
+                merged = tuple(torch.cat(column) for column in zip(*parts))
+                yield tuple(t[:size] for t in merged)
+                rest = tuple(t[size:] for t in merged)
+                parts = [rest] if len(rest[0]) else []
+        if parts:
+            yield tuple(torch.cat(column) for column in zip(*parts))
+
+
+def loader(
+    url: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    train: bool = True,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    num_workers: int = 2,
+    batches_per_epoch: int | None = None,
+    resampled: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    error_budget: float = 0.01,
+    dense: bool = False,
+    drop_last: bool = True,
+    patch_size: int | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    shuffle_buffer: int = 1000,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """Stream batches for this rank from WebDataset shards at ``url`` (any fsspec URL).
+
+    ``url`` is a dataset folder with ``_info.json`` or a brace pattern of shards.
+    ``train`` selects the DINOv2 train transform (RandomResizedCrop over ``crop_scale`` of the
+    area; raise its lower end for small images whose object an 8% crop would miss), else the
+    eval transform; ``shuffle`` (default: ``train``) shuffles shards and samples, else they come
+    in file order. ``patch_size`` checks that ``image_size`` is a multiple of the ViT's patch.
+    ``batches_per_epoch`` (per rank) defaults to total samples // (world_size * batch_size),
+    which needs ``_info.json``. ``drop_last=False`` instead reads every sample once with a final
+    partial batch (single-process evaluation only, since counts would differ by rank; inside a
+    distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
+    ``error_budget`` is the fraction of a reader's samples that may be bad before it stops the
+    run. ``rank``/``world_size`` default to the torch.distributed or Ray Train context.
+    """
+    rank, world_size = resolve_rank(rank, world_size)
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError("batch_size must be positive and num_workers not negative")
+    if not 0 <= error_budget <= 1:
+        raise ValueError(f"error_budget is a fraction in [0, 1], got {error_budget}")
+    shards = Shards.resolve(url)
+    if not drop_last:
+        if world_size > 1 or resampled:
+            raise ValueError("drop_last=False is for single-process, non-resampled evaluation")
+        batches_per_epoch = None
+    elif batches_per_epoch is None:
+        if shards.total is None:
+            raise ValueError(f"{url}: no _info.json with sample counts; pass batches_per_epoch")
+        batches_per_epoch = shards.total // (world_size * batch_size)
+        if batches_per_epoch == 0:
+            raise ValueError(
+                f"{url}: {shards.total} samples are fewer than one batch of {batch_size} "
+                f"per rank for {world_size} rank(s)"
+            )
+    elif batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
+    stream = ShardStream(
+        shards=shards, rank=rank, world_size=world_size, batch_size=batch_size,
+        batches_per_epoch=batches_per_epoch, image_size=image_size, train=train,
+        shuffle=train if shuffle is None else shuffle, seed=seed,
+        epoch=epoch, resampled=resampled, dense=dense, error_budget=error_budget,
+        shuffle_buffer=shuffle_buffer, retries=retries, backoff_s=backoff_s, patch_size=patch_size,
+        crop_scale=tuple(crop_scale),
+    )
+    return ShardLoader(stream, num_workers, pin_memory)
