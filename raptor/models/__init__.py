@@ -1,0 +1,22 @@
+"""Teachers (frozen timm ViTs) and block-recurrent students (Raptor)."""
+
+from raptor.models.checkpoints import CheckpointError, read_checkpoint, to_timm_state_dict
+from raptor.models.export import load_student, rebuild_student, save_student, student_manifest
+from raptor.models.student import Raptor, RaptorBlock, check_boundaries, segments_of
+from raptor.models.teacher import Teacher, TokenLayout
+
+__all__ = [
+    "CheckpointError",
+    "Raptor",
+    "RaptorBlock",
+    "Teacher",
+    "TokenLayout",
+    "check_boundaries",
+    "load_student",
+    "read_checkpoint",
+    "rebuild_student",
+    "save_student",
+    "segments_of",
+    "student_manifest",
+    "to_timm_state_dict",
+]

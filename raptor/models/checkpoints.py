@@ -1,0 +1,192 @@
+"""Reading checkpoints safely and mapping external layouts onto timm ViTs.
+
+Every format goes through one filter function (:func:`to_timm_state_dict`), never ad-hoc tensor edits
+at call sites (timm's habit):
+
+- the official facebookresearch/dinov2 ``.pth`` layout (``mask_token``, ``register_tokens``,
+  ``blocks.N.ls1.gamma``, SwiGLU ``blocks.N.mlp.w12/w3`` of ViT-g, chunked ``blocks.C.N.`` keys of
+  ``block_chunks > 0`` backbones, training checkpoints under ``teacher``/``backbone.``) -- mapped by
+  timm's own ``checkpoint_filter_fn`` (which calls its ``_convert_dinov2``) after un-chunking;
+- timm / Hugging Face safetensors (timm keys; ``pos_embed`` resampled when the image size differs);
+- the project's own teacher export (:meth:`raptor.models.Teacher.save`): timm keys plus an optional
+  ``head.weight``/``head.bias`` over the 2D readout, and JSON metadata that rebuilds the model.
+
+Files are read with ``safetensors`` or ``torch.load(weights_only=True)``: arbitrary pickles are
+never executed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+from typing import Any
+
+import torch
+from torch import nn
+
+from raptor import storage
+
+TEACHER_FORMAT = "raptor-teacher"
+STUDENT_FORMAT = "raptor-student"
+
+_PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the architecture."""
+
+
+def _is_safetensors(url: str, data: bytes) -> bool:
+    if url.endswith(".safetensors"):
+        return True
+    if len(data) < 10:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    return 0 < n < len(data) and data[8:9] == b"{"
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file held in memory."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n].decode())
+    return dict(header.get("__metadata__") or {})
+
+
+def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read ``url`` (local path or fsspec URL) -> (flat tensor dict, safetensors metadata or {}).
+
+    ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``
+    on CPU. Nested training checkpoints (``{"model": ...}``, ``{"state_dict": ...}``,
+    ``{"teacher": ...}``) are unwrapped and ``module.``/``backbone.``/``model.`` prefixes stripped.
+    """
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint not found: {url}") from e
+    if _is_safetensors(url, data):
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(data), safetensors_metadata(data)
+        except Exception as e:  # noqa: BLE001 - reported with the URL
+            raise CheckpointError(f"{url}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{url}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); only tensor state dicts are accepted"
+        ) from e
+    return unwrap_state_dict(obj, url), {}
+
+
+def unwrap_state_dict(obj: Any, url: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside a (possibly nested) checkpoint and strip wrapper prefixes."""
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("model", "state_dict", "teacher", "model_state", "module"):
+                if key in obj and isinstance(obj[key], dict):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{url}: no tensor state dict found")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p) :]: v for k, v in sd.items()}
+                changed = True
+    # DINOv2 training checkpoints hold backbone + heads: keep the backbone
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+_CHUNK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
+
+
+def unchunk_blocks(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2 ``block_chunks > 0`` keys ``blocks.C.I.rest`` -> ``blocks.I.rest``.
+
+    DINOv2's BlockChunk pads each chunk with Identity modules, so I is already the global index.
+    A key is treated as chunked only when ``blocks.C.I.`` is followed by a block attribute.
+    """
+    if not any(_CHUNK.match(k) for k in sd):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        m = _CHUNK.match(k)
+        if m and not m.group(3)[:1].isdigit():
+            out[f"blocks.{m.group(2)}.{m.group(3)}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def is_official_dinov2(sd: dict[str, torch.Tensor]) -> bool:
+    return "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k for k in sd)
+
+
+def to_timm_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The filter function: any supported layout -> the keys of ``model`` (a timm ViT).
+
+    Resamples ``pos_embed`` to the model's grid (timm's bicubic resampling) when the checkpoint
+    was saved at another image size.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = unchunk_blocks(dict(sd))
+    if is_official_dinov2(sd) and "mask_token" not in sd:
+        # timm's converter keys on mask_token; some exports drop it
+        sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return checkpoint_filter_fn(sd, model)
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str = "checkpoint") -> None:
+    """Strict load with an error that names missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:8]) + (f" ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {few(shapes)}")
+        raise CheckpointError(f"{url} does not fit the architecture; " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate ``head.weight``/``head.bias`` (or a bare ``weight``/``bias`` linear-head file)."""
+    if set(sd) <= {"weight", "bias"}:
+        return {}, dict(sd)
+    head = {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")}
+    body = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return body, head
+
+
+def save_safetensors(url: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file through :mod:`raptor.storage` (atomic; s3:// works)."""
+    from safetensors.torch import save as st_save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    storage.write_bytes(url, st_save(flat, metadata={k: str(v) for k, v in metadata.items()}))
