@@ -1,0 +1,1 @@
+"""Dynamical interpretability of teachers and students (depth as time) and the run report."""

@@ -1,0 +1,201 @@
+"""Analyse a finished (or partly finished) ``raptor run`` from its artifacts alone.
+
+Reads under RUN_URL (the service's layout, :mod:`raptor.pipeline`)::
+
+    spec.yaml                          the job spec (teacher, data, discovery)
+    teacher/teacher.safetensors        unless the spec names a teacher checkpoint
+    discovery/segmentation.json        boundaries;  discovery/distances.npy  the layer-distance matrix
+    stage2/student.safetensors         the student (stage1/ when stage 2 has not run; none: teacher only)
+    probe/results.json                 trained linear probes, when the probe stage has run
+
+and writes the report (:mod:`raptor.analysis.report`) to RUN_URL/report unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from raptor import storage
+from raptor.analysis.analyze import analyze_models, collect_trajectories
+from raptor.analysis.report import build_report, write_report
+from raptor.config import JobSpec, load_spec
+from raptor.distill import StageConfig
+from raptor.eval.dense import dense_probes
+from raptor.eval.studies import ablation_study, layer_swap_study, partition_study
+from raptor.models import Raptor, Teacher, load_student
+
+log = logging.getLogger(__name__)
+
+STUDENT_STAGES = ("stage2", "stage1")
+
+
+def _teacher(spec: JobSpec, run_url: str) -> Teacher:
+    url = spec.teacher.checkpoint or storage.join(run_url, "teacher", "teacher.safetensors")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"no teacher at {url}: has the teacher stage run?")
+    log.info("loading teacher %s from %s", spec.teacher.name, url)
+    return Teacher.from_timm(spec.teacher.name, img_size=spec.teacher.img_size, checkpoint=url, **spec.teacher.model_kwargs)
+
+
+def _student(run_url: str, teacher: Teacher) -> tuple[Raptor | None, str | None]:
+    for stage in STUDENT_STAGES:
+        url = storage.join(run_url, stage, "student.safetensors")
+        if storage.exists(url):
+            log.info("loading the %s student from %s", stage, url)
+            return load_student(url, teacher)[0], stage
+    log.warning("no student under %s (stage 1 has not finished): the report covers the teacher only", run_url)
+    return None, None
+
+
+def _discovery(run_url: str) -> dict[str, Any] | None:
+    seg_url, dist_url = storage.join(run_url, "discovery", "segmentation.json"), storage.join(run_url, "discovery", "distances.npy")
+    if not (storage.exists(seg_url) and storage.exists(dist_url)):
+        return None
+    seg = storage.read_json(seg_url)
+    dist = np.load(io.BytesIO(storage.read_bytes(dist_url)))
+    return {"metric": seg.get("metric"), "distances": dist.tolist(), "boundaries": list(seg["boundaries"])}
+
+
+def _probe(run_url: str) -> dict[str, Any] | None:
+    """The probe stage's trained probes, reduced to the report's fields (None when absent or of another shape)."""
+    url = storage.join(run_url, "probe", "results.json")
+    if not storage.exists(url):
+        return None
+    res = storage.read_json(url)
+    if not all(isinstance(res.get(m), dict) and "top1" in res[m] for m in ("teacher", "student")):
+        log.warning("%s has no teacher/student top1; using the teacher head's accuracy instead", url)
+        return None
+    pick = lambda d: {"top1": float(d["top1"]), "top5": d.get("top5")}  # noqa: E731
+    out = {"source": "probe stage", "teacher": pick(res["teacher"]), "student": pick(res["student"])}
+    if isinstance(res.get("student_finetuned"), dict) and "top1" in res["student_finetuned"]:
+        out["student_finetuned"] = pick(res["student_finetuned"])
+    teacher_top1 = out["teacher"]["top1"]
+    out["student_share"] = res.get("student_share", out["student"]["top1"] / teacher_top1 if teacher_top1 > 0 else None)
+    return out
+
+
+def split_batches(spec: JobSpec, image_size: int, split: str = "val", dense: bool = False):
+    """A split's shards once (val falls back to train), with eval transforms, in file order."""
+    from raptor.data import loader
+
+    url = (spec.data.val or spec.data.train) if split == "val" else spec.data.train
+    return loader(url, batch_size=min(spec.data.batch_size, 64), image_size=image_size, train=False, num_workers=0,
+                  rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget, dense=dense)
+
+
+def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *, samples: int, amp: bool) -> dict[str, Any]:
+    """Segmentation and depth probes for teacher and student, when the run's shards carry masks and depth."""
+    from raptor.data import read_info
+
+    if not read_info(spec.data.train).get("dense"):
+        raise ValueError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
+    log.info("dense probes on %d train / val images", samples)
+    return dense_probes(teacher, student, split_batches(spec, teacher.img_size, "train", dense=True),
+                        split_batches(spec, teacher.img_size, "val", dense=True), max_samples=samples, amp=amp)
+
+
+def _study_configs(spec: JobSpec, steps: int | None) -> tuple[StageConfig, StageConfig]:
+    """The run's own stage recipes (same budget as the run unless ``steps`` overrides both stages)."""
+    from raptor.train.stage import stage_config  # the spec -> StageConfig translation lives with the runner
+
+    configs = []
+    for name in ("stage1", "stage2"):
+        cfg = stage_config(spec, name)
+        if steps:
+            cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 10))
+        configs.append(cfg)
+    return configs[0], configs[1]
+
+
+@dataclass(frozen=True)
+class Studies:
+    """Which optional studies a report runs (each costs far more than the analysis itself).
+
+    ``partition`` = number of random partitions (0: none); the partition and ablation studies distil
+    students on ``samples`` train images with the run's stage recipes (``steps`` overrides both
+    stages' step counts); ``dense`` = segmentation and depth probes on ``samples`` images.
+    """
+
+    layer_swap: bool = False
+    partition: int = 0
+    ablation: bool = False
+    dense: bool = False
+    samples: int = 512
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.partition < 0 or self.samples < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
+
+
+def run_studies(
+    spec: JobSpec, teacher: Teacher, student: Raptor | None, boundaries: list[int], opts: Studies, *, val_samples: int, amp: bool, seed: int
+) -> dict[str, Any]:
+    """The eval studies on the run's data: layer swap (val), partition and ablation (students distilled on train), dense probes."""
+    studies: dict[str, Any] = {}
+    if (opts.partition or opts.ablation) and not boundaries:
+        raise ValueError("the partition and ablation studies need boundaries (run the discovery stage first)")
+    if opts.layer_swap or opts.partition or opts.ablation:
+        traj, _, labels = collect_trajectories(teacher, None, split_batches(spec, teacher.img_size), max_samples=val_samples, amp=amp)
+        val = [(traj, labels)]
+    if opts.layer_swap:
+        log.info("layer-swap study on %d samples", traj.shape[0])
+        swap = layer_swap_study(teacher, val)
+        studies["layer_swap"] = {**swap.to_dict(), "within_across": swap.within_across(boundaries) if boundaries else None}
+    if opts.partition or opts.ablation:
+        t_train, _, y_train = collect_trajectories(teacher, None, split_batches(spec, teacher.img_size, "train"), max_samples=opts.samples, amp=amp)
+        bs = spec.data.batch_size
+        train = [(t_train[i : i + bs], y_train[i : i + bs]) for i in range(0, t_train.shape[0], bs)]
+        stage1, stage2 = _study_configs(spec, opts.steps)
+        if opts.partition:
+            log.info("partition study: max-cut %s against %d random partitions, %d stage-1 steps each", boundaries, opts.partition, stage1.steps)
+            studies["partition"] = partition_study(teacher, train, val, boundaries=boundaries, n_random=opts.partition, stage1=stage1, seed=seed)
+        if opts.ablation:
+            log.info("ablation study: %d students, %d + %d steps", 4, stage1.steps, stage2.steps)
+            studies["ablation"] = ablation_study(teacher, train, val, boundaries=boundaries, stage1=stage1, stage2=stage2, seed=seed)
+    if opts.dense:
+        studies["dense"] = run_dense_probes(spec, teacher, student, samples=opts.samples, amp=amp)
+    return studies
+
+
+def analyze_run(
+    run_url: str,
+    out_url: str | None = None,
+    *,
+    max_samples: int = 64,
+    studies: Studies = Studies(),
+    device: str | None = None,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Read a run's artifacts, analyse teacher and student on ``max_samples`` val images, write the report.
+
+    Returns the URLs written (``json``, ``html``, ``markdown``); the report goes to RUN_URL/report
+    unless ``out_url`` says otherwise. ``studies`` adds those of :mod:`raptor.eval.studies`.
+    """
+    spec_url = storage.join(run_url, "spec.yaml")
+    if not storage.exists(spec_url):
+        raise FileNotFoundError(f"{run_url} is not a raptor run (no spec.yaml)")
+    t0 = time.perf_counter()
+    spec = load_spec(spec_url)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = _teacher(spec, run_url).to(dev)
+    student, stage = _student(run_url, teacher)
+    discovery = _discovery(run_url)
+    boundaries = list(student.boundaries if student is not None else (discovery or {}).get("boundaries") or [])
+    amp = dev.type == "cuda"
+    analysis = analyze_models(teacher, student, split_batches(spec, teacher.img_size), boundaries=boundaries,
+                              max_samples=max_samples, seed=seed, amp=amp)
+    extra = run_studies(spec, teacher, student, boundaries, studies, val_samples=max_samples, amp=amp, seed=seed)
+    report = build_report(analysis, run_name=spec.name, run_url=run_url, discovery=discovery, probe=_probe(run_url), studies=extra)
+    report["run"]["student_stage"] = stage
+    written = write_report(out_url or storage.join(run_url, "report"), report)
+    log.info("analysis of %s finished in %.1fs", run_url, time.perf_counter() - t0)
+    return written
