@@ -11,39 +11,44 @@ import importlib
 import logging
 import sys
 
-# module -> registers these subcommands
-COMMAND_MODULES = [
-    "raptor.data.cli",  # shards, data bench
-    "raptor.discovery.cli",  # maxcut
-    "raptor.train.cli",  # teacher train
-    "raptor.pipeline_cli",  # run, submit
-    "raptor.analysis.cli",  # analyze
-    "raptor.deploy.cli",  # k8s render
-]
+# command -> (module whose ``register(subparsers)`` defines it, one-line help). Only the module of
+# the command being run is imported, so ``raptor k8s render`` or ``--help`` never pays for torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("raptor.data.cli", "write WebDataset shards (folder or s3:// URL)"),
+    "data": ("raptor.data.cli", "data tools (bench)"),
+    "maxcut": ("raptor.discovery.cli", "max-cut block boundaries from a layer-distance matrix"),
+    "teacher": ("raptor.train.cli", "teacher models (train)"),
+    "run": ("raptor.pipeline_cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report"),
+    "submit": ("raptor.pipeline_cli", "submit `raptor run SPEC` to a Ray cluster as a Ray job"),
+    "analyze": ("raptor.analysis.cli", "dynamics and probe report of a finished run"),
+    "k8s": ("raptor.deploy.cli", "Kubernetes (KubeRay) manifests generated from a job spec"),
+}
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser of ``command`` (its module registers it); the others as help-only stubs."""
     parser = argparse.ArgumentParser(prog="raptor", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == name or name.startswith(e.name + ".")):
-                continue  # that concern is not installed in this build
-            raise
-        module.register(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register(sub)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
