@@ -261,7 +261,7 @@ def test_entrypoint_is_a_raptor_command_on_a_spec_the_image_holds():
     assert (ROOT / entry[2]).is_file() and entry[2].startswith("jobs/")  # cluster/Dockerfile copies jobs/
     if importlib.util.find_spec("raptor.pipeline_cli") is None:
         pytest.skip("raptor.pipeline_cli (`raptor run`) is not in this checkout yet")
-    args = build_parser().parse_args(entry[1:])
+    args = build_parser(entry[1]).parse_args(entry[1:])
     assert args.command == "run"
 
 
