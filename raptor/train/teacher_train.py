@@ -1,0 +1,82 @@
+"""``raptor teacher train``: supervised training of a timm ViT on the shards, with stochastic depth.
+
+The embedded default has no pretrained DINOv2 to download, so its teacher is trained here first:
+any timm ViT by name (``model_kwargs`` shrink it to a laptop-sized DINOv2 architecture), timm's
+drop-path rate (higher rates make layers more alike and the teacher easier to distil, METHOD.md
+section 7), AdamW with warm-up + cosine and label smoothing. The result is a raptor teacher export
+whose linear head is the trained classifier, so the probe stage can start the student's head from
+it. One process (on the GPU when there is one): a teacher for a large run comes as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from raptor import data
+from raptor.config import JobSpec, TeacherTrainSpec
+from raptor.distill import lr_factor
+from raptor.models import Teacher
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, batches: Any, device: torch.device) -> float:
+    """Top-1 of ``model``'s logits over the ``(images, labels)`` batches."""
+    model.eval()
+    hit = seen = 0
+    for images, labels in batches:
+        hit += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
+        seen += len(labels)
+    return hit / max(seen, 1)
+
+
+def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = None) -> dict[str, Any]:
+    """Train ``spec.teacher`` on ``spec.data`` and export it to ``out_url``; returns its metrics."""
+    tspec = spec.teacher
+    tt: TeacherTrainSpec | None = tspec.train
+    if tt is None:
+        raise ValueError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(spec.data.seed)
+    train = data.loader(spec.data.train, batch_size=tt.batch_size, image_size=tspec.img_size, train=True,
+                        seed=spec.data.seed, num_workers=tt.num_workers, rank=0, world_size=1,
+                        error_budget=spec.data.error_budget)
+    if not train.num_classes:
+        raise ValueError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
+    model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
+                              drop_path_rate=tspec.drop_path_rate, **tspec.model_kwargs).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
+    total = tt.epochs * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, tt.warmup_steps))
+    log.info("training teacher %s %s (drop_path %.2f) for %d epochs x %d steps on %s",
+             tspec.name, tspec.model_kwargs, tspec.drop_path_rate, tt.epochs, len(train), device)
+    t0, step = time.perf_counter(), 0
+    for epoch in range(tt.epochs):
+        model.train()
+        train.set_epoch(epoch)
+        for images, labels in train:
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=tt.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+        log.info("teacher epoch %d/%d loss %.3f (%.0f samples/s)", epoch + 1, tt.epochs, loss.item(),
+                 step * tt.batch_size / (time.perf_counter() - t0))
+    metrics: dict[str, Any] = {"train_loss": loss.item(), "steps": step, "seconds": time.perf_counter() - t0}
+    if spec.data.val:
+        val = data.loader(spec.data.val, batch_size=tt.batch_size, image_size=tspec.img_size, train=False,
+                          num_workers=0, rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget)
+        metrics["val_top1"] = accuracy(model, val, device)
+        log.info("teacher val top-1 %.3f", metrics["val_top1"])
+    teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)
+    teacher.save(out_url, metadata={"trained": metrics, "drop_path_rate": tspec.drop_path_rate})
+    return metrics

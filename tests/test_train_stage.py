@@ -1,0 +1,148 @@
+"""Fast checks of the service's translations and bookkeeping (no Ray cluster, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from raptor import storage
+from raptor.config import load_spec, parse_spec
+from raptor.pipeline import STAGES, Run, done, save_spec
+from raptor.pipeline_cli import submission
+from raptor.train.metrics import wandb_mode
+from raptor.train.stage import deepspeed_config, stage_config
+
+
+@pytest.fixture
+def quickstart() -> dict:
+    with open("jobs/quickstart.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_stage_config_follows_the_spec(quickstart):
+    spec = parse_spec(quickstart)
+    s1, s2 = stage_config(spec, "stage1"), stage_config(spec, "stage2")
+    assert (s1.stage, s1.steps, s1.lr, s1.warmup_steps) == (1, spec.stage1.steps, spec.stage1.lr, spec.stage1.warmup_steps)
+    assert s1.token_weights is None and s1.last_block_token_weights == (0.34, 0.33, 0.33)  # paper: plain MSE, cls up last
+    assert s1.lambda_schedule == "linear" and s1.lambda_rho == 0.25 and s1.horizon is None
+    assert s2.stage == 2 and s2.loss == "mse" and s2.token_weights == pytest.approx((0.45, 0.10, 0.45))
+    assert s1.grad_clip == spec.deepspeed.gradient_clipping
+    quickstart["stage2"].update(schedule="constant", loss="cosine")
+    s2c = stage_config(parse_spec(quickstart), "stage2")
+    assert s2c.min_lr == s2c.lr and s2c.loss == "cosine" and s2c.token_weights is None
+
+
+def test_deepspeed_config_batch_precision_and_offload(quickstart):
+    quickstart["deepspeed"].update(zero_stage=3, gradient_accumulation_steps=4, precision="auto", offload_optimizer="cpu")
+    spec = parse_spec(quickstart)
+    cpu = deepspeed_config(spec, world_size=2, device=torch.device("cpu"))
+    assert cpu["train_batch_size"] == spec.data.batch_size * 2 * 4 == spec.effective_batch
+    assert cpu["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert "bf16" not in cpu  # auto = fp32 on CPU
+    assert deepspeed_config(spec, 2, torch.device("cuda", 0))["bf16"] == {"enabled": True}
+
+
+def test_wandb_is_offline_without_a_key(quickstart, monkeypatch):
+    quickstart["logging"]["wandb_mode"] = "auto"
+    spec = parse_spec(quickstart)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(spec.logging) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(spec.logging) == "online"
+
+
+def test_stages_are_skipped_by_their_artifacts(quickstart, tmp_path):
+    quickstart["storage"]["url"] = str(tmp_path / "run")
+    quickstart["data"].update(train=str(tmp_path / "data" / "train"), val=str(tmp_path / "data" / "val"))
+    run = Run(parse_spec(quickstart))
+    assert [s.name for s in STAGES] == ["data", "teacher", "discovery", "stage1", "stage2", "probe", "report"]
+    assert not any(done(run, s) for s in STAGES)
+    for folder in ("train", "val"):
+        storage.write_json(str(tmp_path / "data" / folder / "_info.json"), {})
+    storage.write_bytes(run.teacher_url, b"x")
+    assert not done(run, STAGES[1])  # a teacher file without its metrics: training did not finish
+    storage.write_json(run.url("teacher", "metrics.json"), {})
+    storage.write_json(run.url("discovery", "segmentation.json"), {"boundaries": [4, 8]})
+    assert [done(run, s) for s in STAGES] == [True, True, True, False, False, False, False]
+    assert run.boundaries() == [4, 8]
+
+
+def test_spec_is_saved_beside_the_artifacts(quickstart, tmp_path):
+    quickstart["storage"]["url"] = str(tmp_path / "run")
+    run = Run(parse_spec(quickstart))
+    save_spec(run)
+    assert parse_spec(yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())) == run.spec
+
+
+def test_submission_entrypoint_and_runtime_env():
+    spec = load_spec("jobs/distill_k3.yaml")
+    job = submission("jobs/distill_k3.yaml", spec, ["stage2.steps=2000", "name=a b"])
+    assert job["entrypoint"] == "raptor run jobs/distill_k3.yaml --set stage2.steps=2000 --set 'name=a b'"
+    assert job["runtime_env"]["working_dir"] == "." and job["runtime_env"]["env_vars"] == {"NCCL_DEBUG": "WARN"}
+    with pytest.raises(Exception, match="inside the working directory"):
+        submission("../elsewhere.yaml", spec, [])
+
+
+def test_teacher_train_command_exports_a_loadable_teacher(tmp_path, capsys):
+    from raptor.cli import main
+    from raptor.data import synthetic_source, write_shards
+    from raptor.models import Teacher, read_checkpoint
+
+    write_shards(synthetic_source(64, num_classes=3, size=32), str(tmp_path / "train"), prefix="train", max_samples=32)
+    write_shards(synthetic_source(32, num_classes=3, size=32, seed=1), str(tmp_path / "val"), prefix="val", max_samples=32)
+    spec = {
+        "name": "teacher-only",
+        "teacher": {"name": "vit_small_patch14_reg4_dinov2", "img_size": 28, "drop_path_rate": 0.2,
+                    "model_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2},
+                    "train": {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "num_workers": 0}},
+        "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val"), "batch_size": 16},
+        "discovery": {"k": 2},
+        "stage1": {"steps": 1}, "stage2": {"steps": 1},
+        "storage": {"url": str(tmp_path / "run")},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["teacher", "train", str(tmp_path / "spec.yaml")]) == 0
+    out = tmp_path / "run" / "teacher" / "teacher.safetensors"
+    assert str(out) in capsys.readouterr().out
+    teacher = Teacher.load(str(out))
+    assert teacher.depth == 4 and teacher.head is not None and teacher.head.out_features == 3
+    assert read_checkpoint(str(out))[1]["drop_path_rate"] == "0.2"
+    assert main(["teacher", "train", str(tmp_path / "spec.yaml"), "--set", "teacher.train=null"]) == 2  # neither a checkpoint nor a recipe: a one-line error
+
+
+def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path):
+    """One shard for two Ray Train workers: a one-line error before any worker starts (and is retried)."""
+    from raptor.data import synthetic_source, write_shards
+    from raptor.train.trainer import preflight
+
+    write_shards(synthetic_source(64, num_classes=2, size=64), str(tmp_path / "train"), prefix="train", max_samples=64)
+    quickstart["data"].update(train=str(tmp_path / "train"), val=None, generate=None)
+    with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
+        preflight(parse_spec(quickstart))
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    """deepspeed.activation_checkpointing recomputes block applications in backward: same numbers."""
+    from raptor.distill import StageConfig, distill_loss
+    from raptor.models import Raptor, Teacher
+    from raptor.train.worker import _checkpoint_activations
+
+    teacher = Teacher.from_timm("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=32, depth=4, num_heads=2)
+    traj = teacher.trajectory(torch.randn(2, 3, 28, 28))
+    cfg = StageConfig.paper_stage2(10)
+    results = []
+    for checkpointed in (False, True):
+        student = Raptor.from_teacher(teacher, [2], seed=0)
+        if checkpointed:
+            _checkpoint_activations(student)
+        calls = []
+        student.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
+        loss, _ = distill_loss(student, traj, cfg, 0)
+        forward_calls = len(calls)
+        loss.backward()
+        assert len(calls) == (2 if checkpointed else 1) * forward_calls  # recomputed in backward
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
