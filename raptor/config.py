@@ -98,12 +98,20 @@ class DataSpec(_Section):
     num_workers: int = Field(4, ge=0, description="loader workers per training worker")
     seed: int = 0
     error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range of the train transform (DINOv2: 0.08-1; raise the floor for tiny images)")
     generate: GenerateSpec | None = None
 
     @field_validator("train", "val")
     @classmethod
     def _scheme(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READ_SCHEMES, "data URL")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {list(v)}")
+        return v
 
 
 class DiscoverySpec(_Section):

@@ -135,16 +135,10 @@ def _teacher_done(run: Run) -> bool:
     return storage.exists(run.url("teacher", "metrics.json"))  # written after the teacher file
 
 
-def _eval_loader(spec: JobSpec, url: str, image_size: int) -> data.ShardLoader:
-    """Every sample of ``url`` once, eval transforms, in file order (single process)."""
-    return data.loader(url, batch_size=spec.data.batch_size, image_size=image_size, train=False,
-                       num_workers=0, rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget)
-
-
 def discover(spec: JobSpec, teacher_url: str, out: str) -> dict[str, Any]:
     """Distances over ``discovery.num_images`` val images, then the max-cut boundaries (or the fixed ones)."""
     from raptor.discovery import bisection, layer_distances, plot_distances, segment, swap_distances
-    from raptor.train.stage import load_teacher, single_device
+    from raptor.train.stage import load_teacher, single_device, spec_loader
 
     d = spec.discovery
     device = single_device(spec)
@@ -153,7 +147,7 @@ def discover(spec: JobSpec, teacher_url: str, out: str) -> dict[str, Any]:
 
     def images():
         seen = 0
-        for x, _ in _eval_loader(spec, spec.data.val or spec.data.train, teacher.img_size):
+        for x, _ in spec_loader(spec, spec.data.val or spec.data.train, train=False):
             yield x[: d.num_images - seen].to(device)
             seen += len(x)
             if seen >= d.num_images:

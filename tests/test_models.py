@@ -16,7 +16,6 @@ from raptor.models import (
     Raptor,
     RaptorBlock,
     Teacher,
-    TokenLayout,
     load_student,
     rebuild_student,
     save_student,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass

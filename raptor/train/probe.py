@@ -19,7 +19,7 @@ from raptor import data, storage
 from raptor.config import JobSpec
 from raptor.eval import student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
-from raptor.train.stage import load_teacher, single_device
+from raptor.train.stage import load_teacher, single_device, spec_loader
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,8 @@ def probe(spec: JobSpec, teacher_url: str, student_url: str, out: str) -> dict[s
     teacher = load_teacher(spec, teacher_url).to(device)
     student, _ = load_student(student_url, teacher)
 
-    def split(url: str) -> data.ShardLoader:
-        return data.loader(url, batch_size=spec.data.batch_size, image_size=teacher.img_size, train=False, num_workers=0,
-                           rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget)
-
-    train_t, train_s, train_y = _features(teacher, student, split(spec.data.train), device)
-    val_t, val_s, val_y = _features(teacher, student, split(spec.data.val), device)
+    train_t, train_s, train_y = _features(teacher, student, spec_loader(spec, spec.data.train, train=False), device)
+    val_t, val_s, val_y = _features(teacher, student, spec_loader(spec, spec.data.val, train=False), device)
     p = spec.probe
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     head = teacher.head if p.init_from_teacher_head else None

@@ -18,10 +18,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from raptor import data
 from raptor.config import JobSpec, TeacherTrainSpec
 from raptor.distill import lr_factor
 from raptor.models import Teacher
+from raptor.train.stage import spec_loader
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
         raise ValueError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.data.seed)
-    train = data.loader(spec.data.train, batch_size=tt.batch_size, image_size=tspec.img_size, train=True,
-                        seed=spec.data.seed, num_workers=tt.num_workers, rank=0, world_size=1,
-                        error_budget=spec.data.error_budget)
+    train = spec_loader(spec, spec.data.train, train=True, num_workers=tt.num_workers, batch_size=tt.batch_size)
     if not train.num_classes:
         raise ValueError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
     model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
@@ -73,8 +71,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
                  step * tt.batch_size / (time.perf_counter() - t0))
     metrics: dict[str, Any] = {"train_loss": loss.item(), "steps": step, "seconds": time.perf_counter() - t0}
     if spec.data.val:
-        val = data.loader(spec.data.val, batch_size=tt.batch_size, image_size=tspec.img_size, train=False,
-                          num_workers=0, rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget)
+        val = spec_loader(spec, spec.data.val, train=False, batch_size=tt.batch_size)
         metrics["val_top1"] = accuracy(model, val, device)
         log.info("teacher val top-1 %.3f", metrics["val_top1"])
     teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)

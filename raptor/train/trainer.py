@@ -18,9 +18,9 @@ import ray.train
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raptor import data, storage
+from raptor import storage
 from raptor.config import JobSpec
-from raptor.train.stage import StageName, absolute, absolute_paths
+from raptor.train.stage import StageName, absolute, absolute_paths, spec_loader
 from raptor.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def preflight(spec: JobSpec) -> None:
     Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
     """
     for rank in range(spec.scaling.num_workers):
-        data.loader(spec.data.train, batch_size=spec.data.batch_size, image_size=spec.teacher.img_size,
-                    num_workers=spec.data.num_workers, rank=rank, world_size=spec.scaling.num_workers,
-                    error_budget=spec.data.error_budget)
+        spec_loader(spec, spec.data.train, train=True, rank=rank, world_size=spec.scaling.num_workers,
+                    num_workers=spec.data.num_workers)
 
 
 def run_stage(

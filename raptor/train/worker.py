@@ -36,7 +36,7 @@ from raptor.models import Raptor, Teacher, load_student
 from raptor.train import checkpoint
 from raptor.train.export import export_student
 from raptor.train.metrics import Progress
-from raptor.train.stage import StageName, deepspeed_config, load_teacher, stage_config, use_bf16
+from raptor.train.stage import StageName, deepspeed_config, load_teacher, spec_loader, stage_config, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ def batches_from(loader: data.ShardLoader, micro_batches: int) -> Iterator[torch
 def _validation_batch(spec: JobSpec, teacher: Teacher, device: torch.device, amp: Any) -> torch.Tensor:
     """The same fixed batch on every rank: the first eval-transformed batch of the val shards."""
     url = spec.data.val or spec.data.train
-    val = data.loader(url, batch_size=spec.data.batch_size, image_size=teacher.img_size, train=False,
-                      seed=spec.data.seed, num_workers=0, rank=0, world_size=1, error_budget=spec.data.error_budget)
-    images, _ = next(iter(val))
+    images, _ = next(iter(spec_loader(spec, url, train=False)))
     return teacher.trajectory(images.to(device), amp=amp)
 
 
@@ -169,9 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = checkpoint.restore(engine)
     history: list[dict[str, float]] = resumed.history
 
-    loader = data.loader(spec.data.train, batch_size=spec.data.batch_size, image_size=teacher.img_size, train=True,
-                         seed=spec.data.seed, num_workers=spec.data.num_workers, rank=rank, world_size=world,
-                         error_budget=spec.data.error_budget)
+    loader = spec_loader(spec, spec.data.train, train=True, rank=rank, world_size=world,
+                         num_workers=spec.data.num_workers)
     batches = batches_from(loader, resumed.micro_batches)
     val_traj = _validation_batch(spec, teacher, device, amp)
     accum = spec.deepspeed.gradient_accumulation_steps
