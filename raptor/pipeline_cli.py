@@ -79,6 +79,21 @@ def submission(spec_path: str, spec: JobSpec, overrides: list[str]) -> dict:
     return {"entrypoint": shlex.join(entry), "runtime_env": runtime_env}
 
 
+def _submit(client, job: dict, name: str, address: str, wait_s: float = 90.0) -> str:
+    """Submit, retrying while the head has no job agent yet (seconds after a cluster starts or scales)."""
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**job, metadata={"raptor_spec": name})
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() + delay > deadline:
+                raise CliError(f"the Ray cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
+            log.info("Ray has no job agent ready yet; retrying in %.0fs", delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -89,7 +104,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except (ConnectionError, RuntimeError) as e:
         raise CliError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     job = submission(args.spec, spec, args.overrides)
-    job_id = client.submit_job(**job, metadata={"raptor_spec": spec.name})
+    job_id = _submit(client, job, spec.name, address)
     print(f"submitted {job_id} to {address}: {job['entrypoint']}")
     if args.no_wait:
         return 0

@@ -146,3 +146,28 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):
+    from raptor import pipeline_cli
+    from raptor.cli import CliError
+
+    calls = []
+
+    class Head:  # answers as Ray's job API does in the seconds before its agent registers
+        def submit_job(self, **job):
+            calls.append(job)
+            if len(calls) < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+            return "raysubmit_1"
+
+    class Refusing:
+        def submit_job(self, **job):
+            raise RuntimeError("Request failed with status code 400: runtime_env has an unknown field")
+
+    monkeypatch.setattr(pipeline_cli.time, "sleep", lambda s: None)
+    job = {"entrypoint": "raptor run jobs/quickstart.yaml", "runtime_env": {}}
+    assert pipeline_cli._submit(Head(), job, "quickstart", "http://head:8265") == "raysubmit_1"
+    assert len(calls) == 3
+    with pytest.raises(CliError, match="refused the job: .*unknown field"):
+        pipeline_cli._submit(Refusing(), job, "quickstart", "http://head:8265")
