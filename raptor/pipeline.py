@@ -138,7 +138,8 @@ def _teacher_done(run: Run) -> bool:
 def discover(spec: JobSpec, teacher_url: str, out: str) -> dict[str, Any]:
     """Distances over ``discovery.num_images`` val images, then the max-cut boundaries (or the fixed ones)."""
     from raptor.discovery import bisection, layer_distances, plot_distances, segment, swap_distances
-    from raptor.train.stage import load_teacher, single_device, spec_loader
+    from raptor.build import load_teacher, spec_loader
+    from raptor.train.stage import single_device
 
     d = spec.discovery
     device = single_device(spec)

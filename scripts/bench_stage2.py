@@ -27,7 +27,8 @@ from raptor import data, storage
 from raptor.config import parse_spec
 from raptor.distill import lr_scheduler, make_optimizer, train_step
 from raptor.models import load_student
-from raptor.train.stage import load_teacher, stage_config
+from raptor.build import load_teacher
+from raptor.train.stage import stage_config
 from raptor.train.trainer import run_stage
 
 

@@ -25,7 +25,7 @@ from raptor import storage
 from raptor.config import JobSpec, parse_spec
 from raptor.models import load_student
 from raptor.pipeline import run_pipeline
-from raptor.train.stage import load_teacher
+from raptor.build import load_teacher
 from raptor.train.trainer import run_stage
 
 REPO = Path(__file__).resolve().parents[1]

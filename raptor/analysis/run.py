@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raptor import storage
+from raptor.build import load_teacher, spec_loader
 from raptor.analysis.analyze import analyze_models, collect_trajectories
 from raptor.analysis.report import build_report, write_report
 from raptor.config import JobSpec, load_spec
@@ -42,7 +43,7 @@ def _teacher(spec: JobSpec, run_url: str) -> Teacher:
     if not storage.exists(url):
         raise FileNotFoundError(f"no teacher at {url}: has the teacher stage run?")
     log.info("loading teacher %s from %s", spec.teacher.name, url)
-    return Teacher.from_timm(spec.teacher.name, img_size=spec.teacher.img_size, checkpoint=url, **spec.teacher.model_kwargs)
+    return load_teacher(spec, url)
 
 
 def _student(run_url: str, teacher: Teacher) -> tuple[Raptor | None, str | None]:
@@ -82,13 +83,10 @@ def _probe(run_url: str) -> dict[str, Any] | None:
     return out
 
 
-def split_batches(spec: JobSpec, image_size: int, split: str = "val", dense: bool = False):
+def split_batches(spec: JobSpec, split: str = "val", dense: bool = False):
     """A split's shards once (val falls back to train), with eval transforms, in file order."""
-    from raptor.data import loader
-
     url = (spec.data.val or spec.data.train) if split == "val" else spec.data.train
-    return loader(url, batch_size=min(spec.data.batch_size, 64), image_size=image_size, train=False, num_workers=0,
-                  rank=0, world_size=1, drop_last=False, error_budget=spec.data.error_budget, dense=dense)
+    return spec_loader(spec, url, train=False, batch_size=min(spec.data.batch_size, 64), dense=dense)
 
 
 def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *, samples: int, amp: bool) -> dict[str, Any]:
@@ -98,8 +96,8 @@ def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *,
     if not read_info(spec.data.train).get("dense"):
         raise ValueError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
     log.info("dense probes on %d train / val images", samples)
-    return dense_probes(teacher, student, split_batches(spec, teacher.img_size, "train", dense=True),
-                        split_batches(spec, teacher.img_size, "val", dense=True), max_samples=samples, amp=amp)
+    return dense_probes(teacher, student, split_batches(spec, "train", dense=True),
+                        split_batches(spec, "val", dense=True), max_samples=samples, amp=amp)
 
 
 def _study_configs(spec: JobSpec, steps: int | None) -> tuple[StageConfig, StageConfig]:
@@ -144,14 +142,14 @@ def run_studies(
     if (opts.partition or opts.ablation) and not boundaries:
         raise ValueError("the partition and ablation studies need boundaries (run the discovery stage first)")
     if opts.layer_swap or opts.partition or opts.ablation:
-        traj, _, labels = collect_trajectories(teacher, None, split_batches(spec, teacher.img_size), max_samples=val_samples, amp=amp)
+        traj, _, labels = collect_trajectories(teacher, None, split_batches(spec), max_samples=val_samples, amp=amp)
         val = [(traj, labels)]
     if opts.layer_swap:
         log.info("layer-swap study on %d samples", traj.shape[0])
         swap = layer_swap_study(teacher, val)
         studies["layer_swap"] = {**swap.to_dict(), "within_across": swap.within_across(boundaries) if boundaries else None}
     if opts.partition or opts.ablation:
-        t_train, _, y_train = collect_trajectories(teacher, None, split_batches(spec, teacher.img_size, "train"), max_samples=opts.samples, amp=amp)
+        t_train, _, y_train = collect_trajectories(teacher, None, split_batches(spec, "train"), max_samples=opts.samples, amp=amp)
         bs = spec.data.batch_size
         train = [(t_train[i : i + bs], y_train[i : i + bs]) for i in range(0, t_train.shape[0], bs)]
         stage1, stage2 = _study_configs(spec, opts.steps)
@@ -191,7 +189,7 @@ def analyze_run(
     discovery = _discovery(run_url)
     boundaries = list(student.boundaries if student is not None else (discovery or {}).get("boundaries") or [])
     amp = dev.type == "cuda"
-    analysis = analyze_models(teacher, student, split_batches(spec, teacher.img_size), boundaries=boundaries,
+    analysis = analyze_models(teacher, student, split_batches(spec), boundaries=boundaries,
                               max_samples=max_samples, seed=seed, amp=amp)
     extra = run_studies(spec, teacher, student, boundaries, studies, val_samples=max_samples, amp=amp, seed=seed)
     report = build_report(analysis, run_name=spec.name, run_url=run_url, discovery=discovery, probe=_probe(run_url), studies=extra)

@@ -19,7 +19,8 @@ from raptor import data, storage
 from raptor.config import JobSpec
 from raptor.eval import student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
-from raptor.train.stage import load_teacher, single_device, spec_loader
+from raptor.build import load_teacher, spec_loader
+from raptor.train.stage import single_device
 
 log = logging.getLogger(__name__)
 

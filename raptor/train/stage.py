@@ -12,10 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from raptor import data
 from raptor.config import JobSpec, Stage1Spec, Stage2Spec, TokenWeights
 from raptor.distill import StageConfig
-from raptor.models import Teacher
 
 StageName = Literal["stage1", "stage2"]
 STAGES: tuple[StageName, ...] = ("stage1", "stage2")
@@ -91,12 +89,6 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
     return cfg
 
 
-def load_teacher(spec: JobSpec, url: str) -> Teacher:
-    """The frozen teacher at ``url`` (a raptor teacher export or any checkpoint layout the core reads)."""
-    t = spec.teacher
-    return Teacher.from_timm(t.name, img_size=t.img_size, checkpoint=url, **t.model_kwargs)
-
-
 def single_device(spec: JobSpec) -> torch.device:
     """Where a single-process stage runs: the GPU of its Ray task with ``use_gpu``, else the CPU."""
     return torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
@@ -114,25 +106,3 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         if raw[section][field] is not None:
             raw[section][field] = absolute(raw[section][field])
     return JobSpec.model_validate(raw)
-
-
-def spec_loader(
-    spec: JobSpec,
-    url: str,
-    *,
-    train: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    batch_size: int | None = None,
-) -> data.ShardLoader:
-    """``url``'s shards with the spec's data settings (seed, error budget, crop scale, image size).
-
-    ``train``: augmented, shuffled, the same number of whole batches on every rank.
-    Otherwise: eval transform, every sample once in file order (one process), last batch kept.
-    """
-    return data.loader(
-        url, batch_size=batch_size or spec.data.batch_size, image_size=spec.teacher.img_size, train=train,
-        seed=spec.data.seed, num_workers=num_workers, rank=rank, world_size=world_size, drop_last=train,
-        error_budget=spec.data.error_budget, crop_scale=spec.data.crop_scale,
-    )

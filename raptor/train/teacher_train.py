@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from raptor.config import JobSpec, TeacherTrainSpec
 from raptor.distill import lr_factor
 from raptor.models import Teacher
-from raptor.train.stage import spec_loader
+from raptor.build import spec_loader
 
 log = logging.getLogger(__name__)
 

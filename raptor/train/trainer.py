@@ -20,7 +20,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raptor import storage
 from raptor.config import JobSpec
-from raptor.train.stage import StageName, absolute, absolute_paths, spec_loader
+from raptor.build import spec_loader
+from raptor.train.stage import StageName, absolute, absolute_paths
 from raptor.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from raptor.models import Raptor, Teacher, load_student
 from raptor.train import checkpoint
 from raptor.train.export import export_student
 from raptor.train.metrics import Progress
-from raptor.train.stage import StageName, deepspeed_config, load_teacher, spec_loader, stage_config, use_bf16
+from raptor.build import load_teacher, spec_loader
+from raptor.train.stage import StageName, deepspeed_config, stage_config, use_bf16
 
 log = logging.getLogger(__name__)
 
