@@ -226,12 +226,17 @@ def done(run: Run, stage: Stage) -> bool:
 
 
 def save_spec(run: Run) -> None:
-    """``spec.yaml`` beside the artifacts; a changed spec is saved again, with a warning."""
+    """``spec.yaml`` beside the artifacts. A changed spec replaces it, and the old one is kept as
+    ``spec.<UTC time>.yaml``: the finished stages were made with it."""
     url, text = run.url(SPEC_FILE), run.spec.to_yaml()
     if storage.exists(url):
-        if storage.read_bytes(url).decode() == text:
+        old = storage.read_bytes(url)
+        if old.decode() == text:
             return
-        log.warning("%s differs from the spec of this run; finished stages are kept (delete their artifacts to redo them)", url)
+        kept = run.url(f"spec.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml")
+        storage.write_bytes(kept, old)
+        log.warning("%s differs from the spec of this run (the old one is kept as %s); finished stages are kept "
+                    "(delete their artifacts to redo them)", url, kept)
     storage.write_bytes(url, text.encode())
 
 

@@ -73,6 +73,14 @@ def test_spec_is_saved_beside_the_artifacts(quickstart, tmp_path):
     run = Run(parse_spec(quickstart))
     save_spec(run)
     assert parse_spec(yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())) == run.spec
+    first = (tmp_path / "run" / "spec.yaml").read_text()
+    save_spec(run)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["spec.yaml"]  # same spec: nothing new
+    quickstart["stage2"]["steps"] = 999
+    save_spec(Run(parse_spec(quickstart)))
+    kept = [p for p in (tmp_path / "run").iterdir() if p.name != "spec.yaml"]
+    assert len(kept) == 1 and kept[0].read_text() == first  # the spec the finished stages ran with
+    assert yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())["stage2"]["steps"] == 999
 
 
 def test_submission_entrypoint_and_runtime_env():
