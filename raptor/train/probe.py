@@ -17,7 +17,7 @@ import torch
 
 from raptor import data, storage
 from raptor.config import JobSpec
-from raptor.eval import student_share, train_linear_probe
+from raptor.eval import extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
 from raptor.build import load_teacher, spec_loader
 from raptor.train.stage import single_device
@@ -25,19 +25,20 @@ from raptor.train.stage import single_device
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def _features(
     teacher: Teacher, student: Raptor, batches: data.ShardLoader, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(teacher features, student features, labels) over ``batches``."""
-    tf, sf, ys = [], [], []
+    """(teacher features, student features, labels): one teacher pass per batch serves both."""
     amp = device.type == "cuda"
-    for images, labels in batches:
-        traj = teacher.trajectory(images.to(device), amp=amp)
-        tf.append(teacher.readout(traj[:, -1]).float().cpu())
-        sf.append(teacher.readout(student.rollout(traj[:, 0])[:, -1]).float().cpu())
-        ys.append(labels)
-    return torch.cat(tf), torch.cat(sf), torch.cat(ys).long()
+
+    def both(images: torch.Tensor) -> torch.Tensor:
+        traj = teacher.trajectory(images, amp=amp)
+        last = student.rollout(traj[:, 0])[:, -1]
+        return torch.cat([teacher.readout(traj[:, -1]).float(), teacher.readout(last).float()], dim=1)
+
+    feats, labels = extract_features(both, batches, device=device)
+    teacher_feats, student_feats = feats.chunk(2, dim=1)
+    return teacher_feats, student_feats, labels
 
 
 def probe(spec: JobSpec, teacher_url: str, student_url: str, out: str) -> dict[str, Any]:

@@ -20,21 +20,11 @@ import torch.nn.functional as F
 
 from raptor.config import JobSpec, TeacherTrainSpec
 from raptor.distill import lr_factor
+from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
 from raptor.build import spec_loader
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, batches: Any, device: torch.device) -> float:
-    """Top-1 of ``model``'s logits over the ``(images, labels)`` batches."""
-    model.eval()
-    hit = seen = 0
-    for images, labels in batches:
-        hit += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
-        seen += len(labels)
-    return hit / max(seen, 1)
 
 
 def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = None) -> dict[str, Any]:
@@ -72,7 +62,9 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     metrics: dict[str, Any] = {"train_loss": loss.item(), "steps": step, "seconds": time.perf_counter() - t0}
     if spec.data.val:
         val = spec_loader(spec, spec.data.val, train=False, batch_size=tt.batch_size)
-        metrics["val_top1"] = accuracy(model, val, device)
+        model.eval()
+        logits, labels = collect(model, val, device=device)
+        metrics["val_top1"] = topk_accuracy(logits, labels, ks=(1,))["top1"]
         log.info("teacher val top-1 %.3f", metrics["val_top1"])
     teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)
     teacher.save(out_url, metadata={"trained": metrics, "drop_path_rate": tspec.drop_path_rate})
