@@ -73,11 +73,16 @@ class ConsoleHandler(logging.StreamHandler):
 def setup(verbose: bool) -> None:
     """The console handler on stderr for every ``raptor`` command; Python warnings become log records."""
     root = logging.getLogger()
-    root.handlers[:] = [ConsoleHandler(sys.stderr, verbose)]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, (ConsoleHandler, RunLogHandler))]
+    root.addHandler(ConsoleHandler(sys.stderr, verbose))
     root.setLevel(logging.DEBUG)
     logging.captureWarnings(True)
     for noisy in ("matplotlib", "PIL", "urllib3", "botocore", "s3fs", "fsspec", "asyncio", "filelock"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's log file: every record at full detail."""
 
 
 def log_file(run_url: str, name: str) -> str:
@@ -89,10 +94,14 @@ def log_file(run_url: str, name: str) -> str:
         folder = os.path.join(os.environ.get("RAPTOR_LOG_DIR") or tempfile.gettempdir(), "raptor-logs", name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"raptor-{stamp}.log")
-    handler = logging.FileHandler(path)
+    handler = RunLogHandler(path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, RunLogHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
     return path
 
 

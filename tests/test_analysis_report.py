@@ -11,7 +11,6 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from raptor import storage
@@ -20,6 +19,8 @@ from raptor.analysis.report import build_report, write_report
 from raptor.analysis.schema import REPORT_SCHEMA, Report, validate_report
 from raptor.cli import main
 from raptor.models import Raptor, save_student
+from raptor.service.pipeline import plan, save_spec, write_index
+from raptor.service.spec import parse_spec
 from tests import planted
 
 PATTERN = (3, 2, 1)
@@ -192,14 +193,20 @@ def _write_run(root: str, teacher, student) -> None:
         "stage2": {"steps": 1},
         "storage": {"url": root},
     }
-    storage.write_bytes(storage.join(root, "spec.yaml"), yaml.safe_dump(spec).encode())
+    spec = parse_spec(spec)
+    steps, layout = plan(spec)
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(0).random((6, 6)))
-    storage.write_bytes(storage.join(root, "discovery", "distances.npy"), buf.getvalue())
-    storage.write_json(storage.join(root, "discovery", "segmentation.json"), {"boundaries": [3, 5], "metric": "cosine", "k": 3})
-    save_student(student, storage.join(root, "stage2", "student.safetensors"))
-    storage.write_json(storage.join(root, "probe", "results.json"), {"teacher": {"top1": 0.8, "top5": 0.95}, "student": {"top1": 0.76, "top5": 0.9},
-                                                                     "student_finetuned": {"top1": 0.79, "top5": 0.92}})
+    storage.write_bytes(layout.distances, buf.getvalue())
+    storage.write_json(layout.segmentation, {"boundaries": [3, 5], "metric": "cosine", "k": 3})
+    save_student(student, layout.student("stage2"))
+    storage.write_json(layout.probe, {"teacher": {"top1": 0.8, "top5": 0.95}, "student": {"top1": 0.76, "top5": 0.9},
+                                      "student_finetuned": {"top1": 0.79, "top5": 0.92}, "student_share": 0.95})
+    for step in steps:
+        if step.name in ("distances", "discovery", "stage2", "probe"):
+            step.status = "done"
+    save_spec(spec, layout)
+    write_index(spec, layout, steps)
 
 
 def test_raptor_analyze_on_s3_run(models, s3_bucket, capsys) -> None:
@@ -220,7 +227,7 @@ def test_raptor_analyze_on_s3_run(models, s3_bucket, capsys) -> None:
 
 def test_analyze_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
-    assert "is not a raptor run (no spec.yaml)" in capsys.readouterr().err
+    assert "is not a raptor run (no run.json)" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path), "--samples", "0"]) == 2
     assert main(["analyze", str(tmp_path), "--partition", "-1"]) == 2
     assert "partition >= 0" in capsys.readouterr().err

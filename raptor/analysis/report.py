@@ -171,7 +171,7 @@ def write_report(url: str, report: dict[str, Any]) -> dict[str, str]:
     :class:`~raptor.analysis.schema.Report` before anything is written and again with its plots.
     """
     validate_report(report)
-    log.info("report: drawing plots into %s", url)
+    log.debug("report: drawing plots into %s", url)
     report["plots"] = render_plots(report, url)
     validate_report(report)
     storage.write_json(storage.join(url, "report.schema.json"), REPORT_SCHEMA)
@@ -179,5 +179,5 @@ def write_report(url: str, report: dict[str, Any]) -> dict[str, str]:
     storage.write_json(written["json"], report)
     storage.write_bytes(written["html"], to_html(report).encode())
     storage.write_bytes(written["markdown"], to_markdown(report).encode())
-    log.info("report: wrote %s (%d plots)", written["markdown"], len(report["plots"]))
+    log.debug("report: wrote %s (%d plots)", written["markdown"], len(report["plots"]))
     return written

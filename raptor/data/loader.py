@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
@@ -30,6 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from raptor.errors import MissingInput
 from raptor import storage
 from raptor.data.reader import DataStats, Reader
 from raptor.data.shards import dataset_folder, read_info
@@ -41,11 +41,7 @@ Batch = tuple[torch.Tensor, ...]
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit arguments, else torch.distributed, else the Ray Train context, else (0, 1).
-
-    Ray is consulted only when it is already imported (a Ray worker), so the library neither needs
-    nor loads it anywhere else.
-    """
+    """Explicit arguments, else torch.distributed (a Ray Train worker has it set up too), else (0, 1)."""
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank and world_size, or neither")
     if rank is None or world_size is None:
@@ -58,14 +54,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _context_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "ray" in sys.modules:
-        try:
-            import ray.train
-
-            ctx = ray.train.get_context()
-            return ctx.get_world_rank(), ctx.get_world_size()
-        except (ImportError, RuntimeError, AttributeError):
-            pass  # Ray is loaded, but this is not a Ray Train worker
     return 0, 1
 
 
@@ -104,7 +92,7 @@ class Shards:
         folder = dataset_folder(url)
         if folder == url.rstrip("/"):
             if info is None:
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"{url}: no _info.json, so not a complete shard folder; "
                     "pass a shard pattern like .../train-{000000..000009}.tar instead"
                 )
@@ -377,7 +365,7 @@ def loader(
     partial batch (single-process evaluation only, since counts would differ by rank; inside a
     distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
     ``error_budget`` is the fraction of a reader's samples that may be bad before it stops the
-    run. ``rank``/``world_size`` default to the torch.distributed or Ray Train context.
+    run. ``rank``/``world_size`` default to the torch.distributed context.
     """
     rank, world_size = resolve_rank(rank, world_size)
     if batch_size < 1 or num_workers < 0:

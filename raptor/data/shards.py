@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import webdataset as wds
 from PIL import Image
 
+from raptor.errors import MissingInput
 from raptor import storage
 from raptor.data.sources import IMAGE_EXTS, Source, digest
 
@@ -233,7 +234,7 @@ def read_info(url: str) -> dict[str, Any]:
     folder = dataset_folder(url)
     path = storage.join(folder, INFO)
     if not storage.exists(path):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{folder}: no {INFO} (not a shard folder, or the writer has not finished)"
         )
     info = storage.read_json(path)

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from raptor.errors import MissingInput
 from raptor import storage
 
 # Sample entries that hold the image (``seg.png`` is a mask, not an image entry).
@@ -94,7 +95,7 @@ def imagefolder_source(root: str) -> FileSource:
     """``root/<class>/**/<image>``, the ImageNet layout; class index = rank of the sorted name."""
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise MissingInput(f"{root}: no such folder")
     class_dirs = sorted(
         e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory"
     )
@@ -156,6 +157,6 @@ def _sizes(urls: Sequence[str]) -> list[int]:
             by_dir[parent] = {e["name"]: int(e["size"] or 0) for e in listing}
         size = by_dir[parent].get(path)
         if size is None:
-            raise FileNotFoundError(f"{url}: listed image does not exist")
+            raise MissingInput(f"{url}: listed image does not exist")
         sizes.append(size)
     return sizes

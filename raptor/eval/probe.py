@@ -269,7 +269,7 @@ def train_linear_probe(
     fit_heads(heads, batch_loss, x_all.shape[0], cfg)
     accs = [evaluate_head(h.weight.detach(), h.bias.detach(), val_feats, val_labels) for h in heads]
     i, weight, bias = best_head(heads, [(a["top1"], a["top5"]) for a in accs])
-    log.info("linear probe: top-1 %.4f top-5 %.4f at lr %g (grid %s)", accs[i]["top1"], accs[i]["top5"], cfg.lrs[i], list(cfg.lrs))
+    log.debug("linear probe: top-1 %.4f top-5 %.4f at lr %g (grid %s)", accs[i]["top1"], accs[i]["top5"], cfg.lrs[i], list(cfg.lrs))
     return ProbeResult(
         top1=accs[i]["top1"], top5=accs[i]["top5"], best_lr=cfg.lrs[i], weight=weight, bias=bias, per_lr=dict(zip(cfg.lrs, accs))
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raptor import storage
+from raptor.errors import UserError
 
 SPEC_FILE = "spec.yaml"
 INDEX_FILE = "run.json"
@@ -107,7 +108,7 @@ class Layout:
         """The layout a finished (or partly finished) run recorded in its ``run.json``."""
         url = storage.join(run_url, INDEX_FILE)
         if not storage.exists(url):
-            raise FileNotFoundError(f"{run_url} is not a raptor run (no {INDEX_FILE})")
+            raise UserError(f"{run_url} is not a raptor run (no {INDEX_FILE})")
         index: dict[str, Any] = storage.read_json(url)
         stages = index.get("stages", {})
         return cls(

@@ -40,6 +40,7 @@ class Resumed:
     step: int = 0
     micro_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
+    resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
 
 
 def tag(step: int) -> str:
@@ -78,12 +79,14 @@ class Checkpointer:
     def due(self, step: int, last: bool) -> bool:
         return step % self.plan.interval == 0 or last
 
-    def save(self, step: int, micro_batches: int, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
-        """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier)."""
+    def save(self, step: int, micro_batches: int, metrics: dict[str, float], resumed: Resumed) -> None:
+        """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier).
+
+        ``resumed`` carries rank 0's history and the steps it resumed at so far.
+        """
+        client = {"step": step, "micro_batches": micro_batches, "history": resumed.history, "resumed_at": resumed.resumed_at}
         with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
-            self.engine.save_checkpoint(
-                tmp, tag=tag(step), client_state={"step": step, "micro_batches": micro_batches, "history": history}
-            )
+            self.engine.save_checkpoint(tmp, tag=tag(step), client_state=client)
             torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=self.rank)))
             ray.train.report(
                 {**metrics, "step": step},
@@ -109,7 +112,8 @@ class Checkpointer:
                 _set_rng_state(torch.load(rng, weights_only=True))
             else:  # the world size grew: this rank starts from the seeded RNG
                 log.warning("checkpoint %s has no RNG state for rank %d", checkpoint.path, self.rank)
-        resumed = Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])))
+        resumed = Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
+                          [*client.get("resumed_at", []), int(client["step"])])
         if self.rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
         return resumed

@@ -22,11 +22,14 @@ MANIFEST_FILE = "manifest.json"
 HISTORY_FILE = "history.json"
 
 
-def export_student(student: Raptor, job: StageJob, metrics: dict[str, float], history: list[dict[str, float]]) -> str:
+def export_student(
+    student: Raptor, job: StageJob, metrics: dict[str, float], history: list[dict[str, float]], *, resumed_at: list[int]
+) -> str:
     """Write ``student.safetensors``, ``history.json`` and ``manifest.json`` under ``job.out_url``.
 
-    The manifest is written last, so a folder with a ``manifest.json`` holds a complete export.
-    Returns the student file's URL.
+    ``resumed_at``: the step of every resume from a checkpoint (empty for an uninterrupted stage),
+    so what a stage went through is read from its artifact, not from logs. The manifest is written
+    last, so a folder with a ``manifest.json`` holds a complete export. Returns the student file's URL.
     """
     url = storage.join(job.out_url, STUDENT_FILE)
     manifest: dict[str, Any] = {
@@ -34,6 +37,7 @@ def export_student(student: Raptor, job: StageJob, metrics: dict[str, float], hi
         "teacher": {"checkpoint": job.teacher.checkpoint},
         "stage": job.stage,
         "metrics": metrics,
+        "resumed_at": list(resumed_at),
         "file": posixpath.basename(url),
     }
     full = save_student(student, url, manifest)

@@ -20,7 +20,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raptor import storage
-from raptor.train.job import StageJob
+from raptor.train.job import ShardSource, StageJob
 from raptor.train.trainer import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,13 @@ def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
     )
 
 
-def preflight(job: StageJob) -> None:
+def preflight(train: ShardSource, world_size: int) -> None:
     """Fail in the driver, with the data layer's one-line message, on data the workers cannot split.
 
     Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
     """
-    for rank in range(job.scaling.num_workers):
-        job.train.loader(train=True, rank=rank, world_size=job.scaling.num_workers)
+    for rank in range(world_size):
+        train.loader(train=True, rank=rank, world_size=world_size)
 
 
 def run_stage(job: StageJob) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     Returns the metrics rank 0 reported last. Raises ``ray.train.TrainingFailedError`` when the
     workers failed more than ``max_failures`` times.
     """
-    preflight(job)
+    preflight(job.train, job.scaling.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

@@ -28,7 +28,7 @@ from torch import nn
 from raptor import data
 from raptor.distill import StageConfig, distill_loss, fidelity, lr_scheduler, make_optimizer, summarize
 from raptor.models import Raptor, Teacher, load_student
-from raptor.train.checkpoint import Checkpointer
+from raptor.train.checkpoint import Checkpointer, Resumed
 from raptor.train.export import export_student
 from raptor.train.job import ShardSource, StageJob, StudentPlan
 from raptor.train.logs import quiet_worker
@@ -192,6 +192,7 @@ class Trainer:
     def train(self) -> None:
         job, cfg, lg = self.job, self.job.config, self.job.logging
         history, latest = self.resumed.history, {}
+        state = Resumed(history=history if self.rank == 0 else [], resumed_at=self.resumed.resumed_at)
         accum = job.deepspeed.gradient_accumulation_steps
         batches = batches_from(self.loader, self.resumed.micro_batches)
         for step in range(self.resumed.step, cfg.steps):
@@ -215,7 +216,7 @@ class Trainer:
                 latest.update(row)
             if self.checkpointer.due(done, last):
                 self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
-                                       _headline(latest), history if self.rank == 0 else [])
+                                       _headline(latest), state)
         if self.resumed.step >= cfg.steps and self.rank == 0:
             log.info("%s already complete at step %d; exporting the checkpointed student", job.stage, self.resumed.step)
         self.export(history)
@@ -228,7 +229,7 @@ class Trainer:
         params = list(self.student.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.job.deepspeed.zero_stage == 3):
             if self.rank == 0:
-                url = export_student(self.student, self.job, final, history)
+                url = export_student(self.student, self.job, final, history, resumed_at=self.resumed.resumed_at)
                 log.info("%s exported to %s", self.job.stage, url)
         self.logger.finish(final)
         torch.distributed.barrier()

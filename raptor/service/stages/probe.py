@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raptor import data, storage
+from raptor.errors import UserError
 from raptor.eval import extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
 from raptor.service.build import shard_source, single_device, single_process, teacher_ref
@@ -45,7 +46,7 @@ def _features(
 def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str, Any]:
     """Teacher, student and fine-tuned student linear probes (train split -> val split)."""
     if not spec.data.val:
-        raise ValueError("data.val: the probe stage needs a validation split")
+        raise UserError("data.val: the probe stage needs a validation split")
     device = single_device(spec)
     teacher = teacher_ref.load(device)
     amp = teacher_ref.amp(device)

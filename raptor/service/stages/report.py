@@ -24,6 +24,7 @@ from raptor.analysis.analyze import analyze_models, collect_trajectories
 from raptor.analysis.report import build_report, write_report
 from raptor.data import ShardLoader
 from raptor.distill import StageConfig
+from raptor.errors import UserError
 from raptor.eval.dense import dense_probes
 from raptor.eval.studies import ablation_study, layer_swap_study, partition_study
 from raptor.models import Raptor, Teacher, load_student
@@ -40,7 +41,7 @@ STUDENT_STAGES = ("stage2", "stage1")
 def _student(layout: Layout, teacher: Teacher) -> tuple[Raptor | None, str | None]:
     for stage in STUDENT_STAGES:
         if stage in layout.folders and storage.exists(layout.student(stage)):
-            log.info("loading the %s student from %s", stage, layout.student(stage))
+            log.debug("loading the %s student from %s", stage, layout.student(stage))
             return load_student(layout.student(stage), teacher)[0], stage
     log.warning("no student in %s (stage 1 has not finished): the report covers the teacher only", layout.run_url)
     return None, None
@@ -78,7 +79,7 @@ def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *,
     from raptor.data import read_info
 
     if not read_info(spec.data.train).get("dense"):
-        raise ValueError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
+        raise UserError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
     log.info("dense probes on %d train / val images", samples)
     return dense_probes(teacher, student, split_batches(spec, "train", dense=True),
                         split_batches(spec, "val", dense=True), max_samples=samples, amp=amp)
@@ -113,7 +114,7 @@ class Studies:
 
     def __post_init__(self) -> None:
         if self.partition < 0 or self.samples < 1 or (self.steps is not None and self.steps < 1):
-            raise ValueError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
+            raise UserError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
 
 
 def run_studies(
@@ -122,7 +123,7 @@ def run_studies(
     """The eval studies on the run's data: layer swap (val), partition and ablation (students distilled on train), dense probes."""
     studies: dict[str, Any] = {}
     if (opts.partition or opts.ablation) and not boundaries:
-        raise ValueError("the partition and ablation studies need boundaries (run the discovery stage first)")
+        raise UserError("the partition and ablation studies need boundaries (run the discovery stage first)")
     if opts.layer_swap or opts.partition or opts.ablation:
         traj, _, labels = collect_trajectories(teacher, None, split_batches(spec), max_samples=val_samples, amp=amp)
         val = [(traj, labels)]
@@ -165,7 +166,7 @@ def analyze_run(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref = teacher_ref(spec, layout)
     if not storage.exists(ref.checkpoint):
-        raise FileNotFoundError(f"no teacher at {ref.checkpoint}: has the teacher stage run?")
+        raise UserError(f"no teacher at {ref.checkpoint}: has the teacher stage run?")
     teacher = ref.load(dev)
     amp = bool(ref.amp(dev))
     student, stage = _student(layout, teacher)
@@ -178,7 +179,7 @@ def analyze_run(
                           probe=_probe(layout), studies=extra)
     report["run"]["student_stage"] = stage
     written = write_report(out_url, report)
-    log.info("analysis of %s finished in %.1fs", layout.run_url, time.perf_counter() - t0)
+    log.debug("analysis of %s finished in %.1fs", layout.run_url, time.perf_counter() - t0)
     return written
 
 
@@ -192,4 +193,5 @@ def analyze(run_url: str, out_url: str | None = None, **kwargs: Any) -> dict[str
 def run(ctx: StageContext) -> dict[str, Any]:
     device = "cuda" if ctx.spec.scaling.use_gpu else "cpu"
     written = single_process(ctx.spec, analyze_run, ctx.spec, ctx.layout, ctx.folder, device=device)
+    log.info("report: %s (copied to %s)", written["markdown"], ctx.layout.run_report)
     return {"markdown": written["markdown"]}

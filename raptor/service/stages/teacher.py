@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from raptor import storage
 from raptor.distill import lr_factor
+from raptor.errors import UserError
 from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
 from raptor.models.teacher import autocast
@@ -37,13 +38,13 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     tspec = spec.teacher
     tt: TeacherTrainSpec | None = tspec.train
     if tt is None:
-        raise ValueError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
+        raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if use_bf16(tspec.precision, device) else False
     torch.manual_seed(spec.data.seed)
     train = shard_source(spec, spec.data.train, num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size)
     if not train.num_classes:
-        raise ValueError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
+        raise UserError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
     model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
                               drop_path_rate=tspec.drop_path_rate, **tspec.model_kwargs).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
