@@ -116,7 +116,7 @@ def adopt_ray_loggers() -> None:
 def _worker_output(data: dict[str, Any]) -> None:
     """One batch of lines a Ray worker printed: raptor's lines to its loggers, the rest to the log file."""
     who = f"{data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}"
-    chatter = logging.getLogger("ray.workers")
+    chatter = logging.getLogger("workers")  # not under "ray": ray.init sets that logger's level to WARNING
     for line in data.get("lines", []):
         if line.startswith(MARK) and (m := _WORKER_LINE.match(line[len(MARK):])):
             logging.getLogger(m.group(2)).log(logging.getLevelName(m.group(1)), "%s", m.group(3))

@@ -108,8 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = console.log_file(spec.storage.url, spec.name)
     log.info("raptor run %s: full log in %s", spec.name, path)
     t0 = time.perf_counter()
-    connect_ray(spec)
-    timings = run_pipeline(spec)
+    timings = run_pipeline(spec, before_work=lambda: connect_ray(spec))
     total = time.perf_counter() - t0
     ran = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) or "nothing to do: every stage was done"
     report = f"{spec.storage.url.rstrip('/')}/report/index.md"

@@ -60,7 +60,6 @@ class Stage:
     """
 
     name: str
-    summary: str
     reads: tuple[str, ...] | Callable[[JobSpec], tuple[str, ...]]
     upstream: tuple[str, ...]
     run: Callable[["StageContext"], dict[str, Any]]

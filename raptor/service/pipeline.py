@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from raptor import storage
 from raptor.data.shards import dataset_folder
@@ -130,7 +130,7 @@ def publish_report(layout: Layout) -> None:
 
 def execute(spec: JobSpec, layout: Layout, step: Step) -> float:
     """Run one stage and mark its artifact done (``stage.json``, written last); returns seconds."""
-    log.info("stage %s: running (%s)%s", step.name, step.stage.summary, f": {step.why}" if step.why else "")
+    log.info("stage %s: running%s", step.name, f" ({step.why})" if step.why else "")
     t0 = time.perf_counter()
     summary = step.stage.run(StageContext(spec, layout, step))
     seconds = time.perf_counter() - t0
@@ -145,8 +145,12 @@ def execute(spec: JobSpec, layout: Layout, step: Step) -> float:
     return seconds
 
 
-def run_pipeline(spec: JobSpec, *, dry_run: bool = False) -> dict[str, float]:
-    """Plan, print the plan, and run every stage that is not done; returns seconds per stage run."""
+def run_pipeline(spec: JobSpec, *, dry_run: bool = False, before_work: Callable[[], None] | None = None) -> dict[str, float]:
+    """Plan, print the plan, and run every stage that is not done; returns seconds per stage run.
+
+    ``before_work`` is called once, before the first stage that runs (``raptor run`` connects to
+    Ray there, so a finished job re-runs without starting a cluster).
+    """
     spec = absolute_paths(spec)
     steps, layout = plan(spec)
     log.info("plan for %s (store %s):\n%s", spec.name, layout.store_url, render_table(steps))
@@ -161,6 +165,8 @@ def run_pipeline(spec: JobSpec, *, dry_run: bool = False) -> dict[str, float]:
     timings: dict[str, float] = {}
     for step in steps:
         if not step.done:
+            if before_work is not None and not timings:
+                before_work()
             timings[step.name] = execute(spec, layout, step)
             write_index(spec, layout, steps)
     publish_report(layout)
