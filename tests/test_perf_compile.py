@@ -14,7 +14,7 @@ import torch
 
 from raptor.distill import StageConfig, distill_loss
 from raptor.models import Raptor, Teacher
-from raptor.perf.compile import CompileCounter, CompiledLoss, compile_trajectory
+from raptor.perf.compile import CompileCounter, CompiledLoss, compile_blocks, compile_trajectory
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +75,24 @@ def test_compiled_stage2_with_checkpointing_and_autocast_matches_eager():
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[2], want[2])
     assert compiled.counter.graphs == {"stage2": 1}
+
+
+def test_regional_compilation_shares_one_graph_across_blocks():
+    """Catches per-block compilation that compiles every block separately (compile time growing
+    with depth, and dynamo's cache limit falling back to eager past 8 blocks) or changes results."""
+    teacher, student, images = tiny(depth=10, boundaries=(3, 6))
+    traj = teacher.trajectory(images)
+    cfg = StageConfig.paper_stage2(steps=4)
+    want = loss_and_grads(distill_loss, student, traj, cfg, 0)
+    counter = compile_blocks(teacher.blocks, "teacher", backend="aot_eager")
+    compile_blocks(student.blocks, "student", counter=counter, backend="aot_eager")
+    torch.testing.assert_close(teacher.trajectory(images), traj)
+    got = loss_and_grads(distill_loss, student, traj, cfg, 0)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[2], want[2])
+    assert counter.graphs == {"teacher": 1, "student": 2}  # a_0 does not require grad, later inputs do
+    assert counter.recompiles == 0
+    assert list(student.state_dict()) == list(Raptor.from_teacher(teacher, [3, 6]).state_dict())
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Plain PyTorch (no Ray, no DeepSpeed, no job spec), so benchmarks, ``raptor plan`
 runner's logs all use the same FLOP model.
 """
 
+from raptor.perf.compile import CompileCounter, CompiledLoss, compile_blocks, compile_trajectory
 from raptor.perf.devices import DEVICES, DeviceSpec, UnknownDeviceError, current_device, lookup, mfu, peak_tflops
 from raptor.perf.flops import BlockShape, CallGroup, StudentShape, TeacherShape, flops_per_sample, stage_terms
 from raptor.perf.memory import Activations, Plan, PlanError, Setup, Suggestion, activation_bytes, plan
@@ -13,6 +14,8 @@ __all__ = [
     "Activations",
     "BlockShape",
     "CallGroup",
+    "CompileCounter",
+    "CompiledLoss",
     "DeviceSpec",
     "Plan",
     "PlanError",
@@ -22,6 +25,8 @@ __all__ = [
     "TeacherShape",
     "UnknownDeviceError",
     "activation_bytes",
+    "compile_blocks",
+    "compile_trajectory",
     "current_device",
     "flops_per_sample",
     "lookup",

@@ -11,7 +11,7 @@ The activation model counts the tensors autograd saves in one block application 
 against ``torch.autograd.graph.saved_tensors_hooks`` on CPU) plus the transients around the loss
 and one application's backward (checked against a live-tensor count of a real step on CPU).
 
-Precisions (tests/test_perf_precision.py states why ``amp`` is the policy):
+Precisions (``amp`` is the training policy: it keeps fp32 fidelity, issue 11):
   ``fp32``  everything fp32.
   ``amp``   fp32 parameters (the master weights), residual stream, norms, gains and loss; matmul
             and attention operands in bf16 under ``torch.autocast`` (their saved inputs are bf16,
