@@ -127,6 +127,8 @@ def test_zero_stages_partition_what_they_should():
     assert mem[0]["AdamW states (fp32)"] == 8 * P and mem[1]["AdamW states (fp32)"] == 8 * P // 8
     assert mem[1]["student gradients (fp32)"] == 4 * P and mem[2]["student gradients (fp32)"] == 4 * P // 8
     assert mem[2]["student parameters (fp32)"] == 4 * P and mem[3]["student parameters (fp32)"] == 4 * P // 8
+    one = plan(t, s, batch=8, world_size=1, zero_stage=3).memory  # nothing to shard on one GPU
+    assert one["student parameters (fp32)"] + one["ZeRO-3 gathered parameters"] == 4 * P
     off = plan(t, s, batch=8, world_size=8, zero_stage=2, offload_optimizer=True)
     assert off.memory["AdamW states (fp32)"] == 0 and off.cpu_memory
     low = plan(t, s, batch=8, precision="bf16")
@@ -145,6 +147,8 @@ def test_plan_advice_fits_and_max_batch_is_the_boundary():
                      **{k: v for k, v in vars(sug.setup).items() if k != "batch"})
         assert again.fits, sug.change
     assert any("checkpointing" in sug.change for sug in p.suggestions)
+    split = [sug.setup.batch for sug in p.suggestions if "accumulation" in sug.change]
+    assert split and all(128 % b == 0 and b <= p.max_batch for b in split)  # same effective batch
     assert plan(t, s, batch=p.max_batch).fits and not plan(t, s, batch=p.max_batch + 1).fits
     ckpt = plan(t, s, batch=128, checkpointing=True)
     assert ckpt.fits and ckpt.samples_per_s < p.samples_per_s and ckpt.mfu < ckpt.utilisation

@@ -276,11 +276,6 @@ class StudentShape:
                 out.append(CallGroup(j, S * H, H, S, False, S == 1))
         return out
 
-    def applications(self, stage: int, *, tf: bool = False, ar: bool = True, horizon: int | None = None,
-                     blocks: Sequence[int] | None = None) -> int:
-        """Block applications per sample in one step (see :meth:`step_flops` for the terms)."""
-        return sum(g.applications for g in self.call_groups(stage, tf=tf, ar=ar, horizon=horizon, blocks=blocks))
-
     def step_flops(
         self,
         stage: int,

@@ -9,7 +9,9 @@ samples/s of each from the FLOP model (:mod:`raptor.perf.flops`) at a stated uti
 
 The activation model counts the tensors autograd saves in one block application (checked exactly
 against ``torch.autograd.graph.saved_tensors_hooks`` on CPU) plus the transients around the loss
-and one application's backward (checked against a live-tensor count of a real step on CPU).
+and one application's backward (checked against a live-tensor count of a real step on CPU). It
+is eager PyTorch's; under ``torch.compile`` inductor recomputes cheap elementwise results in
+backward instead of saving them, so compiled steps use less: the plan is their upper bound.
 
 Precisions (``amp`` is the training policy: it keeps fp32 fidelity, issue 11):
   ``fp32``  everything fp32.
@@ -56,7 +58,7 @@ class Setup:
     teacher_dtype: str = "fp32"  # storage of the frozen teacher's weights
     target_dtype: str = "fp32"  # storage of the trajectory buffer (the student's targets)
     online_teacher: bool = True  # the teacher runs in the step (False: precomputed trajectories)
-    reduce_bucket_elems: int = 500_000_000  # DeepSpeed reduce_bucket_size (ZeRO-1/2 allocate it)
+    reduce_bucket_elems: int = 500_000_000  # DeepSpeed reduce_bucket_size: ZeRO >= 1 allocates a bucket this big
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.world_size < 1:
@@ -241,10 +243,10 @@ class Plan:
             + (", optimizer offload" if s.offload_optimizer else "") + (", parameter offload" if s.offload_params else "")
         )
         lines = [head, f"device {self.device.name}: {self.device.memory_gib:.1f} GiB, usable {self.budget / GIB:.1f} GiB",
-                 f"{'per GPU':<34}{'GiB':>8}"]
-        lines += [f"{name:<34}{gib(v)}" for name, v in self.memory.items()]
+                 f"{'per GPU':<40}{'GiB':>8}"]
+        lines += [f"{name:<40}{gib(v)}" for name, v in self.memory.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"{'total':<34}{gib(self.total)}  {verdict} (max batch {self.max_batch}/GPU with these switches)")
+        lines.append(f"{'total':<40}{gib(self.total)}  {verdict} (max batch {self.max_batch}/GPU with these switches)")
         if self.cpu_memory:
             lines.append("host memory per GPU: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in self.cpu_memory.items()))
         lines.append(
@@ -314,10 +316,12 @@ def _plan(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: Device
         cpu["student parameters"] = params
         params = 0
     mem[f"student parameters ({'bf16' if low else 'fp32'})"] = params
-    if z == 3:  # the recurrent student uses every block all step: all of them stay gathered
-        mem["ZeRO-3 gathered parameters"] = wbytes * P
+    if z == 3:  # the recurrent student uses every block all step: the other shards stay gathered
+        mem["ZeRO-3 gathered parameters"] = wbytes * P if cfg.offload_params else wbytes * P * (W - 1) // W
     mem[f"student gradients ({'bf16' if low else 'fp32'})"] = wbytes * P // (W if z >= 2 else 1)
-    master = 4 * P // W if (z >= 1 or low) else 0  # DeepSpeed keeps an fp32 partition copy
+    # DeepSpeed keeps an fp32 partition copy at ZeRO >= 1; its bf16 mode partitions the fp32
+    # master weights and AdamW states even at stage 0 (BF16_Optimizer)
+    master = 4 * P // W if (z >= 1 or low) else 0
     adam = 8 * P // (W if (z >= 1 or low) else 1)
     if cfg.offload_optimizer:
         cpu["fp32 master partition + AdamW states"] = master + adam
@@ -370,32 +374,31 @@ def _max_batch(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: D
 
 def _suggestions(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: DeviceSpec, peak: float,
                  utilisation: float, budget: int) -> list[Suggestion]:
-    """Single switches (and checkpointing combined with each) that make ``cfg`` fit, fastest first;
-    else the largest batch that fits, with gradient accumulation keeping the effective batch."""
-    switches: list[tuple[str, dict[str, Any]]] = []
-    for z in range(cfg.zero_stage + 1, 4):
-        switches.append((f"ZeRO stage {z}", {"zero_stage": z}))
-    if not cfg.offload_optimizer:
-        switches.append(("optimizer offload (CPU AdamW: slower steps)",
-                         {"offload_optimizer": True, "zero_stage": max(cfg.zero_stage, 1)}))
-    if not cfg.checkpointing:
-        base = list(switches)
-        switches.append(("activation checkpointing", {"checkpointing": True}))
-        switches += [(f"activation checkpointing + {name}", {**kw, "checkpointing": True}) for name, kw in base]
-    out = []
-    for name, kw in switches:
-        c = replace(cfg, **kw)
+    """Single switches that make ``cfg`` fit (checkpointing combined with another switch only when
+    checkpointing alone does not), and the batch split into gradient-accumulation steps that
+    fits at the same effective batch; fastest first."""
+    def fitting(name: str, c: Setup) -> Suggestion | None:
         p = _plan(teacher, student, c, spec, peak, utilisation, budget)
-        if p.fits:
-            out.append(Suggestion(name, c, p.total / GIB, p.samples_per_s))
+        return Suggestion(name, c, p.total / GIB, p.samples_per_s) if p.fits else None
+
+    others: list[tuple[str, dict[str, Any]]] = [(f"ZeRO stage {z}", {"zero_stage": z})
+                                                for z in range(cfg.zero_stage + 1, 4)]
+    if not cfg.offload_optimizer:
+        others.append(("optimizer offload (CPU AdamW: slower steps)",
+                       {"offload_optimizer": True, "zero_stage": max(cfg.zero_stage, 1)}))
+    found = [fitting(name, replace(cfg, **kw)) for name, kw in others]
+    if not cfg.checkpointing:
+        alone = fitting("activation checkpointing", replace(cfg, checkpointing=True))
+        found.append(alone)
+        if alone is None:
+            found += [fitting(f"activation checkpointing + {name}", replace(cfg, checkpointing=True, **kw))
+                      for name, kw in others]
     for ckpt in sorted({cfg.checkpointing, True}):
         c = replace(cfg, checkpointing=ckpt)
-        b = _max_batch(teacher, student, c, spec, peak, utilisation, budget)
-        if 0 < b < cfg.batch:
-            accum = -(-cfg.batch // b)
-            c = replace(c, batch=b)
-            p = _plan(teacher, student, c, spec, peak, utilisation, budget)
-            what = f"batch {b}/GPU x {accum} accumulation steps" + (" + activation checkpointing" if ckpt and not cfg.checkpointing else "")
-            out.append(Suggestion(what, c, p.total / GIB, p.samples_per_s))
-    out.sort(key=lambda s: -s.samples_per_s)
-    return out
+        most = _max_batch(teacher, student, c, spec, peak, utilisation, budget)
+        if 0 < most < cfg.batch:  # the largest divisor of the batch: the same effective batch
+            b = max(d for d in range(1, most + 1) if cfg.batch % d == 0)
+            name = f"batch {b}/GPU x {cfg.batch // b} accumulation steps" + (
+                " + activation checkpointing" if ckpt and not cfg.checkpointing else "")
+            found.append(fitting(name, replace(c, batch=b)))
+    return sorted((s for s in found if s is not None), key=lambda s: -s.samples_per_s)
