@@ -64,8 +64,9 @@ def ensure_installed(mode: str) -> None:
     import timm
     import torchvision
 
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
-        pins.write(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}\ntimm=={timm.__version__}\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:  # public versions match local builds
+        for mod in (torch, torchvision, timm):
+            pins.write(f"{mod.__name__}=={mod.__version__.split('+')[0]}\n")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", pins.name, "-e", str(ROOT)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     emit({"bench": "install", "missing": missing, "seconds": round(time.perf_counter() - t0, 1),
@@ -252,7 +253,7 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, default=256)
     p.add_argument("--modes", default="eager,compiled", help="ViT-B modes: eager, compiled, blocks, fp32")
     p.add_argument("--large-modes", default="blocks", help="ViT-L/g modes (blocks: compile time independent of depth)")
-    p.add_argument("--mlp", default="swiglu", choices=["swiglu", "gelu"], help="student MLP (the spec's default: swiglu)")
+    p.add_argument("--mlp", default="swiglu", choices=["swiglu", "gelu"], help="student MLP (the spec default)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
@@ -274,7 +275,8 @@ def main() -> None:
           "device": check.spec.name if on_gpu else "cpu", "peak_tflops_bf16": check.peak("bf16"),
           "memory_gib": round(check.spec.memory_gib, 1) if on_gpu else None,
           "plans_for": check.spec.name})
-    emit({"bench": "matmul", "dtype": "bf16", "tflops": float(f"{matmul_tflops(check.device, 256 if args.smoke else 8192):.3g}")})
+    tflops = matmul_tflops(check.device, 256 if args.smoke else 8192)
+    emit({"bench": "matmul", "dtype": "bf16", "tflops": float(f"{tflops:.3g}")})
     for mode in filter(None, args.modes.split(",")):
         if check.within_budget(f"student_step {BASE} {mode}"):
             student_step(check, BASE, args.batch, mode)

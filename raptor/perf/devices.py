@@ -87,7 +87,9 @@ def current_device(index: int | None = None) -> DeviceSpec:
     return DeviceSpec(props.name, dict(spec.peaks), props.total_memory / GIB)
 
 
-def peak_tflops(device: str | DeviceSpec | None = None, precision: str = "bf16", override: float | None = None) -> float:
+def peak_tflops(
+    device: str | DeviceSpec | None = None, precision: str = "bf16", override: float | None = None
+) -> float:
     """The peak to divide by: ``override`` (e.g. ``--peak-tflops``) if given, else the table's
     dense peak of ``device`` (a name, a spec, or None = the current CUDA device)."""
     if override is not None:

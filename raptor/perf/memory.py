@@ -240,15 +240,18 @@ class Plan:
             f"teacher {self.teacher_params / 1e6:,.1f}M params -> student {self.student_params / 1e6:,.1f}M params, "
             f"stage {s.stage}, {s.precision}, batch {s.batch}/GPU x {s.world_size} GPU(s), ZeRO-{s.zero_stage}, "
             f"checkpointing {'on' if s.checkpointing else 'off'}"
-            + (", optimizer offload" if s.offload_optimizer else "") + (", parameter offload" if s.offload_params else "")
+            + (", optimizer offload" if s.offload_optimizer else "")
+            + (", parameter offload" if s.offload_params else "")
         )
-        lines = [head, f"device {self.device.name}: {self.device.memory_gib:.1f} GiB, usable {self.budget / GIB:.1f} GiB",
-                 f"{'per GPU':<40}{'GiB':>8}"]
+        lines = [head, f"device {self.device.name}: {self.device.memory_gib:.1f} GiB, "
+                       f"usable {self.budget / GIB:.1f} GiB", f"{'per GPU':<40}{'GiB':>8}"]
         lines += [f"{name:<40}{gib(v)}" for name, v in self.memory.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"{'total':<40}{gib(self.total)}  {verdict} (max batch {self.max_batch}/GPU with these switches)")
+        lines.append(f"{'total':<40}{gib(self.total)}  {verdict} "
+                     f"(max batch {self.max_batch}/GPU with these switches)")
         if self.cpu_memory:
-            lines.append("host memory per GPU: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in self.cpu_memory.items()))
+            host = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in self.cpu_memory.items())
+            lines.append(f"host memory per GPU: {host}")
         lines.append(
             f"{self.flops_per_sample / 1e9:,.1f} GFLOP/sample (model); at {self.utilisation:.0%} of "
             f"{self.peak_tflops:,.0f} TFLOP/s: {self.samples_per_s:,.0f} samples/s/GPU, MFU {self.mfu:.1%}"
