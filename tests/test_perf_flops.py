@@ -143,3 +143,19 @@ def test_device_table_and_overrides():
         devices.lookup("Voodoo 5")
     with pytest.raises(ValueError, match="positive"):
         devices.peak_tflops("H100", override=0)
+
+
+@pytest.mark.parametrize("stage,blocks", [(2, [1]), (2, [0, 2]), (1, [0]), (1, [1, 2])])
+def test_recompute_flops_equal_the_checkpointed_forward(stage, blocks):
+    """Catches a selective-checkpointing cost that counts the wrong applications (a stage-2 block's
+    whole segment, a stage-1 block's TF and AR calls): the counted step with those blocks
+    checkpointed is exactly the model FLOPs plus their recomputed forward."""
+    t = small_teacher()
+    traj = t.trajectory(torch.randn(2, 3, 42, 42))
+    s = Raptor.from_teacher(t, [1, 4], mlp="swiglu", seed=0).set_checkpointing(blocks)
+    cfg = StageConfig.paper_stage2(steps=10) if stage == 2 else StageConfig.paper_stage1(steps=10)
+    loss = (lambda: stage2_loss(s, traj, cfg)) if stage == 2 else (lambda: stage1_loss(s, traj, cfg, lam=0.5))
+    shape = StudentShape.from_student(s)
+    tf = stage == 1
+    want = counted(_step(loss))
+    assert shape.step_flops(stage, 2, tf=tf) + shape.recompute_flops(stage, 2, blocks, tf=tf) == want

@@ -304,6 +304,36 @@ class StudentShape:
         return fwd + bwd if backward else fwd
 
 
+    def checkpointed_applications(self, group: CallGroup, blocks: Sequence[int]) -> int:
+        """Applications of ``group`` (per sample) made by the checkpointed ``blocks``: the whole
+        group for a stage-1 block, the segments of those blocks in the stage-2 rollout."""
+        chosen = {int(b) for b in blocks}
+        if group.block >= 0:
+            return group.applications if group.block in chosen else 0
+        return sum(e - s for j, (s, e) in enumerate(self.segments) if j in chosen)
+
+    def recompute_flops(
+        self,
+        stage: int,
+        batch: int,
+        blocks: Sequence[int],
+        *,
+        tf: bool = False,
+        ar: bool = True,
+        horizon: int | None = None,
+    ) -> int:
+        """Forward FLOPs that activation checkpointing of ``blocks`` adds to a step: the backward
+        recomputes each of their applications once (hardware FLOPs, not model FLOPs)."""
+        f_blk = self.block.forward_flops(self.num_tokens)
+        total = 0
+        for g in self.call_groups(stage, tf=tf, ar=ar, horizon=horizon):
+            ck = self.checkpointed_applications(g, blocks)
+            if ck:
+                calls = g.calls * ck // g.applications
+                total += batch * ck * f_blk + calls * self._depth_mlp(1 if g.shared_t else batch * g.rows_per_call)[0]
+        return total
+
+
 def stage_terms(stage: int, lam: float) -> tuple[bool, bool]:
     """(teacher forcing, autoregressive) computed at TF weight ``lam`` (stage 2: AR only)."""
     return (False, True) if stage == 2 else (lam > 0, lam < 1)

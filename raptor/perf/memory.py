@@ -25,7 +25,8 @@ Precisions (``amp`` is the training policy: it keeps fp32 fidelity, issue 11):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from itertools import combinations
+from typing import Any, Sequence
 
 from raptor.errors import UserError
 from raptor.perf.devices import GIB, DeviceSpec, lookup
@@ -50,7 +51,7 @@ class Setup:
     world_size: int = 1  # data-parallel GPUs
     zero_stage: int = 2
     precision: str = "amp"  # fp32 | amp | bf16
-    checkpointing: bool = False  # recompute each block application in backward
+    checkpointing: bool | tuple[int, ...] = False  # recompute in backward: every block, or these blocks
     offload_optimizer: bool = False  # AdamW states (and fp32 master partition) in CPU memory
     offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
     stage: int = 2  # distillation stage
@@ -76,6 +77,27 @@ class Setup:
                 raise PlanError(f"{name} must be fp32 or bf16, got {getattr(self, name)!r}")
         if self.stage not in (1, 2):
             raise PlanError(f"stage must be 1 or 2, got {self.stage}")
+        if not isinstance(self.checkpointing, bool):
+            blocks = tuple(sorted({int(b) for b in self.checkpointing}))
+            if any(b < 0 for b in blocks):
+                raise PlanError(f"checkpointing blocks must be >= 0, got {list(self.checkpointing)}")
+            object.__setattr__(self, "checkpointing", blocks)
+
+    @property
+    def checkpointing_label(self) -> str:
+        if isinstance(self.checkpointing, bool):
+            return "on" if self.checkpointing else "off"
+        return f"blocks {list(self.checkpointing)}" if self.checkpointing else "off"
+
+
+def checkpointed_blocks(checkpointing: bool | Sequence[int], k: int) -> tuple[int, ...]:
+    """The block indices ``checkpointing`` recomputes (``True``: all k, ``False``: none)."""
+    if isinstance(checkpointing, bool):
+        return tuple(range(k)) if checkpointing else ()
+    blocks = tuple(sorted({int(b) for b in checkpointing}))
+    if blocks and (blocks[0] < 0 or blocks[-1] >= k):
+        raise PlanError(f"checkpointing blocks {list(blocks)} out of range for k = {k}")
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -98,7 +120,7 @@ def activation_bytes(
     *,
     stage: int = 2,
     precision: str = "amp",
-    checkpointing: bool = False,
+    checkpointing: bool | Sequence[int] = False,
     tf: bool = False,
     ar: bool = True,
     horizon: int | None = None,
@@ -112,7 +134,8 @@ def activation_bytes(
     outputs: the compute dtype), the MLP's hidden (GELU: fc1 output and activation; SwiGLU: fc1
     output, silu and product), LayerNorm statistics and attention's log-sum-exp; per layer number,
     the gains and the depth MLP's hidden; per loss term, the fp32 error of every predicted state.
-    With ``checkpointing`` only each application's input is kept, and backward recomputes one
+    ``checkpointing`` (every block, or a list of block indices, as ``Raptor.set_checkpointing``):
+    the applications of those blocks keep only their input, and backward recomputes one
     application at a time. The peak adds the largest loss term's transients (stage 1's terms run
     one after another) or, with checkpointing, one recomputed application.
     """
@@ -126,31 +149,34 @@ def activation_bytes(
     per_token = 5 * D * r + c * (8 * D + mlp) + 16 + 4 * blk.num_heads
     per_row = 3 * D * r + 2 * h * c + 4 if h else 0  # gains, depth-MLP hidden, layer number
     state = N * D * r  # one application's input, per sample
+    chosen = checkpointed_blocks(checkpointing, student.k)
     saved = error_max = call_max = 0
+    plain_blocks: set[int] = set()  # blocks with applications that keep their activations
+    used: set[int] = set()
     groups = student.call_groups(stage, tf=tf, ar=ar, horizon=horizon, blocks=blocks)
     for g in groups:
+        ck = student.checkpointed_applications(g, chosen)
+        plain = g.applications - ck
+        group_blocks = set(range(student.k)) if g.block < 0 else {g.block}
+        used |= group_blocks
+        if plain:
+            plain_blocks |= group_blocks - set(chosen)
         view = batch * state if g.first_input_view else 0
-        if checkpointing:
-            saved += batch * g.applications * state - view
-        else:
-            saved += batch * g.applications * N * per_token - view
-            saved += g.calls * (1 if g.shared_t else batch * g.rows_per_call) * per_row
+        saved += batch * ck * state + batch * plain * N * per_token - view
+        saved += (g.calls * plain // g.applications) * (1 if g.shared_t else batch * g.rows_per_call) * per_row
         error = batch * g.applications * N * D * 4  # the fp32 error of every predicted state
         saved += error
         error_max = max(error_max, error)
-        call_max = max(call_max, batch * g.rows_per_call * N * per_token)
-    weights = 0
-    if precision == "amp":  # autocast's bf16 copy of each linear weight, cached for the forward
-        used = {g.block for g in groups}
-        weights = 2 * _linear_weights(student) * (student.k if -1 in used else len(used))
-    if checkpointing:  # backward recomputes one application (and recasts its block's weights)
-        recompute = call_max + (2 * _linear_weights(student) if weights else 0)
-        forward = saved + weights + _FWD_LOSS_TRANSIENT * error_max
-        backward = saved + max(_BWD_LOSS_TRANSIENT * error_max, error_max + recompute)
-    else:
-        saved += weights
-        forward = saved + _FWD_LOSS_TRANSIENT * error_max
-        backward = saved + _BWD_LOSS_TRANSIENT * error_max
+        if ck:
+            call_max = max(call_max, batch * g.rows_per_call * N * per_token)
+    # autocast's bf16 copy of each linear weight, cached for the forward: kept for backward by the
+    # blocks that save their activations; the checkpointed ones recast it when they recompute
+    cast = 2 * _linear_weights(student) if precision == "amp" else 0
+    saved += cast * len(plain_blocks)
+    forward = saved + cast * len(used - plain_blocks) + _FWD_LOSS_TRANSIENT * error_max
+    backward = saved + _BWD_LOSS_TRANSIENT * error_max
+    if chosen:  # backward recomputes one application (and recasts its block's weights)
+        backward = saved + max(_BWD_LOSS_TRANSIENT * error_max, error_max + call_max + cast)
     return Activations(saved=int(saved), peak=int(max(forward, backward)))
 
 
@@ -239,7 +265,7 @@ class Plan:
         head = (
             f"teacher {self.teacher_params / 1e6:,.1f}M params -> student {self.student_params / 1e6:,.1f}M params, "
             f"stage {s.stage}, {s.precision}, batch {s.batch}/GPU x {s.world_size} GPU(s), ZeRO-{s.zero_stage}, "
-            f"checkpointing {'on' if s.checkpointing else 'off'}"
+            f"checkpointing {s.checkpointing_label}"
             + (", optimizer offload" if s.offload_optimizer else "")
             + (", parameter offload" if s.offload_params else "")
         )
@@ -341,13 +367,14 @@ def _plan(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: Device
     act = activation_bytes(student, cfg.batch, stage=cfg.stage, precision=cfg.precision,
                            checkpointing=cfg.checkpointing, tf=tf, ar=ar)
     working = teacher_working_bytes(teacher, cfg.batch, cfg.precision) if cfg.online_teacher else 0
-    label = "checkpointed" if cfg.checkpointing else "no checkpointing"
+    chosen = checkpointed_blocks(cfg.checkpointing, student.k)
+    label = ("checkpointed" if len(chosen) == student.k else f"blocks {list(chosen)} checkpointed") if chosen \
+        else "no checkpointing"
     mem[f"activations, peak ({label})"] = max(act.peak, working)
     model = student.step_flops(cfg.stage, cfg.batch, tf=tf, ar=ar)
     if cfg.online_teacher:
         model += teacher.forward_flops(cfg.batch)
-    hardware = model + (student.step_flops(cfg.stage, cfg.batch, tf=tf, ar=ar, backward=False)
-                        if cfg.checkpointing else 0)
+    hardware = model + student.recompute_flops(cfg.stage, cfg.batch, chosen, tf=tf, ar=ar)
     return Plan(
         setup=cfg, device=spec, memory=mem, cpu_memory=cpu, activations=act, budget=budget,
         flops_per_sample=model / cfg.batch, hardware_flops_per_sample=hardware / cfg.batch,
@@ -378,8 +405,9 @@ def _max_batch(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: D
 def _suggestions(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec: DeviceSpec, peak: float,
                  utilisation: float, budget: int) -> list[Suggestion]:
     """Single switches that make ``cfg`` fit (checkpointing combined with another switch only when
-    checkpointing alone does not), and the batch split into gradient-accumulation steps that
-    fits at the same effective batch; fastest first."""
+    checkpointing alone does not), selective checkpointing (the fastest subset of blocks that
+    fits: it recomputes fewer applications than checkpointing all), and the batch split into
+    gradient-accumulation steps that fits at the same effective batch; fastest first."""
     def fitting(name: str, c: Setup) -> Suggestion | None:
         p = _plan(teacher, student, c, spec, peak, utilisation, budget)
         return Suggestion(name, c, p.total / GIB, p.samples_per_s) if p.fits else None
@@ -390,18 +418,23 @@ def _suggestions(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec:
         others.append(("optimizer offload (CPU AdamW: slower steps)",
                        {"offload_optimizer": True, "zero_stage": max(cfg.zero_stage, 1)}))
     found = [fitting(name, replace(cfg, **kw)) for name, kw in others]
-    if not cfg.checkpointing:
+    current = checkpointed_blocks(cfg.checkpointing, student.k)
+    if len(current) < student.k:
         alone = fitting("activation checkpointing", replace(cfg, checkpointing=True))
         found.append(alone)
+        subsets = [c for n in range(1, student.k) for c in combinations(range(student.k), n) if set(current) < set(c)]
+        selective = [fitting(f"activation checkpointing of blocks {list(c)}", replace(cfg, checkpointing=c))
+                     for c in subsets]
+        found.append(max((x for x in selective if x is not None), key=lambda x: x.samples_per_s, default=None))
         if alone is None:
             found += [fitting(f"activation checkpointing + {name}", replace(cfg, checkpointing=True, **kw))
                       for name, kw in others]
-    for ckpt in sorted({cfg.checkpointing, True}):
+    for ckpt in dict.fromkeys([cfg.checkpointing, True]):
         c = replace(cfg, checkpointing=ckpt)
         most = _max_batch(teacher, student, c, spec, peak, utilisation, budget)
         if 0 < most < cfg.batch:  # the largest divisor of the batch: the same effective batch
             b = max(d for d in range(1, most + 1) if cfg.batch % d == 0)
             name = f"batch {b}/GPU x {cfg.batch // b} accumulation steps" + (
-                " + activation checkpointing" if ckpt and not cfg.checkpointing else "")
+                " + activation checkpointing" if ckpt is True and len(current) < student.k else "")
             found.append(fitting(name, replace(c, batch=b)))
     return sorted((s for s in found if s is not None), key=lambda s: -s.samples_per_s)
