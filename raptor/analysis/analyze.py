@@ -18,6 +18,7 @@ from raptor.analysis import dynamics as dyn
 from raptor.distill import fidelity
 from raptor.eval.probe import split_batch, student_share, topk_accuracy
 from raptor.models import Raptor, Teacher
+from raptor.models.teacher import autocast
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,12 @@ def analyze_models(
         "num_samples": int(traj_t.shape[0]),
     }
     log.debug("analysis: teacher dynamics on %d samples", traj_t.shape[0])
-    teacher_cont = _continuation(lambda x, l: teacher.run_blocks(x, l, depth), teacher.device)
+
+    def teacher_blocks(x: Tensor, layer: int) -> Tensor:  # the perturbed continuation, in the trajectory's precision
+        with autocast(teacher.device, amp):
+            return teacher.run_blocks(x, layer, depth)
+
+    teacher_cont = _continuation(teacher_blocks, teacher.device)
     dynamics = {"teacher": model_dynamics(traj_t, labels, groups, bnd, teacher_cont, predict, basin_layers=layers, basin_scales=basin_scales, seed=seed)}
     dynamics["student"] = None
     result["fidelity"] = None

@@ -29,6 +29,7 @@ from torch import Tensor
 from raptor.distill import FidelityAccumulator, StageConfig, fit
 from raptor.eval.probe import evaluate_head, train_linear_probe
 from raptor.models import Raptor, Teacher, check_boundaries
+from raptor.models.teacher import autocast
 from raptor.recipe import PAPER_LAST_BLOCK_TOKEN_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,14 @@ class SwapStudy:
 
 
 @torch.no_grad()
-def layer_swap_study(teacher: Teacher, val: Batches, *, head: tuple[Tensor, Tensor] | None = None) -> SwapStudy:
+def layer_swap_study(
+    teacher: Teacher, val: Batches, *, head: tuple[Tensor, Tensor] | None = None, amp: bool | torch.dtype = False
+) -> SwapStudy:
     """Swap every pair of teacher layers (i <= j), rerun from a_{i-1}, and score the readout.
 
-    Only layers from min(i, j) on are recomputed (earlier states are the trajectory's). The matrix is
-    symmetric because a swap is; the diagonal reruns the unswapped teacher and must show no change.
+    Only layers from min(i, j) on are recomputed (earlier states are the trajectory's), under ``amp``
+    as the trajectory was. The matrix is symmetric because a swap is; the diagonal reruns the
+    unswapped teacher and must show no change.
     """
     depth = teacher.depth
     head = _head(teacher, head)
@@ -121,8 +125,9 @@ def layer_swap_study(teacher: Teacher, val: Batches, *, head: tuple[Tensor, Tens
         for i in range(1, depth + 1):
             for j in range(i, depth + 1):
                 x = traj[:, i - 1]
-                for b in swapped_order(depth, i, j)[i - 1 :]:
-                    x = teacher.blocks[b](x)
+                with autocast(traj.device, amp):
+                    for b in swapped_order(depth, i, j)[i - 1 :]:
+                        x = teacher.blocks[b](x)
                 feats = teacher.readout(x).float()
                 cos = torch.nn.functional.cosine_similarity(feats, base, dim=-1).sum().item()
                 cos_sum[i - 1, j - 1] += cos

@@ -129,7 +129,7 @@ def run_studies(
         val = [(traj, labels)]
     if opts.layer_swap:
         log.info("layer-swap study on %d samples", traj.shape[0])
-        swap = layer_swap_study(teacher, val)
+        swap = layer_swap_study(teacher, val, amp=amp)
         studies["layer_swap"] = {**swap.to_dict(), "within_across": swap.within_across(boundaries) if boundaries else None}
     if opts.partition or opts.ablation:
         t_train, _, y_train = collect_trajectories(teacher, None, split_batches(spec, "train"), max_samples=opts.samples, amp=amp)

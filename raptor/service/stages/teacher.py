@@ -25,10 +25,10 @@ from raptor.errors import UserError
 from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
 from raptor.models.teacher import autocast
-from raptor.service.build import shard_source, single_process
+from raptor.service.build import shard_source, single_device, single_process
 from raptor.service.graph import StageContext
 from raptor.service.spec import JobSpec, TeacherTrainSpec
-from raptor.train.job import use_bf16
+from raptor.train.job import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     tt: TeacherTrainSpec | None = tspec.train
     if tt is None:
         raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.bfloat16 if use_bf16(tspec.precision, device) else False
+    device = device or single_device(spec)
+    amp = autocast_dtype(tspec.precision, device)  # teacher.precision: the same rule as every stage's teacher
     torch.manual_seed(spec.data.seed)
     train = shard_source(spec, spec.data.train, num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size)
     if not train.num_classes:
@@ -72,7 +72,8 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     if spec.data.val:
         val = shard_source(spec, spec.data.val, num_workers=0).loader(train=False, batch_size=tt.batch_size)
         model.eval()
-        logits, labels = collect(model, val, device=device)
+        with autocast(device, amp):
+            logits, labels = collect(model, val, device=device)
         metrics["val_top1"] = topk_accuracy(logits, labels, ks=(1,))["top1"]
         log.info("teacher val top-1 %.3f", metrics["val_top1"])
     teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)
