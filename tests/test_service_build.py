@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.build import shard_source, stage_config
+from raptor.service.build import deepspeed_plan, shard_source, stage_config
 from raptor.service.layout import Layout
 from raptor.service.pipeline import save_spec
 from raptor.service.spec import load_spec, parse_spec
 from raptor.service.submit import submission
-from raptor.train.job import DeepSpeedPlan
 from raptor.train.metrics import wandb_mode
 
 
@@ -48,15 +49,49 @@ def test_warmup_left_open_is_the_papers_rule_everywhere(quickstart):
 
 
 def test_deepspeed_config_batch_precision_and_offload(quickstart):
-    """Catches a DeepSpeed batch that disagrees with the spec's effective batch, or bf16 switched on for CPU."""
+    """Catches a DeepSpeed batch that disagrees with the spec's effective batch, DeepSpeed's own bf16/fp16
+    mode switched on (the engine must stay fp32: mixed precision is autocast), buckets not sized to the
+    student, or fused AdamW where the optimizer steps on CPU."""
     quickstart["deepspeed"].update(zero_stage=3, gradient_accumulation_steps=4, precision="auto", offload_optimizer="cpu")
     spec = parse_spec(quickstart)
-    plan = DeepSpeedPlan(**spec.deepspeed.model_dump())
-    cpu = plan.config(spec.data.batch_size, world_size=2, device=torch.device("cpu"))
+    plan = deepspeed_plan(spec)
+    cpu = plan.config(spec.data.batch_size, world_size=2, student_params=1234)
     assert cpu["train_batch_size"] == spec.data.batch_size * 2 * 4 == spec.effective_batch
-    assert cpu["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
-    assert "bf16" not in cpu  # auto = fp32 on CPU
-    assert plan.config(spec.data.batch_size, 2, torch.device("cuda", 0))["bf16"] == {"enabled": True}
+    assert cpu["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                        "reduce_bucket_size": 1234, "allgather_bucket_size": 1234}
+    assert "bf16" not in cpu and "fp16" not in cpu
+    assert plan.config(8, 1, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default at most
+    gpu = torch.device("cuda", 0)
+    assert plan.amp(torch.device("cpu")) is False and plan.amp(gpu) == torch.bfloat16  # auto
+    assert not plan.fused_adamw(gpu)  # offloaded: AdamW steps on CPU
+    assert plan.compile_mode(gpu) == "off"  # ZeRO-3
+    quickstart["deepspeed"].update(zero_stage=2, offload_optimizer="none", precision="bf16")
+    plan = deepspeed_plan(parse_spec(quickstart))
+    assert plan.compile_mode(gpu) == "loss" and plan.compile_mode(torch.device("cpu")) == "off"
+    assert plan.fused_adamw(gpu) and not plan.fused_adamw(torch.device("cpu"))
+    assert plan.amp(torch.device("cpu")) == torch.bfloat16  # bf16 asked for: autocast on CPU too
+
+
+@pytest.mark.parametrize("deepspeed, message", [
+    ({"precision": "fp16"}, "deepspeed.precision: Input should be 'auto', 'fp32' or 'bf16'"),
+    ({"activation_checkpointing": [0, 3]}, "blocks [0, 3] out of range for discovery.k=3"),
+    ({"activation_checkpointing": [1, 1]}, "distinct indices"),
+    ({"compile": "loss", "zero_stage": 3}, "compile=loss needs zero_stage <= 2"),
+])
+def test_bad_engine_settings_are_one_line_errors(quickstart, deepspeed, message):
+    """Catches a removed precision (fp16), checkpointing blocks the student does not have, or a compiled
+    ZeRO-3 step passing validation and failing inside the Ray workers."""
+    quickstart["deepspeed"].update(deepspeed)
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_spec(quickstart, source="q.yaml")
+
+
+def test_selective_checkpointing_reaches_the_runner(quickstart):
+    """Catches the spec's block list lost on its way to the runner's plan (or left a mutable list)."""
+    quickstart["deepspeed"]["activation_checkpointing"] = [0, 2]
+    assert deepspeed_plan(parse_spec(quickstart)).activation_checkpointing == (0, 2)
+    quickstart["deepspeed"]["activation_checkpointing"] = True
+    assert deepspeed_plan(parse_spec(quickstart)).activation_checkpointing is True
 
 
 def test_wandb_is_offline_without_a_key(monkeypatch):
@@ -134,32 +169,6 @@ def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path)
     spec = parse_spec(quickstart)
     with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
         preflight(shard_source(spec, spec.data.train), spec.scaling.num_workers)
-
-
-def test_activation_checkpointing_keeps_loss_and_gradients():
-    """deepspeed.activation_checkpointing recomputes block applications in backward: same numbers."""
-    from raptor.distill import StageConfig, distill_loss
-    from raptor.models import Raptor, Teacher
-    from raptor.train.trainer import checkpoint_activations
-
-    teacher = Teacher.from_timm("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=32, depth=4, num_heads=2)
-    traj = teacher.trajectory(torch.randn(2, 3, 28, 28))
-    cfg = StageConfig.paper_stage2(10)
-    results = []
-    for checkpointed in (False, True):
-        student = Raptor.from_teacher(teacher, [2], seed=0)
-        if checkpointed:
-            checkpoint_activations(student)
-        calls = []
-        student.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
-        loss, _ = distill_loss(student, traj, cfg, 0)
-        forward_calls = len(calls)
-        loss.backward()
-        assert len(calls) == (2 if checkpointed else 1) * forward_calls  # recomputed in backward
-        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b)
 
 
 def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):

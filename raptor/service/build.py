@@ -101,6 +101,14 @@ def stage_config(spec: JobSpec, stage: StageName) -> StageConfig:
     return StageConfig(**cfg)
 
 
+def deepspeed_plan(spec: JobSpec) -> DeepSpeedPlan:
+    """The engine and hot path of the training stages (``activation_checkpointing``: a bool or block indices)."""
+    ds = spec.deepspeed.model_dump()
+    if isinstance(ds["activation_checkpointing"], list):
+        ds["activation_checkpointing"] = tuple(ds["activation_checkpointing"])
+    return DeepSpeedPlan(**ds)
+
+
 def wandb_dir(spec: JobSpec) -> str:
     """Offline wandb runs go beside a local run; for object storage, to $WANDB_DIR or a temp folder."""
     if storage.scheme(spec.storage.url) == "file":
@@ -110,7 +118,7 @@ def wandb_dir(spec: JobSpec) -> str:
 
 def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any]) -> StageJob:
     """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up."""
-    sc, ds, lg = spec.scaling, spec.deepspeed, spec.logging
+    sc, lg = spec.scaling, spec.logging
     student = StudentPlan(
         boundaries=tuple(layout.boundaries()), mlp=spec.student.mlp, depth_scaling=spec.student.depth_scaling,
         init=spec.student.init, seed=spec.data.seed,
@@ -125,13 +133,13 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         val=val_source(spec),
         scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
                             placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
-        deepspeed=DeepSpeedPlan(**ds.model_dump()),
+        deepspeed=deepspeed_plan(spec),
         checkpoints=CheckpointPlan(folder=layout.folder(stage), interval=spec.storage.checkpoint_interval,
                                    keep=spec.storage.keep),
         logging=LogPlan(
             run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", log_interval=lg.log_interval,
             val_interval=lg.val_interval, wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
-            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=spec.name,
+            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=spec.name, peak_tflops=lg.peak_tflops,
             config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
         ),
         out_url=layout.folder(stage),

@@ -245,13 +245,29 @@ class ScalingSpec(_Section):
 
 
 class DeepSpeedSpec(_Section):
+    """The student's training engine (always fp32 in DeepSpeed: mixed precision is autocast) and its hot path."""
+
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 none, 1 shards optimizer states, 2 also gradients, 3 also parameters")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="student step: bf16 = bf16 autocast matmuls with fp32 weights, residual stream, gains, loss, "
+        "optimizer and export; auto = bf16 on GPU, fp32 on CPU")
     gradient_clipping: float = Field(1.0, ge=0, description="global gradient-norm clip (0 = off)")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    activation_checkpointing: bool = Field(False, description="recompute activations in the backward pass to save memory")
+    activation_checkpointing: bool | list[int] = Field(
+        False, description="recompute block applications in backward to save memory: true = every block, "
+        "a list = those blocks (0-based; `raptor plan` says which fit)")
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="optimizer states to cpu or nvme (ZeRO >= 1)")
     offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="parameters to cpu or nvme (ZeRO-3 only)")
+    compile: Literal["auto", "off", "loss", "blocks"] = Field(
+        "auto", description="torch.compile of the hot path: loss = teacher trajectory and whole stage loss, blocks = each "
+        "block (compile time independent of depth), off = eager; auto = loss on GPU with ZeRO <= 2, else off")
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _blocks(cls, v: bool | list[int]) -> bool | list[int]:
+        if isinstance(v, list) and (any(b < 0 for b in v) or len(set(v)) != len(v)):
+            raise ValueError(f"activation_checkpointing blocks must be distinct indices >= 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _offload(self) -> "DeepSpeedSpec":
@@ -259,6 +275,8 @@ class DeepSpeedSpec(_Section):
             raise ValueError(f"offload_param needs zero_stage 3 (got zero_stage={self.zero_stage})")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.compile in ("loss", "blocks") and self.zero_stage == 3:
+            raise ValueError(f"compile={self.compile} needs zero_stage <= 2 (ZeRO-3's parameter gathering breaks the graph)")
         return self
 
 
@@ -285,6 +303,9 @@ class LoggingSpec(_Section):
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline")
     log_interval: int = Field(50, gt=0, description="steps between metric logs (console and wandb)")
     val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak TFLOP/s for the logged MFU; null = the GPU's dense peak from raptor.perf's "
+        "table (bf16 or fp32 as the step runs); no MFU on CPU unless set")
 
 
 class ClusterSpec(_Section):
@@ -333,6 +354,9 @@ class JobSpec(_Section):
             b = self.discovery.boundaries
             if b and b[-1] >= depth:
                 raise ValueError(f"discovery.boundaries {b} must lie in 1..{depth - 1} (teacher depth {depth})")
+        blocks = self.deepspeed.activation_checkpointing
+        if isinstance(blocks, list) and blocks and max(blocks) >= self.discovery.k:
+            raise ValueError(f"deepspeed.activation_checkpointing blocks {blocks} out of range for discovery.k={self.discovery.k}")
         return self
 
     @property

@@ -20,11 +20,26 @@ from raptor.models import Teacher
 
 StageName = Literal["stage1", "stage2"]
 Precision = Literal["auto", "fp32", "bf16"]
+CompileMode = Literal["auto", "off", "loss", "blocks"]
+
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/allgather bucket (elements)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """``auto`` means bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slower than fp32)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | bool:
+    """The ``torch.autocast`` dtype of ``precision`` on ``device`` (False: fp32, no autocast)."""
+    return torch.bfloat16 if use_bf16(precision, device) else False
+
+
+def bucket_elems(student_params: int) -> int:
+    """DeepSpeed's reduce and all-gather buckets sized to the student: all of its gradients (at most
+    DeepSpeed's default). The default 5e8 elements allocate 2 GB per GPU at ZeRO >= 1 for a student
+    of 10-100M parameters; one bucket of the student's size reduces its gradients in one collective."""
+    return max(1, min(DEEPSPEED_BUCKET, int(student_params)))
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class TeacherRef:
 
     def amp(self, device: torch.device) -> torch.dtype | bool:
         """The autocast dtype of the teacher's forward passes on ``device`` (False: fp32)."""
-        return torch.bfloat16 if use_bf16(self.precision, device) else False
+        return autocast_dtype(self.precision, device)
 
 
 @dataclass(frozen=True)
@@ -102,23 +117,49 @@ class ScalingPlan:
 
 @dataclass(frozen=True)
 class DeepSpeedPlan:
-    """The DeepSpeed engine around the student's blocks."""
+    """The DeepSpeed engine around the student's blocks, and the hot path inside it.
+
+    The engine is always fp32 (fp32 parameters, gradients, master weights and export): mixed
+    precision is ``torch.autocast`` around the forward (``precision``), which computes matmuls and
+    attention in bf16 while the residual stream, norms, depth-scaling gains and loss stay fp32.
+    DeepSpeed's own bf16 mode would hold the student (and the rollout's state) in bf16, which
+    costs fidelity (issue 11: update-R^2 0.81 against 0.90).
+    """
 
     zero_stage: int = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     gradient_clipping: float = 1.0
     gradient_accumulation_steps: int = 1
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | tuple[int, ...] = False  # every block, or these block indices
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    compile: CompileMode = "auto"
 
-    def config(self, micro_batch: int, world_size: int, device: torch.device) -> dict[str, Any]:
-        """The DeepSpeed config dict: ZeRO stage, precision, clipping, offload.
+    def amp(self, device: torch.device) -> torch.dtype | bool:
+        """The autocast dtype of the student's forward on ``device`` (False: fp32)."""
+        return autocast_dtype(self.precision, device)
+
+    def compile_mode(self, device: torch.device) -> Literal["off", "loss", "blocks"]:
+        """``auto``: the whole stage loss and the teacher's trajectory compiled on GPU with ZeRO <= 2;
+        eager on CPU (inductor's compile time outweighs its gain at CPU sizes) and under ZeRO-3
+        (its parameter-gathering hooks break the graph)."""
+        if self.compile != "auto":
+            return self.compile
+        return "loss" if device.type == "cuda" and self.zero_stage <= 2 else "off"
+
+    def fused_adamw(self, device: torch.device) -> bool:
+        """torch's single-kernel AdamW on GPU; not with the optimizer offloaded (it steps on CPU)."""
+        return device.type == "cuda" and self.offload_optimizer == "none"
+
+    def config(self, micro_batch: int, world_size: int, student_params: int) -> dict[str, Any]:
+        """The DeepSpeed config dict: ZeRO stage, clipping, offload, buckets sized to the student.
 
         ``train_batch_size`` = micro-batch x world size x accumulation, so DeepSpeed checks the same
-        effective batch the job reports (:attr:`StageJob.effective_batch`).
+        effective batch the job reports (:attr:`StageJob.effective_batch`). No ``bf16``/``fp16``
+        section: the engine stays fp32 (see the class docstring).
         """
-        zero: dict[str, Any] = {"stage": self.zero_stage}
+        bucket = bucket_elems(student_params)
+        zero: dict[str, Any] = {"stage": self.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
         if self.offload_optimizer != "none":
             zero["offload_optimizer"] = {"device": self.offload_optimizer}
         if self.offload_param != "none":
@@ -132,10 +173,6 @@ class DeepSpeedPlan:
             "steps_per_print": 10**9,  # progress is ours (raptor.train.metrics), not DeepSpeed's
             "wall_clock_breakdown": False,
         }
-        if self.precision == "fp16":
-            cfg["fp16"] = {"enabled": True}
-        elif self.precision != "fp32" and use_bf16(self.precision, device):
-            cfg["bf16"] = {"enabled": True}
         if self.offload_optimizer != "none":
             cfg["zero_force_ds_cpu_optimizer"] = False  # keep the torch AdamW the core builds
         return cfg
@@ -167,6 +204,7 @@ class LogPlan:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_dir: str = "wandb"
     wandb_group: str | None = None
+    peak_tflops: float | None = None  # the device's peak for MFU; None = the table's (GPU) or no MFU (CPU)
     config: dict[str, Any] = field(default_factory=dict)  # what wandb records as the run's config
 
 

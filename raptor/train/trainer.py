@@ -2,10 +2,11 @@
 
 Per worker: the frozen teacher OUTSIDE the DeepSpeed engine (it has no optimizer state to shard,
 and ZeRO-3 would not gather timm's cls/register/position parameters used outside a forward),
-computing trajectories on the fly from this rank's shards; the student's k blocks INSIDE
-``deepspeed.initialize`` with the configured ZeRO stage and the core's torch AdamW (no fused-Adam
-compile on CPU). The step is the core's :func:`raptor.distill.distill_loss`, the same one
-``raptor.distill.fit`` differentiates; only the owner of the optimizer differs.
+computing trajectories on the fly from this rank's shards; the student's k blocks INSIDE an fp32
+``deepspeed.initialize`` with the configured ZeRO stage and the core's torch AdamW (fused on GPU).
+The step is the core's :func:`raptor.distill.distill_loss` (eager or compiled, under autocast:
+:mod:`raptor.train.hotpath`), the same one ``raptor.distill.fit`` differentiates; only the owner
+of the optimizer differs.
 
 Stage 1 is ONE job in which every block trains on its own segment of the same trajectories: the
 blocks share no parameters, so the summed loss gives each block exactly its own gradient, and one
@@ -23,40 +24,19 @@ from typing import Any, Iterator
 import ray.train
 import ray.train.torch
 import torch
-from torch import nn
 
 from raptor import data
-from raptor.distill import StageConfig, distill_loss, fidelity, lr_scheduler, make_optimizer, summarize
+from raptor.distill import fidelity, lr_scheduler, make_optimizer, summarize
 from raptor.models import Raptor, Teacher, load_student
+from raptor.models.teacher import autocast
 from raptor.train.checkpoint import Checkpointer, Resumed
 from raptor.train.export import export_student
+from raptor.train.hotpath import HotPath
 from raptor.train.job import ShardSource, StageJob, StudentPlan
 from raptor.train.logs import quiet_worker
-from raptor.train.metrics import Progress
+from raptor.train.metrics import Progress, Utilisation, device_peak
 
 log = logging.getLogger(__name__)
-
-
-class StageObjective(nn.Module):
-    """The stage loss as the engine's module, so DeepSpeed owns forward/backward around it.
-
-    Its only parameters are the student's blocks; the teacher is not registered (the student
-    holds it outside its parameters), so it is neither sharded nor optimised.
-    """
-
-    def __init__(self, student: Raptor, cfg: StageConfig):
-        super().__init__()
-        self.student, self.cfg = student, cfg
-
-    def forward(self, trajectory: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return distill_loss(self.student, trajectory, self.cfg, step)
-
-
-def checkpoint_activations(student: Raptor) -> None:
-    """Recompute each block application in backward instead of storing its activations."""
-    for blk in student.blocks:
-        fwd = blk.forward
-        blk.forward = lambda x, t, fwd=fwd: torch.utils.checkpoint.checkpoint(fwd, x, t, use_reentrant=False)
 
 
 def build_student(plan: StudentPlan, teacher: Teacher) -> Raptor:
@@ -87,14 +67,17 @@ class Validator:
     """Per-layer fidelity of the chained rollout on a fixed validation batch (the same on every rank).
 
     The batch is the first eval-transformed batch of the validation shards; its teacher trajectory
-    is computed once.
+    is computed once (under the teacher's precision, fp32 states). The rollout runs under the
+    student's autocast, as in training, and eager: compiled blocks would compile again for the
+    no-grad rollout.
     """
 
     def __init__(self, source: ShardSource, teacher: Teacher, student: Raptor, interval: int, device: torch.device,
-                 amp: torch.dtype | bool):
+                 teacher_amp: torch.dtype | bool, student_amp: torch.dtype | bool):
         images, _ = next(iter(source.loader(train=False)))
-        self.trajectory = teacher.trajectory(images.to(device), amp=amp)
-        self.student, self.interval = student, interval
+        with torch.compiler.set_stance("force_eager"):
+            self.trajectory = teacher.trajectory(images.to(device), amp=teacher_amp)
+        self.student, self.interval, self.amp = student, interval, student_amp
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.interval == 0 or last
@@ -102,8 +85,9 @@ class Validator:
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
         traj = self.trajectory
-        states = self.student.rollout(traj[:, 0].to(next(self.student.parameters()).dtype)).float()
-        fid = fidelity(states, traj.float(), self.student.layout)
+        with torch.compiler.set_stance("force_eager"), autocast(traj.device, self.amp):
+            states = self.student.rollout(traj[:, 0])
+        fid = fidelity(states.float(), traj, self.student.layout)
         out = {f"val/{k}": v for k, v in summarize(fid).items()}
         for name in ("update_r2", "rel_error"):
             for layer, v in enumerate(fid["all"][name].tolist(), start=1):
@@ -128,13 +112,27 @@ def _data_counters(loader: data.ShardLoader, device: torch.device) -> dict[str, 
     return {f"data/{k}": float(v) for k, v in zip(stats, t.tolist())}
 
 
-def engine_dtype(engine: Any) -> torch.dtype:
-    """Inputs in the engine's compute dtype (bf16/fp16 engines hold bf16/fp16 weights)."""
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
+def build_engine(job: StageJob, teacher: Teacher, student: Raptor, device: torch.device,
+                 world_size: int) -> tuple[Any, HotPath]:
+    """The student's DeepSpeed engine (fp32, ZeRO per the job) around the stage's hot path.
+
+    Activation checkpointing goes through ``Raptor.set_checkpointing`` (every block or the
+    job's blocks); AdamW is torch's fused kernel on GPU unless the optimizer is offloaded.
+    """
+    import deepspeed
+
+    ds = job.deepspeed
+    student.set_checkpointing(ds.activation_checkpointing)
+    hot = HotPath(teacher, student, job.config, teacher_amp=job.teacher.amp(device), student_amp=ds.amp(device),
+                  compile=ds.compile_mode(device))
+    optimizer = make_optimizer(student, job.config, fused=ds.fused_adamw(device))
+    engine, _, _, _ = deepspeed.initialize(
+        model=hot.objective,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler(optimizer, job.config),
+        config=ds.config(job.train.batch_size, world_size, sum(p.numel() for p in student.parameters())),
+    )
+    return engine, hot
 
 
 class Trainer:
@@ -145,7 +143,8 @@ class Trainer:
     device: torch.device
     teacher: Teacher  # frozen, outside the engine
     student: Raptor  # its k blocks are the engine's parameters
-    engine: Any  # deepspeed.DeepSpeedEngine around StageObjective
+    engine: Any  # deepspeed.DeepSpeedEngine around the hot path's StageObjective
+    hot: HotPath  # the teacher's trajectory and the stage loss, eager or compiled, under autocast
     loader: data.ShardLoader  # this rank's training shards
     validator: Validator
     checkpointer: Checkpointer
@@ -162,29 +161,23 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
         self.teacher = job.teacher.load(self.device)
-        self.amp = job.teacher.amp(self.device)
         self.student = build_student(job.student, self.teacher)
-        if job.deepspeed.activation_checkpointing:
-            checkpoint_activations(self.student)
-        optimizer = make_optimizer(self.student, job.config)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=StageObjective(self.student, job.config),
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler(optimizer, job.config),
-            config=job.deepspeed.config(job.train.batch_size, world, self.device),
-        )
+        self.engine, self.hot = build_engine(job, self.teacher, self.student, self.device, world)
         self.checkpointer = Checkpointer(job.checkpoints, self.engine)
         self.resumed = self.checkpointer.restore()
         self.loader = job.train.loader(train=True, rank=self.rank, world_size=world)
-        self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device, self.amp)
+        self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
+                                   job.teacher.amp(self.device), job.deepspeed.amp(self.device))
+        utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
+                                  peak_tflops=device_peak(self.device, job.deepspeed.amp(self.device),
+                                                          job.logging.peak_tflops))
         self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
-                               enabled=self.rank == 0, start_step=self.resumed.step)
+                               enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
         for _ in range(self.job.deepspeed.gradient_accumulation_steps):
-            traj = self.teacher.trajectory(next(batches).to(self.device), amp=self.amp).to(engine_dtype(self.engine))
-            loss, metrics = self.engine(traj, step)
+            loss, metrics = self.engine(self.hot.trajectory(next(batches).to(self.device)), step)
             self.engine.backward(loss)
             self.engine.step()
         return metrics
@@ -201,12 +194,11 @@ class Trainer:
             row: dict[str, float] = {}
             if done % lg.log_interval == 0 or last:
                 row = {**{k: float(v) for k, v in metrics.items()}, "lr": self.engine.get_lr()[0],
-                       **_data_counters(self.loader, self.device)}
+                       **_data_counters(self.loader, self.device), **self.hot.counters()}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
-                self.logger.log(done, row)
-                row["samples_per_s"] = self.logger.samples_per_s
+                row = self.logger.log(done, row)
             if self.validator.due(done, last):
                 val = self.validator()
                 self.logger.log_validation(done, val)

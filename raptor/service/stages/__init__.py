@@ -27,7 +27,11 @@ _TRAINING_IGNORES = {
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
     "deepspeed.offload_param": "where parameters live, not their values",
     "deepspeed.activation_checkpointing": "recomputation gives the same activations",
+    "deepspeed.compile": "inductor reorders and fuses float ops only: compiled and eager losses agree to 1e-4",
 }
+# version 2: deepspeed.precision bf16 means bf16 autocast in an fp32 engine with fp32 targets
+# (version 1: DeepSpeed's bf16 mode, bf16 weights and trajectories)
+_TRAINING_VERSION = 2
 
 
 def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
@@ -48,9 +52,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("discovery", reads=("discovery.k", "discovery.method", "discovery.boundaries"),
           upstream=("distances",), run=discovery.run_discovery),
     Stage("stage1", reads=("stage1",) + _TRAINING, upstream=("discovery",),
-          run=distill.runner("stage1"), ignores=_TRAINING_IGNORES),
+          run=distill.runner("stage1"), ignores=_TRAINING_IGNORES, version=_TRAINING_VERSION),
     Stage("stage2", reads=("stage2",) + _TRAINING, upstream=("stage1",),
-          run=distill.runner("stage2"), ignores=_TRAINING_IGNORES),
+          run=distill.runner("stage2"), ignores=_TRAINING_IGNORES, version=_TRAINING_VERSION),
     Stage("probe", reads=("probe", "data.train", "data.val", "data.seed", "teacher.precision", "scaling.use_gpu"),
           upstream=("stage2",), run=probe.run),
     Stage("report", reads=("data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
