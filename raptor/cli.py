@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("raptor.data.cli", "data tools (bench)"),
     "maxcut": ("raptor.discovery.cli", "max-cut block boundaries from a layer-distance matrix"),
     "run": ("raptor.service.cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report"),
+    "plan": ("raptor.service.cli", "per-GPU memory and throughput of a spec's training stages; what makes it fit"),
     "submit": ("raptor.service.cli", "submit `raptor run SPEC` to a Ray cluster as a Ray job"),
     "teacher": ("raptor.service.cli", "teacher models (train)"),
     "analyze": ("raptor.service.cli", "dynamics and probe report of a finished run"),

@@ -1,4 +1,4 @@
-"""The service's commands: ``raptor run``, ``submit``, ``teacher train``, ``analyze`` and ``k8s render``.
+"""The service's commands: ``raptor run``, ``plan``, ``submit``, ``teacher train``, ``analyze`` and ``k8s render``.
 
 ``run`` executes the pipeline here: on the Ray cluster in ``RAY_ADDRESS`` (set by ``ray job
 submit`` for its entrypoint) or on a local Ray it starts (the embedded default). ``submit`` sends
@@ -38,6 +38,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print per stage: done, will run or will resume, and why (which field changed); run nothing")
     p.set_defaults(func=cmd_run)
+    p = subparsers.add_parser(
+        "plan", help="per-GPU memory and throughput of a spec's training stages; what makes it fit",
+        description="Per GPU, for stage 1 and stage 2: the teacher's weights, the student's parameters, gradients and "
+        "optimizer states per ZeRO stage, the trajectory buffer, activations with and without activation "
+        "checkpointing, and the samples/s the FLOP model expects at a stated utilisation of the device's peak. When a "
+        "stage does not fit, the --set switches that make every stage fit. Exit code 3 when it does not fit.")
+    _spec_args(p)
+    p.add_argument("--device", help="device from raptor.perf's table, e.g. H100, H200, A100, A100-40GB, L40S "
+                   "(default: this machine's GPU, else H100)")
+    p.add_argument("--memory-gib", type=float, help="override the device's memory")
+    p.add_argument("--peak-tflops", type=float, help="override the device's dense peak (default: logging.peak_tflops, else the table)")
+    p.add_argument("--utilisation", type=float, default=0.35,
+                   help="fraction of the peak the step sustains, for the expected samples/s (default 0.35)")
+    p.add_argument("--boundaries", help="comma-separated boundaries to plan with, e.g. the discovered 7,10 "
+                   "(default: discovery.boundaries, else an even split)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     p = subparsers.add_parser("submit", help="submit `raptor run SPEC` to a Ray cluster as a Ray job")
     _spec_args(p, "job spec YAML (a path inside the working directory that is uploaded, or a URL)")
     p.add_argument("--address", default=None, help="Ray dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
@@ -114,6 +131,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = f"{spec.storage.url.rstrip('/')}/report/index.md"
     print(f"raptor run {spec.name}: finished in {total:.0f}s ({ran}); report {report}, index {spec.storage.url.rstrip('/')}/run.json")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raptor.service.sizing import plan_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    try:
+        boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+    except ValueError:
+        raise UserError(f"--boundaries: expected comma-separated layer numbers, got {args.boundaries!r}") from None
+    try:
+        result = plan_spec(spec, device=args.device, memory_gib=args.memory_gib, peak_tflops=args.peak_tflops,
+                           utilisation=args.utilisation, boundaries=boundaries)
+    except ValueError as e:  # boundaries that do not fit the teacher's depth
+        raise UserError(f"--boundaries: {e}") from None
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    return 0 if result.fits else 3
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
