@@ -13,7 +13,8 @@ Prints one JSON object per line, in this order:
   student_step   ViT-L/14-reg and ViT-g/14-reg k=3 stage 2 at --large-batch (activation
                  checkpointing switched on where the plan says the batch does not fit)
   teacher        teacher trajectory img/s for ViT-B/L/g
-  runner         the Ray Train + DeepSpeed step against the bare step (placeholder for now)
+  runner         the ViT-B stage-2 step through Ray Train + DeepSpeed (1 worker) against the
+                 bare step, both on generated JPEG shards: samples/s and their ratio
 
 Weights are random (same FLOPs as the pretrained ones). Everything past ``--budget-s`` is skipped
 with a line saying so. ``--smoke`` runs tiny sizes on CPU in seconds (tests/test_bench_gpu.py).
@@ -240,10 +241,29 @@ def decode(check: Check, tmp: str) -> None:
 
 
 def runner(check: Check) -> None:
-    """LEAD: after the runner refactor, run one stage-2 step loop through Ray Train + DeepSpeed on
-    this GPU (1 worker, the ViT-B batch and mode above) and print its samples/s and the ratio to
-    the bare ``student_step`` (issue 11 target: >= 0.9)."""
-    emit({"bench": "runner", "status": "not measured: filled in after the runner refactor"})
+    """The ViT-B stage-2 step through Ray Train + DeepSpeed on this device (one worker, the spec's
+    default compile and precision) against the bare step, both on generated JPEG shards
+    (``scripts/bench_runner.py``, ``raptor.train.bench``; issue 11 target: ratio >= 0.9)."""
+    import ray
+
+    from bench_runner import generated_job
+    from raptor.train.bench import compare
+
+    smoke, on_gpu = check.args.smoke, check.device.type == "cuda"
+    steps = 10 if smoke else 60
+    loaders = 0 if smoke else max(1, min(8, (os.cpu_count() or 2) - 2))
+    model = {k: v for k, v in SMOKE.items() if k != "img_size"} if smoke else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        job = generated_job(tmp, steps=steps, teacher=BASE, img_size=SMOKE["img_size"] if smoke else 224,
+                            model_kwargs=model, boundaries=tuple(check.boundaries(BASE)), batch=check.args.batch,
+                            loader_workers=loaders, use_gpu=on_gpu, image_size=32 if smoke else 256)
+        ray.init(num_cpus=max(os.cpu_count() or 1, loaders + 1), num_gpus=1 if on_gpu else 0, logging_level="WARNING")
+        try:
+            rows = compare(job, steps, warmup=check.args.warmup)
+        finally:
+            ray.shutdown()
+    for row in rows:
+        emit({"bench": "runner", **row})
 
 
 def main() -> None:
@@ -259,7 +279,7 @@ def main() -> None:
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     p.add_argument("--peak-tflops", type=float, help="override the table's dense peak (e.g. a measured 790)")
     p.add_argument("--budget-s", type=float, default=450, help="skip what would start after this many seconds")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: large,decode,teacher")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: large,decode,teacher,runner")
     p.add_argument("--install", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the script, not the GPU")
     args = p.parse_args()
@@ -294,7 +314,8 @@ def main() -> None:
         for name in (BASE, LARGE, GIANT):
             if check.within_budget(f"teacher {name}"):
                 teacher_forward(check, name, args.teacher_batch)
-    runner(check)
+    if "runner" not in skip and check.within_budget("runner"):
+        runner(check)
     emit({"bench": "done", "seconds": round(time.perf_counter() - check.start, 1)})
 
 

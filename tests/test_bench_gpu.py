@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE, LARGE, GIANT = (f"vit_{s}_patch14_reg4_dinov2" for s in ("base", "large", "giant"))
 
@@ -20,8 +22,9 @@ def run(*args: str) -> list[dict]:
 
 def test_smoke_run_reports_every_measurement():
     """Catches a section that crashes or goes missing (the GPU run would lose it), a step without
-    MFU or memory plan, a compiled step that recompiles, or decode rows that are neither a
-    measurement nor a stated reason."""
+    MFU or memory plan, a compiled step that recompiles, decode rows that are neither a
+    measurement nor a stated reason, or a runner row without both rates and their ratio (the
+    runner section runs Ray Train + DeepSpeed for real, on CPU)."""
     rows = run("--backend", "aot_eager")
     assert [r["bench"] for r in rows] == ["env", "matmul", "student_step", "student_step", "decode", "decode",
                                           "student_step", "student_step", "teacher", "teacher", "teacher",
@@ -35,6 +38,9 @@ def test_smoke_run_reports_every_measurement():
     assert {r["decode"] for r in rows if r["bench"] == "decode"} == {"cpu", "gpu"}
     assert all("img_per_s" in r or r["unavailable"] for r in rows if r["bench"] == "decode")
     assert [r["teacher"] for r in rows if r["bench"] == "teacher"] == [BASE, LARGE, GIANT]
+    (runner,) = [r for r in rows if r["bench"] == "runner"]
+    assert runner["workers"] == 1 and runner["bare_samples_per_s"] > 0 and runner["runner_samples_per_s"] > 0
+    assert runner["ratio"] == pytest.approx(runner["runner_per_worker"] / runner["bare_samples_per_s"], rel=1e-2)
 
 
 def test_time_budget_skips_the_rest_but_still_reports():

@@ -28,6 +28,7 @@ from raptor.distill import StageConfig, distill_loss
 from raptor.models import Raptor, Teacher
 from raptor.models.teacher import autocast
 from raptor.perf import CompileCounter, CompiledLoss, compile_blocks, compile_trajectory
+from raptor.train.job import StageJob
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -78,6 +79,15 @@ class HotPath:
         elif compile != "off":
             raise ValueError(f"compile must be off, loss or blocks, got {compile!r}")
         self.objective = StageObjective(student, cfg, loss_fn, student_amp)
+
+    @classmethod
+    def for_job(cls, job: StageJob, teacher: Teacher, student: Raptor, device: torch.device) -> "HotPath":
+        """The job's hot path on ``device``: its precisions, compile mode and activation checkpointing
+        (through ``Raptor.set_checkpointing``: every block or the job's blocks)."""
+        ds = job.deepspeed
+        student.set_checkpointing(ds.activation_checkpointing)
+        return cls(teacher, student, job.config, teacher_amp=job.teacher.amp(device), student_amp=ds.amp(device),
+                   compile=ds.compile_mode(device))
 
     @torch.no_grad()
     def trajectory(self, images: torch.Tensor) -> torch.Tensor:

@@ -114,17 +114,12 @@ def _data_counters(loader: data.ShardLoader, device: torch.device) -> dict[str, 
 
 def build_engine(job: StageJob, teacher: Teacher, student: Raptor, device: torch.device,
                  world_size: int) -> tuple[Any, HotPath]:
-    """The student's DeepSpeed engine (fp32, ZeRO per the job) around the stage's hot path.
-
-    Activation checkpointing goes through ``Raptor.set_checkpointing`` (every block or the
-    job's blocks); AdamW is torch's fused kernel on GPU unless the optimizer is offloaded.
-    """
+    """The student's DeepSpeed engine (fp32, ZeRO per the job) around the stage's hot path
+    (:meth:`HotPath.for_job`); AdamW is torch's fused kernel on GPU unless the optimizer is offloaded."""
     import deepspeed
 
     ds = job.deepspeed
-    student.set_checkpointing(ds.activation_checkpointing)
-    hot = HotPath(teacher, student, job.config, teacher_amp=job.teacher.amp(device), student_amp=ds.amp(device),
-                  compile=ds.compile_mode(device))
+    hot = HotPath.for_job(job, teacher, student, device)
     optimizer = make_optimizer(student, job.config, fused=ds.fused_adamw(device))
     engine, _, _, _ = deepspeed.initialize(
         model=hot.objective,

@@ -1,0 +1,104 @@
+"""What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step (issue 11: <= 10%).
+
+Both sides run the same :class:`~raptor.train.job.StageJob` with the same work per sample: this
+rank's shards through the loader, the teacher's trajectory and the stage loss through the job's
+:class:`~raptor.train.hotpath.HotPath` (precision, compile mode, checkpointing), backward,
+clipping, AdamW (fused on GPU) and the LR schedule. The bare side runs them in this process with
+a plain torch optimizer; the runner side is :func:`raptor.train.launch.run_stage` (a TorchTrainer
+with one DeepSpeed engine per worker), timed by its own progress rows after the first logging
+interval (start-up and compilation excluded) and before the last (the final validation and
+checkpoint). ``scripts/bench_runner.py`` (on CPU) and ``scripts/bench_gpu.py`` (the device check)
+call this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from raptor import storage
+from raptor.distill import lr_scheduler, make_optimizer
+from raptor.train.export import HISTORY_FILE
+from raptor.train.hotpath import HotPath
+from raptor.train.job import StageJob
+from raptor.train.trainer import batches_from, build_student
+
+
+def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device | None = None) -> float:
+    """Samples/s of ``job``'s step in this process, without Ray or DeepSpeed (rank 0's shards)."""
+    device = device or torch.device("cuda" if job.scaling.use_gpu else "cpu")
+    ds, cfg = job.deepspeed, job.config
+    teacher = job.teacher.load(device)
+    student = build_student(job.student, teacher)
+    hot = HotPath.for_job(job, teacher, student, device)
+    optimizer = make_optimizer(student, cfg, fused=ds.fused_adamw(device))
+    scheduler = lr_scheduler(optimizer, cfg)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batches = batches_from(job.train.loader(train=True, rank=0, world_size=job.scaling.num_workers), 0)
+    accum = ds.gradient_accumulation_steps
+
+    def step(i: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            loss, _ = hot.objective(hot.trajectory(next(batches).to(device)), i)
+            (loss / accum).backward()
+        if ds.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(params, ds.gradient_clipping)
+        optimizer.step()
+        scheduler.step()
+
+    for i in range(warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * job.train.batch_size * accum / (time.perf_counter() - t0)
+
+
+def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
+    """Samples/s of ``job`` through Ray Train + DeepSpeed with ``workers`` workers (all together),
+    in a throw-away folder; needs a Ray cluster (``ray.init``) with room for the workers."""
+    from raptor.train.launch import run_stage  # Ray Train is loaded only when the runner is measured
+
+    interval = max(1, steps // 5)
+    with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
+        measured = dataclasses.replace(
+            job,
+            config=dataclasses.replace(job.config, steps=steps),
+            scaling=dataclasses.replace(job.scaling, num_workers=workers, max_failures=0),
+            checkpoints=dataclasses.replace(job.checkpoints, folder=tmp, interval=steps),  # one, at the end
+            logging=dataclasses.replace(job.logging, log_interval=interval, val_interval=steps, wandb_mode="disabled"),
+            out_url=tmp,
+        )
+        run_stage(measured)
+        rows = storage.read_json(storage.join(tmp, HISTORY_FILE))
+    steady = rows[1:-1] or rows  # the first interval holds start-up, the last the final validation
+    return sum(r["samples_per_s"] for r in steady) / len(steady)
+
+
+def compare(job: StageJob, steps: int, warmup: int = 3, workers: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:
+    """The bare rate and, per worker count, the runner's rate per worker and its ratio to the bare rate."""
+    device = torch.device("cuda" if job.scaling.use_gpu else "cpu")
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # the bare step gets one worker's share of the cores, as Ray gives a worker
+        torch.set_num_threads(max(1, int(job.scaling.resources_per_worker.get("CPU", 1))))
+    try:
+        bare = bare_rate(job, steps, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for w in workers:
+        total = runner_rate(job, steps, w)
+        rows.append({"stage": job.stage, "batch": job.train.batch_size, "device": device.type,
+                     "compile": job.deepspeed.compile_mode(device), "zero_stage": job.deepspeed.zero_stage,
+                     "workers": w, "bare_samples_per_s": round(bare, 1), "runner_samples_per_s": round(total, 1),
+                     "runner_per_worker": round(total / w, 1), "ratio": round(total / w / bare, 3)})
+    return rows

@@ -1,0 +1,116 @@
+"""Stage-2 throughput: the Ray Train + DeepSpeed runner against the bare step (``raptor.train.bench``).
+
+    python scripts/bench_runner.py runs/quickstart [--steps 100] [--workers 1,2]
+    python scripts/bench_runner.py --generated [--steps 40]
+
+With a run folder (a run whose stage 1 has finished, e.g. runs/quickstart): that run's spec,
+data, teacher and stage-1 student. With ``--generated``: generated shards, a random teacher and a
+random stage-1 student (``--teacher``, ``--img-size``, ``--model-kwargs``, ``--batch``), as the device
+check (scripts/bench_gpu.py) runs it on a GPU. Prints one JSON line per worker count: the bare
+rate, the runner's rate per worker and their ratio. One worker measures what Ray Train + DeepSpeed
+add; more workers on one machine also share its cores (CPU) with their loader processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+from raptor import storage
+from raptor.train.job import StageJob
+
+BASE = "vit_base_patch14_reg4_dinov2"
+
+
+def run_job(run_dir: str, steps: int) -> StageJob:
+    """Stage 2 of a finished run's spec (its teacher and stage-1 student), ``steps`` steps."""
+    from raptor.service.build import stage_job
+    from raptor.service.layout import Layout
+    from raptor.service.spec import load_spec
+
+    layout = Layout.from_index(run_dir)
+    spec = load_spec(layout.spec_file, [f"stage2.steps={steps}", f"stage2.warmup_steps={steps // 10}"])
+    return stage_job(spec, "stage2", layout, key="bench", inputs={})
+
+
+def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int = 224,
+                  model_kwargs: dict[str, Any] | None = None, boundaries: tuple[int, ...] = (7, 10), batch: int = 64,
+                  loader_workers: int = 2, use_gpu: bool = False, image_size: int = 256) -> StageJob:
+    """Stage 2 on generated shards with a random teacher and stage-1 student saved under ``folder``
+    (the FLOPs of pretrained weights; the data path of a real run: JPEG shards, decode, augmentation)."""
+    import torch
+
+    from raptor.data import synthetic_source, write_shards
+    from raptor.models import Raptor, Teacher, save_student
+    from raptor.service.build import stage_job
+    from raptor.service.layout import Layout
+    from raptor.service.spec import parse_spec
+
+    kw = model_kwargs or {}
+    shards = 2 * max(1, loader_workers)
+    samples = max(4 * batch, 256)
+    write_shards(synthetic_source(samples, num_classes=10, size=image_size), f"{folder}/train", prefix="train",
+                 max_samples=-(-samples // shards))
+    torch.manual_seed(0)
+    model = Teacher.from_timm(teacher, img_size=img_size, **kw)
+    model.save(f"{folder}/teacher.safetensors")
+    os.makedirs(f"{folder}/discovery", exist_ok=True)
+    storage.write_json(f"{folder}/discovery/segmentation.json", {"boundaries": list(boundaries)})
+    save_student(Raptor.from_teacher(model, list(boundaries), seed=0), f"{folder}/stage1/student.safetensors")
+    spec = parse_spec({
+        "name": "bench",
+        "teacher": {"name": teacher, "img_size": img_size, "model_kwargs": kw, "checkpoint": f"{folder}/teacher.safetensors"},
+        "data": {"train": f"{folder}/train", "batch_size": batch, "num_workers": loader_workers},
+        "discovery": {"k": len(boundaries) + 1, "boundaries": list(boundaries)},
+        "stage1": {"steps": 1}, "stage2": {"steps": steps, "warmup_steps": steps // 10},
+        "scaling": {"num_workers": 1, "use_gpu": use_gpu, "cpus_per_worker": max(1, loader_workers)},
+        "storage": {"url": f"{folder}/run"},
+        "logging": {"wandb_mode": "disabled"},
+    })
+    layout = Layout(f"{folder}/run", f"{folder}/store", teacher_checkpoint=f"{folder}/teacher.safetensors",
+                    folders={"discovery": f"{folder}/discovery", "stage1": f"{folder}/stage1", "stage2": f"{folder}/stage2"})
+    return stage_job(spec, "stage2", layout, key="bench", inputs={})
+
+
+def main() -> None:
+    import ray
+
+    from raptor.train.bench import compare
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", nargs="?", help="a run folder whose stage 1 has finished (e.g. runs/quickstart)")
+    p.add_argument("--generated", action="store_true", help="generated shards, random teacher and student")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5, help="bare steps before timing")
+    p.add_argument("--workers", default="1", help="comma list of runner worker counts")
+    p.add_argument("--teacher", default=BASE)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--model-kwargs", default="{}", help="timm overrides as JSON, e.g. '{\"depth\": 6}'")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--gpu", action="store_true")
+    args = p.parse_args()
+    if bool(args.run) == args.generated:
+        p.error("give a run folder or --generated")
+    logging.basicConfig(level=logging.WARNING)
+    workers = tuple(int(w) for w in args.workers.split(","))
+    with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
+        job = run_job(args.run, args.steps) if args.run else generated_job(
+            tmp, steps=args.steps, teacher=args.teacher, img_size=args.img_size,
+            model_kwargs=json.loads(args.model_kwargs), batch=args.batch, loader_workers=args.loader_workers,
+            use_gpu=args.gpu)
+        cpus = int(job.scaling.resources_per_worker.get("CPU", 1))
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
+        try:
+            for row in compare(job, args.steps, args.warmup, workers):
+                print(json.dumps({"bench": "runner", **row}), flush=True)
+        finally:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
