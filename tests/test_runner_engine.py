@@ -80,7 +80,7 @@ def job_for(root, cfg: StageConfig, **deepspeed) -> StageJob:
         teacher=TeacherRef("vit_small_patch14_reg4_dinov2", 28, str(root / "teacher.safetensors"), KW, "fp32"),
         student=StudentPlan(boundaries=(2, 4)), train=source, val=source, scaling=ScalingPlan(),
         deepspeed=DeepSpeedPlan(zero_stage=2, **deepspeed), checkpoints=CheckpointPlan(str(root / "ckpt")),
-        logging=LogPlan("test", "test"), out_url=str(root / f"out-{deepspeed}"),
+        logging=LogPlan("test", "test"), out_url=str(root / "out-{precision}-{compile}".format(**deepspeed)),
     )
 
 
