@@ -165,7 +165,7 @@ class Trainer:
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
                                   peak_tflops=device_peak(self.device, job.deepspeed.amp(self.device),
-                                                          job.logging.peak_tflops))
+                                                          job.logging.peak_tflops)) if self.rank == 0 else None
         self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
 
