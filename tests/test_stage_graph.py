@@ -14,10 +14,10 @@ import yaml
 from pydantic import BaseModel
 
 from raptor import storage
-from raptor.service.graph import NOT_INPUTS, content_key, inputs
+from raptor.service.graph import content_key, inputs
 from raptor.service.pipeline import plan, write_index
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
-from raptor.service.stages import BY_NAME, STAGES
+from raptor.service.stages import BY_NAME, NOT_INPUTS, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = [s.name for s in STAGES]

@@ -10,7 +10,8 @@
     report     report.json, index.md, index.html, plots/ (copied into the run folder)
 
 Each declaration names the spec fields the stage reads; the ``ignores`` beside it say which of
-those cannot change its artifact and why (the rest of the spec is in ``graph.NOT_INPUTS``).
+those cannot change its artifact and why; :data:`NOT_INPUTS` says why the rest of the spec is read by
+no stage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,26 @@ from __future__ import annotations
 from raptor.service.graph import Stage
 from raptor.service.spec import JobSpec
 from raptor.service.stages import data, discovery, distill, probe, report, teacher
+
+# Spec fields that are an input of no stage, and why (a test checks that every field of the spec is
+# read by a stage, ignored by one with a reason, or listed here, so a new field forces the decision).
+NOT_INPUTS: dict[str, str] = {
+    "name": "a label: wandb runs and Kubernetes objects are named after it",
+    "runtime_env": "how `raptor submit` ships the code, not what it computes",
+    "cluster": "where Kubernetes runs the job, read only by `raptor k8s render`",
+    "logging": "what is reported and how often; the weights do not depend on it",
+    "storage.url": "where this run's index and report copy live, not what they hold",
+    "storage.store": "where artifacts are kept, not what they hold",
+    "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
+    "storage.keep": "how many checkpoints are kept",
+    "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.resources_per_worker": "a resource request; the work per rank is the same",
+    "scaling.placement_strategy": "where the ranks are placed, not what they compute",
+    "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
+    "data.error_budget": "decides only whether bad data stops the run",
+}
+
 
 # what every stage that trains the student on the shards reads (beside its own section)
 _TRAINING = ("student", "data.train", "data.batch_size", "data.num_workers", "data.seed", "data.crop_scale",
