@@ -49,7 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: workers pass JPEG bytes, this process decodes them on --device")
+    p.add_argument("--device", help="where batches are delivered (default: cpu; cuda for --decode gpu)")
+    p.add_argument("--normalize", action="store_true",
+                   help="time the float normalisation too (else left to the training device)")
+    p.add_argument("--bare", action="store_true",
+                   help="also time a bare decode_jpeg + RandomResizedCrop + flip loop; print the ratio")
+    _dataset_args(p)
     p.set_defaults(func=_bench)
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", help="split of a timm dataset, or set of .tar files in a folder")
+    p.add_argument("--label-key", default="cls",
+                   help="member holding the class index (cls), or MEMBER:FIELD of a JSON member (json:label)")
 
 
 def _writer_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +112,12 @@ def _bench(args: argparse.Namespace) -> int:
         batches=args.batches,
         num_workers=args.workers,
         train=not args.eval,
+        decode=args.decode,
+        device=args.device,
+        normalize=args.normalize,
+        bare=args.bare,
+        split=args.split,
+        label_key=args.label_key,
     )
     print(json.dumps(result))
     return 0

@@ -57,10 +57,15 @@ def open_shard(url: str, *, retries: int = 3, backoff_s: float = 1.0) -> IO[byte
                     f"shard {url} could not be opened after {retries + 1} tries: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-            wait = backoff_s * 2**attempt
-            log.warning("opening shard %s failed (%s); retrying in %.1fs", url, e, wait)
-            time.sleep(wait)
+            wait_before_retry(f"opening shard {url}", e, attempt, backoff_s)
             attempt += 1
+
+
+def wait_before_retry(what: str, error: BaseException, attempt: int, backoff_s: float) -> None:
+    """Log a transient failure and sleep ``backoff_s * 2**attempt`` before the next try."""
+    wait = backoff_s * 2**attempt
+    log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(error).__name__, error, wait)
+    time.sleep(wait)
 
 
 register()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from raptor import storage
+from raptor.data.errors import DatasetNotFound
+from raptor.errors import UserError
 
 # Sample entries that hold the image (``seg.png`` is a mask, not an image entry).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -94,7 +96,7 @@ def imagefolder_source(root: str) -> FileSource:
     """``root/<class>/**/<image>``, the ImageNet layout; class index = rank of the sorted name."""
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise DatasetNotFound(f"{root}: no such folder")
     class_dirs = sorted(
         e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory"
     )
@@ -110,7 +112,7 @@ def imagefolder_source(root: str) -> FileSource:
                 labels.append(label)
                 sizes.append(int(files[name]["size"]))
     if not urls:
-        raise ValueError(f"{root}: no images found (expected {root}/<class>/<image>.jpg)")
+        raise UserError(f"{root}: no images found (expected {root}/<class>/<image>.jpg)")
     return FileSource(urls, labels, sizes, classes)
 
 
@@ -126,12 +128,12 @@ def listfile_source(path: str) -> FileSource:
             continue
         parts = line.rstrip("\n").split("\t")
         if len(parts) != 2 or not parts[0] or not parts[1].strip():
-            raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
+            raise UserError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
         file, label = parts[0], parts[1].strip()
         absolute = "://" in file or file.startswith("/")
         rows.append((file if absolute else storage.join(base, file), label))
     if not rows:
-        raise ValueError(f"{path}: the list is empty")
+        raise UserError(f"{path}: the list is empty")
     names = [label for _, label in rows]
     if all(re.fullmatch(r"\d+", n) for n in names):
         labels = [int(n) for n in names]
@@ -156,6 +158,6 @@ def _sizes(urls: Sequence[str]) -> list[int]:
             by_dir[parent] = {e["name"]: int(e["size"] or 0) for e in listing}
         size = by_dir[parent].get(path)
         if size is None:
-            raise FileNotFoundError(f"{url}: listed image does not exist")
+            raise DatasetNotFound(f"{url}: listed image does not exist")
         sizes.append(size)
     return sizes
