@@ -36,7 +36,9 @@ Reading, one call per rank (see :mod:`raptor.data.loader` for who reads which sh
   transform for one image, outside the loader.
 """
 
+from raptor.data.errors import DatasetError, DatasetNotFound
 from raptor.data.gopen import ShardUnavailableError
+from raptor.data.layouts import Shards, count_shards, describe
 from raptor.data.loader import ShardLoader, loader, resolve_rank
 from raptor.data.reader import DataStats, ErrorBudgetExceeded
 from raptor.data.shards import read_info, write_shards
@@ -46,12 +48,17 @@ from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_transform
 
 __all__ = [
     "DataStats",
+    "DatasetError",
+    "DatasetNotFound",
     "ErrorBudgetExceeded",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ShardLoader",
     "ShardUnavailableError",
+    "Shards",
     "Source",
+    "count_shards",
+    "describe",
     "image_transform",
     "imagefolder_source",
     "listfile_source",

@@ -24,14 +24,38 @@ log = logging.getLogger(__name__)
 _KEEP = {"file", "local", "pipe"}
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """OSError, plus the connection errors of the object-store clients that are installed: s3fs
+    retries a broken connection itself, then lets botocore's error (not an OSError) through."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# Errors of a stream that is readable again once the network or the object store recovers.
+TRANSIENT = _transient_errors()
+
+
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
     """WebDataset ``gopen`` handler: open ``url`` through fsspec."""
     return storage.open_file(url, mode)
 
 
 def register() -> None:
-    """Route every fsspec protocol WebDataset has no handler for through :func:`gopen_fsspec`."""
-    for proto in fsspec.available_protocols():
+    """Route every fsspec protocol WebDataset has no handler for through :func:`gopen_fsspec`
+    (the known ones and any registered at run time)."""
+    for proto in {*fsspec.available_protocols(), *fsspec.registry}:
         if proto not in _KEEP and proto not in gopen_schemes:
             gopen_schemes[proto] = gopen_fsspec
 

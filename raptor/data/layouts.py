@@ -26,6 +26,7 @@ import webdataset as wds
 
 from raptor import storage
 from raptor.data import tarstream
+from raptor.data.decode import LabelKey, image_entry
 from raptor.data.gopen import open_shard
 from raptor.data.errors import DatasetError, DatasetNotFound
 from raptor.data.shards import FORMAT, INFO, dataset_folder, listing, read_info_file
@@ -307,3 +308,48 @@ def _save_counts(folder: str, counts: dict[str, int]) -> None:
         storage.write_json(path, {"format": COUNTS_FORMAT, "shards": entries})
     except OSError as e:  # a read-only bucket or folder: count again next time
         log.info("could not cache the sample counts in %s (%s)", path, e)
+
+
+def describe(
+    url: str,
+    *,
+    split: str | None = None,
+    label_key: str = "cls",
+    samples: int | None = None,
+    num_classes: int | None = None,
+    count: bool = False,
+) -> dict[str, Any]:
+    """What the loader would read at ``url``: layout, splits, shards, samples (and where that
+    count comes from), classes, and the members and label of the first sample."""
+    key = LabelKey.parse(label_key)
+    shards = Shards.resolve(url, split=split, samples=samples, num_classes=num_classes, count=count)
+    with open_shard(shards.urls[0]) as stream:
+        first = next((s for s, _ in tarstream.samples(stream, shards.urls[0])), None)
+    out: dict[str, Any] = {
+        "url": url,
+        "layout": shards.layout,
+        "folder": shards.folder,
+        "splits": shards.splits,
+        "split": shards.split,
+        "shards": len(shards.urls),
+        "first_shard": _name(shards.urls[0]),
+        "last_shard": _name(shards.urls[-1]),
+        "samples": shards.total,
+        "count_source": shards.count_source,
+        "num_classes": shards.num_classes,
+        "dense": shards.dense,
+        "label_key": str(key),
+        "first_sample": None,
+    }
+    if first is not None:
+        try:
+            image: str | None = image_entry(first)
+        except ValueError:
+            image = None
+        try:
+            label: int | str = key.read(first, shards.num_classes)
+        except ValueError as e:
+            label = f"unreadable: {e}"
+        members = sorted(k for k in first if not k.startswith("__"))
+        out["first_sample"] = {"key": first["__key__"], "members": members, "image": image, "label": label}
+    return out

@@ -149,7 +149,7 @@ class ShardStream(IterableDataset):
         assert self.batches_per_epoch is not None
         return self.batches_per_epoch * self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any | None, dict[str, int]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shard_ids, quota = self.assignment(worker, num_workers)
@@ -182,10 +182,12 @@ class ShardStream(IterableDataset):
         while remaining is None or remaining > 0:
             want = self.batch_size if remaining is None else min(self.batch_size, remaining)
             items = self._take(reader, raw, want, make)
-            if not items:
-                return  # one exact pass is over
             delta = {k: v - getattr(sent, k) for k, v in reader.stats.as_dict().items()}
             sent = replace(reader.stats)
+            if not items:  # one exact pass is over: send the last counts on their own
+                if any(delta.values()):
+                    yield None, delta
+                return
             if remaining is not None:
                 remaining -= len(items)
             if self.decode == "gpu":
@@ -298,7 +300,7 @@ class ShardLoader:
         )
         yield from self._rebatch(data)
 
-    def _rebatch(self, data: Iterable[tuple[Any, dict[str, int]]]) -> Iterator[Batch]:
+    def _rebatch(self, data: Iterable[tuple[Any | None, dict[str, int]]]) -> Iterator[Batch]:
         """Finish the readers' batches here (decode, move, normalise), merge their partial last
         batches, so only whole batches leave (but a final one when ``drop_last=False``), and add
         up the error counts riding along."""
@@ -306,6 +308,8 @@ class ShardLoader:
         parts: list[Batch] = []
         for raw, delta in data:
             self.stats.add(delta)
+            if raw is None:
+                continue
             batch = self._finish(raw)
             if len(batch[0]) == size and not parts:
                 yield batch

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Iterator, TypeVar
 
 from raptor.data import tarstream
 from raptor.data.decode import LabelKey
-from raptor.data.gopen import ShardUnavailableError, open_shard, wait_before_retry
+from raptor.data.gopen import TRANSIENT, ShardUnavailableError, open_shard, wait_before_retry
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Reader:
                 self._lost(lost, f"shard {url} is truncated or corrupt after {count} samples "
                                  f"({e}); skipping its remaining {lost}")
                 return
-            except OSError as e:
+            except TRANSIENT as e:
                 if failures == self.retries:
                     raise ShardUnavailableError(
                         f"shard {url} failed mid-read {failures + 1} times after {count} samples: "
