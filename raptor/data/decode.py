@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from raptor.data.sources import IMAGE_EXTS
 from raptor.data.transforms import Box, crop_box, crop_resize
@@ -110,14 +110,14 @@ def cpu_item(
     """(image uint8 [3,S,S], label[, mask [S,S] long, depth [S,S] float]) decoded and cropped here."""
     if "__error__" in sample:
         raise ValueError(sample["__error__"])
-    image = decode_image(_tensor(sample[image_entry(sample)]), mode=ImageReadMode.RGB)
+    image = decode_rgb(sample[image_entry(sample)])
     box = augment.box(*image.shape[-2:])
     label_t = torch.tensor(label)
     if not dense:
         return crop_resize(image, box, augment.size), label_t
     if "seg.png" not in sample or "depth.npy" not in sample:
         raise ValueError("dense sample needs seg.png and depth.npy")
-    mask = decode_image(_tensor(sample["seg.png"]), mode=ImageReadMode.GRAY)
+    mask = _pil(sample["seg.png"], "L")
     depth = torch.from_numpy(np.load(io.BytesIO(sample["depth.npy"]))).float()[None]
     if mask.shape[-2:] != image.shape[-2:] or depth.shape[-2:] != image.shape[-2:]:
         raise ValueError("seg.png / depth.npy size differs from the image")
@@ -255,10 +255,24 @@ def _decode_one(chunk: torch.Tensor, device: torch.device) -> torch.Tensor | Non
     except RuntimeError:
         pass
     try:
-        return decode_image(chunk, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError:
+        return decode_rgb(chunk.numpy().tobytes()).to(device)
+    except Exception:  # noqa: BLE001 - undecodable anywhere: the caller counts it
         return None
 
 
-def _tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """uint8 ``[3,H,W]``: JPEGs with torchvision (libjpeg-turbo), anything else with PIL.
+
+    torchvision's PNG decoder crashes the process (a segfault, not an exception) on most PNGs with
+    a damaged chunk, as the fuzz tests found; PIL raises instead, so a bad PNG is one skipped sample.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return _pil(data, "RGB")
+
+
+def _pil(data: bytes, mode: str) -> torch.Tensor:
+    """``[C,H,W]`` uint8 of an image PIL decodes, converted to ``mode`` (a channels-last view)."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.array(image.convert(mode))
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)

@@ -111,12 +111,20 @@ def _expand(pattern: str) -> list[str]:
 
 
 def _raptor(info: dict[str, Any], folder: str, pattern: str | None, split: str | None) -> Shards:
-    prefix = info.get("prefix")
+    path = storage.join(folder, INFO)
+    prefix, shards, num_classes = info.get("prefix"), info.get("shards"), info.get("num_classes")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and _count_ok(s.get("samples"))
+        for s in shards
+    ):
+        raise DatasetError(f"{path}: 'shards' must be a list of {{name, samples}}")
+    if not isinstance(prefix, str) or not (num_classes is None or _count_ok(num_classes)):
+        raise DatasetError(f"{path}: needs a 'prefix' name and an integer 'num_classes'")
     if split is not None and split != prefix:
         raise DatasetError(
             f"{folder}: a raptor shard folder holds one split, {prefix!r}; got split {split!r}"
         )
-    listed = {s["name"]: s["samples"] for s in info["shards"]}
+    listed = {s["name"]: s["samples"] for s in shards}
     names = [_name(u) for u in _expand(pattern)] if pattern else list(listed)
     counts = [listed.get(n) for n in names]
     known = None not in counts
@@ -124,7 +132,7 @@ def _raptor(info: dict[str, Any], folder: str, pattern: str | None, split: str |
         urls=[storage.join(folder, n) for n in names],
         counts=counts,
         total=sum(c for c in counts if c is not None) if known else None,
-        num_classes=info.get("num_classes"),
+        num_classes=num_classes,
         layout="raptor",
         folder=folder,
         split=prefix,

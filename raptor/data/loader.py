@@ -328,7 +328,7 @@ class ShardLoader:
             images, failures = decode_on_device(raw, self.stream.image_size, self.device)
             labels = raw.labels.to(self.device, non_blocking=self.pin_memory)
             if failures:
-                self._replace(images, labels, failures)
+                images, labels = self._undecodable(images, labels, failures)
             rest: tuple[torch.Tensor, ...] = (labels,)
         else:
             images, *others = (t.to(self.device, non_blocking=self.pin_memory) for t in raw)
@@ -339,20 +339,28 @@ class ShardLoader:
             images = images.round_().to(torch.uint8)
         return (images, *rest)
 
-    def _replace(self, images: torch.Tensor, labels: torch.Tensor, failures: list[tuple[int, str]]) -> None:
-        """Count images that decoded nowhere as skipped, and fill each one's row with another
-        image of the batch (counted as repeated), so every batch stays whole."""
+    def _undecodable(
+        self, images: torch.Tensor, labels: torch.Tensor, failures: list[tuple[int, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count images that decoded nowhere as skipped (within the error budget). A training
+        epoch fills each one's row with another image of the batch (counted as repeated), so
+        every rank still gets whole batches; one exact pass (``drop_last=False``) drops them."""
+        where = f"rank {self.stream.rank} decoding on {self.device}"
+        exact = self.stream.batches_per_epoch is None
+        expected = (self.stream.shards.total or 0) if exact else self.stream.rank_samples
+        for _, message in failures:
+            count_bad(self.stats, 1, self.stream.error_budget, expected, where, f"skipping {message}")
         bad = {i for i, _ in failures}
         good = [i for i in range(len(labels)) if i not in bad]
-        where = f"rank {self.stream.rank} decoding on {self.device}"
-        expected = self.stream.rank_samples if self.stream.batches_per_epoch else 0
-        for n, (i, message) in enumerate(failures):
-            count_bad(self.stats, 1, self.stream.error_budget, expected, where, f"skipping {message}")
-            if not good:
-                raise ErrorBudgetExceeded(f"{where}: no image of a batch of {len(labels)} decodes")
+        if exact:
+            return images[good], labels[good]
+        if not good:
+            raise ErrorBudgetExceeded(f"{where}: no image of a batch of {len(labels)} decodes")
+        for n, i in enumerate(sorted(bad)):
             j = good[n % len(good)]
             images[i], labels[i] = images[j], labels[j]
             self.stats.repeated += 1
+        return images, labels
 
 
 def loader(
