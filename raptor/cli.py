@@ -1,15 +1,19 @@
-"""The ``raptor`` command line: a thin layer over the library.
+"""The ``raptor`` command line: a thin layer over the libraries and the service.
 
 Each concern registers its own subcommands (``register(subparsers)`` in the module named below),
-so this file only wires them together and sets up logging.
+so this file only wires them together, sets up the console, and turns the user's errors
+(:class:`raptor.errors.UserError`) into one line with exit code 2. Anything else is a bug or an
+outage: its traceback is printed and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from raptor import console
+from raptor.errors import UserError
 
 # command -> (module whose ``register(subparsers)`` defines it, one-line help). Only the module of
 # the command being run is imported, so ``raptor k8s render`` or ``--help`` never pays for torch.
@@ -17,22 +21,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("raptor.data.cli", "write WebDataset shards (folder or s3:// URL)"),
     "data": ("raptor.data.cli", "data tools (bench)"),
     "maxcut": ("raptor.discovery.cli", "max-cut block boundaries from a layer-distance matrix"),
-    "teacher": ("raptor.train.cli", "teacher models (train)"),
-    "run": ("raptor.pipeline_cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report"),
-    "submit": ("raptor.pipeline_cli", "submit `raptor run SPEC` to a Ray cluster as a Ray job"),
-    "analyze": ("raptor.analysis.cli", "dynamics and probe report of a finished run"),
-    "k8s": ("raptor.deploy.cli", "Kubernetes (KubeRay) manifests generated from a job spec"),
+    "run": ("raptor.service.cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report"),
+    "submit": ("raptor.service.cli", "submit `raptor run SPEC` to a Ray cluster as a Ray job"),
+    "teacher": ("raptor.service.cli", "teacher models (train)"),
+    "analyze": ("raptor.service.cli", "dynamics and probe report of a finished run"),
+    "k8s": ("raptor.service.cli", "Kubernetes (KubeRay) manifests generated from a job spec"),
 }
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser of ``command`` (its module registers it); the others as help-only stubs."""
     parser = argparse.ArgumentParser(prog="raptor", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything on the console: debug logging, Ray's and DeepSpeed's own messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(sub)
@@ -49,16 +50,15 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv)).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"raptor {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"raptor {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input (a spec field, an argument, a file the user pointed at): one line naming it."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file, folder or dataset the user named does not exist (still a FileNotFoundError to library callers)."""

@@ -106,3 +106,11 @@ def remove(url: str, recursive: bool = True) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (across filesystems too)."""
+    fs, root = filesystem(src)
+    root = root.rstrip("/")
+    for path in fs.find(root):
+        write_bytes(join(dst, posixpath.relpath(path, root)), fs.cat_file(path))

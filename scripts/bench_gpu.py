@@ -1,123 +1,301 @@
-"""Hot-path throughput on one GPU, without Ray or DeepSpeed (the device image has neither).
+"""The device check (issue 11): what one GPU does with raptor's hot path, in under 8 minutes.
 
-Measures what DEVELOPERS.md sets as targets on an H100:
-  - the stage-2 student step (rollout over all L layers, token loss, backward, clip, AdamW) from
-    in-memory teacher trajectories, in fp32 eager, bf16 eager (SDPA) and bf16 torch.compile;
-    reference ViT-B k=3: 202 samples/s for the authors' fp32 code, ~1,090 bf16, ~1,900 compiled;
-  - the frozen teacher's trajectory forward in bf16: ViT-B ~5,400 img/s, ViT-L ~1,900, ViT-g ~570.
-Weights are random (same FLOPs as the pretrained ones). Prints one JSON object per measurement,
-with model FLOP utilisation against ``--peak-tflops``.
+Run from the repository root on a CUDA machine that has torch and timm; anything else raptor needs
+is installed first (``pip install -e .`` pinned to the machine's torch/torchvision/timm builds).
+Prints one JSON object per line, in this order:
 
-    python scripts/bench_gpu.py                          # ViT-B/14-reg, k=3 [7, 10], batch 64
-    python scripts/bench_gpu.py --teachers vit_base_patch14_reg4_dinov2,vit_large_patch14_reg4_dinov2
-    python scripts/bench_gpu.py --smoke                  # tiny sizes, CPU is fine (a test runs this)
+  env            torch, CUDA, the device, its table peak and memory
+  matmul         achieved bf16 GEMM TFLOP/s (the practical ceiling for MFU)
+  student_step   ViT-B/14-reg k=3 stage 2, online teacher included: eager and compiled
+                 (samples/s, MFU of model FLOPs from raptor.perf.flops, peak GiB against the
+                 plan's prediction from raptor.perf.plan, compile seconds, recompiles)
+  decode         JPEG decode + augmentation img/s, CPU and GPU (``raptor data bench``)
+  student_step   ViT-L/14-reg and ViT-g/14-reg k=3 stage 2 at --large-batch (activation
+                 checkpointing switched on where the plan says the batch does not fit)
+  teacher        teacher trajectory img/s for ViT-B/L/g
+  runner         the Ray Train + DeepSpeed step against the bare step (placeholder for now)
+
+Weights are random (same FLOPs as the pretrained ones). Everything past ``--budget-s`` is skipped
+with a line saying so. ``--smoke`` runs tiny sizes on CPU in seconds (tests/test_bench_gpu.py).
+
+    python scripts/bench_gpu.py
+    python scripts/bench_gpu.py --peak-tflops 790 --large-batch 128
+    python scripts/bench_gpu.py --smoke --backend aot_eager
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from raptor.distill import StageConfig, distill_loss, make_optimizer
-from raptor.models import Raptor, Teacher
-
-SMOKE = dict(img_size=28, model_kwargs={"embed_dim": 48, "depth": 4, "num_heads": 2}, boundaries=[2, 3], batch=4)
-
-
-def block_flops(tokens: int, width: int, mlp_in: int, mlp_hidden: int) -> float:
-    """Forward FLOPs of one pre-norm block on one sample: projections, MLP and the two attention matmuls."""
-    dense = 2 * width * 3 * width + 2 * width * width + 2 * width * mlp_in + 2 * mlp_hidden * width
-    return tokens * dense + 2 * 2 * tokens * tokens * width
+ROOT = Path(__file__).resolve().parents[1]
+BASE, LARGE, GIANT = (f"vit_{s}_patch14_reg4_dinov2" for s in ("base", "large", "giant"))
+BOUNDARIES = {BASE: [7, 10], LARGE: [12, 18], GIANT: [20, 30]}  # k=3; the specs take discovery's
+SMOKE = dict(img_size=28, embed_dim=48, depth=4, num_heads=2)
+SMOKE_BOUNDARIES = [2, 3]
+NEEDED = ("safetensors", "fsspec", "webdataset", "pydantic", "yaml", "deepspeed", "ray")
 
 
-def timed(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call after ``warmup`` calls (compilation happens there)."""
-    for _ in range(warmup):
-        fn()
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def ensure_installed(mode: str) -> None:
+    """Install the project into this Python when its dependencies are missing (``mode`` auto),
+    keeping the machine's own torch, torchvision and timm builds."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if "9.0a" in arch:  # DeepSpeed's op builder rejects the 'a' suffix
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch.replace("9.0a", "9.0")
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if mode == "no" or (mode == "auto" and not missing):
+        return
+    t0 = time.perf_counter()
+    import timm
+    import torchvision
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:  # public versions match local builds
+        for mod in (torch, torchvision, timm):
+            pins.write(f"{mod.__name__}=={mod.__version__.split('+')[0]}\n")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", pins.name, "-e", str(ROOT)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    emit({"bench": "install", "missing": missing, "seconds": round(time.perf_counter() - t0, 1),
+          "ok": done.returncode == 0, **({} if done.returncode == 0 else {"stderr": done.stderr[-2000:]})})
+    if done.returncode != 0:
+        sys.exit(1)
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the first call: compilation happens there, seconds per call after ``warmup``)."""
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    sync(device)
+    return first, (time.perf_counter() - t0) / steps
 
 
-def bench_student(teacher: Teacher, boundaries: list[int], mlp_kind: str, batch: int, steps: int, modes: list[str],
-                  peak: float, device: torch.device) -> None:
-    lay = teacher.layout
-    images = torch.randn(batch, 3, teacher.img_size, teacher.img_size, device=device)
-    trajectory = teacher.trajectory(images).float()
-    student = Raptor.from_teacher(teacher, boundaries, mlp=mlp_kind, seed=0)
-    mlp = student.blocks[0].mlp
-    flops = 3 * lay.depth * block_flops(trajectory.shape[2], lay.width, mlp.fc1.out_features, mlp.fc2.in_features)
+def matmul_tflops(device: torch.device, size: int) -> float:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    _, sec = timed(lambda: a @ b, steps=10, warmup=3, device=device)
+    return 2 * size**3 / sec / 1e12
+
+
+class Check:
+    """One device check run: arguments, device, peak, the time budget."""
+
+    def __init__(self, args: argparse.Namespace):
+        from raptor.perf import current_device, lookup
+
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+        self.spec = current_device() if self.device.type == "cuda" else lookup("H100")  # plans need a table entry
+        self.start = time.perf_counter()
+
+    def peak(self, precision: str) -> float:
+        """TFLOP/s to divide by: --peak-tflops, else the table's dense peak (CPU: a nominal 1)."""
+        if self.args.peak_tflops:
+            return self.args.peak_tflops
+        return self.spec.peak(precision) if self.device.type == "cuda" else 1.0
+
+    def within_budget(self, what: str) -> bool:
+        elapsed = time.perf_counter() - self.start
+        if elapsed > self.args.budget_s:
+            emit({"bench": what, "skipped": f"time budget {self.args.budget_s:.0f} s spent ({elapsed:.0f} s)"})
+            return False
+        return True
+
+    def teacher(self, name: str):
+        from raptor.models import Teacher
+
+        kw = SMOKE if self.args.smoke else {}
+        return Teacher.from_timm(name, **kw).to(self.device)
+
+    def boundaries(self, name: str) -> list[int]:
+        return SMOKE_BOUNDARIES if self.args.smoke else BOUNDARIES[name]
+
+
+def student_step(check: Check, name: str, batch: int, mode: str) -> None:
+    """Stage-2 step with the online teacher: trajectory, rollout loss, backward, clip, fused AdamW.
+
+    ``mode``: ``eager`` (bf16 autocast, fp32 weights), ``compiled`` (the same, teacher trajectory
+    and loss under torch.compile), ``blocks`` (regional compilation: every block compiled, the
+    loops eager; compile time independent of depth), ``fp32`` (the authors' precision, eager)."""
+    from raptor.distill import StageConfig, distill_loss, make_optimizer
+    from raptor.models import Raptor
+    from raptor.perf import CompileCounter, CompiledLoss, StudentShape, TeacherShape, compile_blocks, compile_trajectory
+    from raptor.perf import flops_per_sample, mfu, plan
+    from raptor.perf.devices import GIB
+
+    args, device = check.args, check.device
+    teacher = check.teacher(name)
+    student = Raptor.from_teacher(teacher, check.boundaries(name), mlp=args.mlp, seed=0)
+    tshape, sshape = TeacherShape.from_teacher(teacher), StudentShape.from_student(student)
+    precision = "fp32" if mode == "fp32" else "amp"
+    common = dict(batch=batch, device=check.spec, precision=precision, zero_stage=0, reduce_bucket_elems=0)
+    checkpointing = not plan(tshape, sshape, **common).fits  # the bare step: no DeepSpeed buffers
+    predicted = plan(tshape, sshape, checkpointing=checkpointing, **common)
+    student.set_checkpointing(checkpointing)
     cfg = StageConfig.paper_stage2(steps=10_000)
-    for mode in modes:
-        bf16 = mode.startswith("bf16")
-        loss_fn = torch.compile(distill_loss) if mode.endswith("compiled") else distill_loss
-        optimizer = make_optimizer(student, cfg)
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = loss_fn(student, trajectory, cfg, 1000)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        sec = timed(step, steps, warmup=3, device=device)
-        rate = batch / sec
-        print(json.dumps({"bench": "student_step", "mode": mode, "mlp": mlp_kind, "k": student.k, "boundaries": boundaries,
-                          "batch": batch, "samples_per_s": round(rate, 1),
-                          "tflops": round(rate * flops / 1e12, 2), "mfu": round(rate * flops / (peak * 1e12), 4)}),
-              flush=True)
-
-
-def bench_teacher(teacher: Teacher, batch: int, steps: int, peak: float, device: torch.device) -> None:
-    lay = teacher.layout
+    optimizer = make_optimizer(student, cfg)
+    amp = precision == "amp"
+    counter = CompileCounter()
+    trajectory: Callable[[torch.Tensor], torch.Tensor] = lambda x: teacher.trajectory(x, amp=amp)
+    loss_fn: Callable = distill_loss
+    if mode == "compiled":
+        trajectory = compile_trajectory(teacher, amp=amp, counter=counter, backend=args.backend)
+        loss_fn = CompiledLoss(counter, backend=args.backend)
+    elif mode == "blocks":
+        compile_blocks(teacher.blocks, "teacher", counter=counter, backend=args.backend)
+        compile_blocks(student.blocks, "student", counter=counter, backend=args.backend)
     images = torch.randn(batch, 3, teacher.img_size, teacher.img_size, device=device)
-    mlp = teacher.blocks[0].mlp  # timm: fc1/fc2 for GELU and packed SwiGLU alike
-    flops = lay.depth * block_flops(lay.num_tokens, lay.width, mlp.fc1.out_features, mlp.fc2.in_features)
-    amp = torch.bfloat16 if device.type == "cuda" else False
-    sec = timed(lambda: teacher.trajectory(images, amp=amp), steps, warmup=2, device=device)
+
+    def step() -> None:
+        traj = trajectory(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = loss_fn(student, traj, cfg, 1000)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, sec = timed(step, args.steps, args.warmup, device)
     rate = batch / sec
-    print(json.dumps({"bench": "teacher_trajectory", "teacher": teacher.name, "batch": batch,
-                      "img_per_s": round(rate, 1), "tflops": round(rate * flops / 1e12, 2),
-                      "mfu": round(rate * flops / (peak * 1e12), 4)}), flush=True)
+    fps = flops_per_sample(sshape, tshape, batch=batch)
+    emit({
+        "bench": "student_step", "teacher": name, "mode": mode, "mlp": args.mlp, "k": student.k, "batch": batch,
+        "checkpointing": checkpointing, "samples_per_s": round(rate, 1), "gflops_per_sample": round(fps / 1e9, 2),
+        "mfu": float(f"{mfu(rate, fps, check.peak(precision)):.3g}"), "peak_tflops": check.peak(precision),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
+        "plan_gib": round(predicted.total / GIB, 2), "first_step_s": round(first, 1),
+        **({"recompiles": counter.recompiles, "graphs": sum(counter.graphs.values())} if counter.graphs else {}),
+    })
+
+
+def release(check: Check) -> None:
+    """Free one model's graphs and memory before the next (peak GiB is per model)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if check.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def teacher_forward(check: Check, name: str, batch: int) -> None:
+    from raptor.perf import TeacherShape, mfu
+
+    teacher = check.teacher(name)
+    images = torch.randn(batch, 3, teacher.img_size, teacher.img_size, device=check.device)
+    with torch.no_grad():
+        _, sec = timed(lambda: teacher.trajectory(images, amp=True), check.args.steps, check.args.warmup, check.device)
+    rate = batch / sec
+    fps = TeacherShape.from_teacher(teacher).forward_flops(1)
+    emit({"bench": "teacher", "teacher": name, "batch": batch, "img_per_s": round(rate, 1),
+          "mfu": float(f"{mfu(rate, fps, check.peak('bf16')):.3g}")})
+
+
+def decode(check: Check, tmp: str) -> None:
+    """JPEG decode + train augmentation, CPU vs GPU, through ``raptor data bench``.
+
+    LEAD: the data helper is building ``data.decode: cpu | gpu``; adjust the ``--decode`` flag
+    below to its final CLI. Until it exists this prints ``unavailable`` for both."""
+    shards = os.path.join(tmp, "shards")
+    n, size = (64, 64) if check.args.smoke else (2048, 320)
+    gen = [sys.executable, "-m", "raptor.cli", "shards", "generate", shards, "--samples", str(n),
+           "--size", str(size), "--workers", str(min(8, os.cpu_count() or 1)), "--max-samples", "512"]
+    subprocess.run(gen, check=True, capture_output=True, cwd=ROOT)
+    batches = 2 if check.args.smoke else 20
+    for where in ("cpu", "gpu"):
+        cmd = [sys.executable, "-m", "raptor.cli", "data", "bench", shards, "--workers", "0",
+               "--size", "28" if check.args.smoke else "224", "--batches", str(batches), "--decode", where]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode == 0 and rows:
+            emit({"bench": "decode", "decode": where, "img_per_s": rows[-1].get("samples_per_s"), "workers": 0})
+        else:
+            emit({"bench": "decode", "decode": where, "unavailable": (out.stderr.strip().splitlines() or ["?"])[-1]})
+
+
+def runner(check: Check) -> None:
+    """LEAD: after the runner refactor, run one stage-2 step loop through Ray Train + DeepSpeed on
+    this GPU (1 worker, the ViT-B batch and mode above) and print its samples/s and the ratio to
+    the bare ``student_step`` (issue 11 target: >= 0.9)."""
+    emit({"bench": "runner", "status": "not measured: filled in after the runner refactor"})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--student-teacher", default="vit_base_patch14_reg4_dinov2")
-    p.add_argument("--boundaries", default="7,10")
-    p.add_argument("--mlp", default="swiglu", choices=["swiglu", "gelu"], help="student MLP (the spec's default: swiglu)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="ViT-B per-GPU batch")
+    p.add_argument("--large-batch", type=int, default=64, help="ViT-L and ViT-g per-GPU batch")
     p.add_argument("--teacher-batch", type=int, default=256)
+    p.add_argument("--modes", default="eager,compiled", help="ViT-B modes: eager, compiled, blocks, fp32")
+    p.add_argument("--large-modes", default="blocks", help="ViT-L/g modes (blocks: compile time independent of depth)")
+    p.add_argument("--mlp", default="swiglu", choices=["swiglu", "gelu"], help="student MLP (the spec default)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--modes", default="fp32-eager,bf16-eager,bf16-compiled")
-    p.add_argument("--teachers", default="vit_base_patch14_reg4_dinov2,vit_large_patch14_reg4_dinov2,vit_giant_patch14_reg4_dinov2")
-    p.add_argument("--peak-tflops", type=float, default=780.0, help="dense bf16 peak of the device (H100 ~780 measured)")
-    p.add_argument("--smoke", action="store_true", help="tiny models and batches: checks the script, not the GPU")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
+    p.add_argument("--peak-tflops", type=float, help="override the table's dense peak (e.g. a measured 790)")
+    p.add_argument("--budget-s", type=float, default=450, help="skip what would start after this many seconds")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: large,decode,teacher")
+    p.add_argument("--install", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the script, not the GPU")
     args = p.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.batch = args.large_batch = args.teacher_batch = 4
+        args.steps, args.warmup = min(args.steps, 1), 1
+    ensure_installed(args.install)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the authors' numbers
-    kw = dict(img_size=SMOKE["img_size"], **SMOKE["model_kwargs"]) if args.smoke else {}
-    boundaries = SMOKE["boundaries"] if args.smoke else [int(b) for b in args.boundaries.split(",")]
-    batch = SMOKE["batch"] if args.smoke else args.batch
-    teacher = Teacher.from_timm(args.student_teacher, **kw).to(device)
-    bench_student(teacher, boundaries, args.mlp, batch, args.steps, args.modes.split(","), args.peak_tflops, device)
-    for name in args.teachers.split(","):
-        t = Teacher.from_timm(name, **kw).to(device)
-        bench_teacher(t, SMOKE["batch"] if args.smoke else args.teacher_batch, args.steps, args.peak_tflops, device)
-        del t
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    check = Check(args)
+    skip = set(filter(None, args.skip.split(",")))
+    on_gpu = check.device.type == "cuda"
+    emit({"bench": "env", "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+          "device": check.spec.name if on_gpu else "cpu", "peak_tflops_bf16": check.peak("bf16"),
+          "memory_gib": round(check.spec.memory_gib, 1) if on_gpu else None,
+          "plans_for": check.spec.name})
+    tflops = matmul_tflops(check.device, 256 if args.smoke else 8192)
+    emit({"bench": "matmul", "dtype": "bf16", "tflops": float(f"{tflops:.3g}")})
+    for mode in filter(None, args.modes.split(",")):
+        if check.within_budget(f"student_step {BASE} {mode}"):
+            student_step(check, BASE, args.batch, mode)
+            release(check)
+    if "decode" not in skip and check.within_budget("decode"):
+        with tempfile.TemporaryDirectory() as tmp:
+            decode(check, tmp)
+    if "large" not in skip:
+        for name in (LARGE, GIANT):
+            for mode in filter(None, args.large_modes.split(",")):
+                if check.within_budget(f"student_step {name} {mode}"):
+                    student_step(check, name, args.large_batch, mode)
+                    release(check)
+    if "teacher" not in skip:
+        for name in (BASE, LARGE, GIANT):
+            if check.within_budget(f"teacher {name}"):
+                teacher_forward(check, name, args.teacher_batch)
+    runner(check)
+    emit({"bench": "done", "seconds": round(time.perf_counter() - check.start, 1)})
 
 
 if __name__ == "__main__":

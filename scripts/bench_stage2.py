@@ -6,7 +6,7 @@ RUN_DIR is a finished (or at least stage-1-complete) run, e.g. runs/quickstart. 
 same work per sample at the same per-worker batch: load + augment a batch, the teacher's
 trajectory, the stage-2 loss, backward, clip, AdamW. The bare side is the core's
 ``raptor.distill.train_step`` in this process with one thread per worker's CPU
-(``scaling.cpus_per_worker``); the runner is ``raptor.train.trainer.run_stage`` with the spec's
+(``scaling.cpus_per_worker``); the runner is ``raptor.train.launch.run_stage`` with the spec's
 workers, timed by its own progress rows after the first logging interval (start-up excluded).
 Prints the bare rate and, for 1 worker and the spec's workers, the runner's rate per worker and
 its ratio to the bare rate.
@@ -23,24 +23,23 @@ import ray
 import torch
 import yaml
 
-from raptor import data, storage
-from raptor.config import parse_spec
+from raptor import storage
 from raptor.distill import lr_scheduler, make_optimizer, train_step
 from raptor.models import load_student
-from raptor.build import load_teacher
-from raptor.train.stage import stage_config
-from raptor.train.trainer import run_stage
+from raptor.service.build import shard_source, stage_config, stage_job, teacher_ref
+from raptor.service.layout import Layout
+from raptor.service.spec import load_spec, parse_spec
+from raptor.train.launch import run_stage
 
 
-def bare(spec, teacher_url: str, init_url: str, steps: int) -> float:
+def bare(spec, layout: Layout, steps: int) -> float:
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-    teacher = load_teacher(spec, teacher_url)
-    student, _ = load_student(init_url, teacher)
+    teacher = teacher_ref(spec, layout).load()
+    student, _ = load_student(layout.student("stage1"), teacher)
     cfg = stage_config(spec, "stage2")
     opt = make_optimizer(student, cfg)
     sched = lr_scheduler(opt, cfg)
-    loader = data.loader(spec.data.train, batch_size=spec.data.batch_size, image_size=teacher.img_size,
-                         num_workers=spec.data.num_workers, rank=0, world_size=spec.scaling.num_workers)
+    loader = shard_source(spec, spec.data.train).loader(train=True, rank=0, world_size=spec.scaling.num_workers)
     batches = iter(loader)
     warm = max(2, steps // 10)
     for step in range(steps + warm):
@@ -56,15 +55,15 @@ def bare(spec, teacher_url: str, init_url: str, steps: int) -> float:
     return steps * spec.data.batch_size / (time.perf_counter() - t0)
 
 
-def runner(spec, teacher_url: str, boundaries: list[int], init_url: str, workers: int) -> float:
+def runner(spec, layout: Layout, workers: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         raw = yaml.safe_load(spec.to_yaml())
         raw["scaling"]["num_workers"] = workers
-        raw["storage"] = {"url": tmp, "checkpoint_interval": spec.stage2.steps}  # one checkpoint, at the end
+        raw["storage"]["checkpoint_interval"] = spec.stage2.steps  # one checkpoint, at the end
         raw["logging"].update(val_interval=spec.stage2.steps, wandb_mode="disabled")
-        s = parse_spec(raw)
-        run_stage(s, "stage2", teacher_url=teacher_url, boundaries=boundaries, out_url=f"{tmp}/stage2", init_url=init_url)
-        rows = storage.read_json(f"{tmp}/stage2/history.json")
+        layout.folders["stage2"] = tmp
+        run_stage(stage_job(parse_spec(raw), "stage2", layout, key="bench", inputs={}))
+        rows = storage.read_json(f"{tmp}/history.json")
     steady = rows[1:-1] or rows  # the first interval holds start-up, the last the final validation
     return sum(r["samples_per_s"] for r in steady) / len(steady)
 
@@ -73,20 +72,16 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     run_dir = sys.argv[1]
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
-    raw = yaml.safe_load(storage.read_bytes(storage.join(run_dir, "spec.yaml")))
-    raw["stage2"].update(steps=steps, warmup_steps=min(raw["stage2"]["warmup_steps"], steps // 2))
-    raw["logging"]["log_interval"] = max(1, steps // 5)
-    spec = parse_spec(raw)
-    teacher_url = spec.teacher.checkpoint or storage.join(run_dir, "teacher", "teacher.safetensors")
-    init_url = storage.join(run_dir, "stage1", "student.safetensors")
-    boundaries = storage.read_json(storage.join(run_dir, "discovery", "segmentation.json"))["boundaries"]
-    b = bare(spec, teacher_url, init_url, steps)
+    layout = Layout.from_index(run_dir)
+    spec = load_spec(layout.spec_file, [f"stage2.steps={steps}", f"stage2.warmup_steps={steps // 10}",
+                                        f"logging.log_interval={max(1, steps // 5)}"])
+    b = bare(spec, layout, steps)
     ray.init(num_cpus=max(2, spec.scaling.num_workers), logging_level=logging.WARNING)
     print(f"stage 2, per-worker batch {spec.data.batch_size}: bare single-process step {b:.1f} samples/s")
     # 1 worker: the same machine share as the bare step (the Ray + DeepSpeed overhead alone); the
     # spec's workers: also sharing the cores between the workers and their loader processes
     for workers in sorted({1, spec.scaling.num_workers}):
-        r = runner(spec, teacher_url, boundaries, init_url, workers)
+        r = runner(spec, layout, workers)
         print(f"Ray Train + DeepSpeed ZeRO-{spec.deepspeed.zero_stage}, {workers} worker(s): {r:.1f} samples/s "
               f"= {r / workers:.1f} per worker ({r / workers / b:.0%} of bare)")
 

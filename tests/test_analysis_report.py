@@ -1,23 +1,26 @@
-"""The report renders: real PNGs, JSON valid against the documented schema, Markdown/HTML; `raptor analyze` on a run folder."""
+"""The report renders: real PNGs, JSON valid against the schema generated from its model, Markdown/HTML; `raptor analyze` on a run folder."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 
 import jsonschema
 import numpy as np
+import pydantic
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from raptor import storage
 from raptor.analysis.analyze import analyze_models
 from raptor.analysis.report import build_report, write_report
-from raptor.analysis.schema import REPORT_SCHEMA
+from raptor.analysis.schema import REPORT_SCHEMA, Report, validate_report
 from raptor.cli import main
 from raptor.models import Raptor, save_student
+from raptor.service.pipeline import plan, save_spec, write_index
+from raptor.service.spec import parse_spec
 from tests import planted
 
 PATTERN = (3, 2, 1)
@@ -40,10 +43,13 @@ def _batches(n: int = 24, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def _check_report_folder(url: str) -> dict:
+    """The written report validates against the schema written beside it, which is the model's generated schema."""
     report = storage.read_json(storage.join(url, "report.json"))
-    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
-    jsonschema.validate(report, REPORT_SCHEMA)
-    assert storage.read_json(storage.join(url, "report.schema.json")) == json.loads(json.dumps(REPORT_SCHEMA))
+    schema = storage.read_json(storage.join(url, "report.schema.json"))
+    assert schema == json.loads(json.dumps(Report.model_json_schema())) and schema["$schema"].endswith("2020-12/schema")
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(report)
+    validate_report(report)
     assert {"gamma", "speed", "patch_motion", "basins"} <= set(report["plots"])
     for rel in report["plots"].values():
         data = storage.read_bytes(storage.join(url, rel))
@@ -73,9 +79,93 @@ def test_analysis_report_renders_and_validates(models, tmp_path) -> None:
     write_report(str(tmp_path / "report"), report)
     written = _check_report_folder(str(tmp_path / "report"))
     assert {"fidelity", "probe", "distances"} <= set(written["plots"])
-    bad = {**written, "teacher": {"depth": 0, "width": 32}}
+
+
+@pytest.fixture(scope="module")
+def real_report(models, tmp_path_factory) -> dict:
+    """A report written by the real analysis (teacher, student, discovery), read back from report.json."""
+    teacher, student = models
+    analysis = analyze_models(teacher, student, _batches(16), max_samples=16, basin_layers=[0, 3], basin_scales=(0.1,))
+    url = str(tmp_path_factory.mktemp("real") / "report")
+    distances = np.random.default_rng(0).random((6, 6)).tolist()
+    write_report(url, build_report(analysis, run_name="unit", discovery={"metric": "cosine", "distances": distances, "boundaries": [3, 5]}))
+    return _check_report_folder(url)
+
+
+DELETE = object()
+
+
+def _mutated(report: dict, path: tuple, value: object) -> dict:
+    bad = copy.deepcopy(report)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return bad
+
+
+@pytest.mark.parametrize("path, value", [
+    (("fidelity",), DELETE),  # a whole section missing
+    (("teacher", "width"), DELETE),  # a field missing
+    (("dynamics", "teacher", "basin", 0, "cos_cls"), DELETE),  # a field missing deep inside
+    (("k",), "3"),  # a string where a number belongs
+    (("probe", "teacher", "top1"), "0.2"),
+    (("dynamics", "student", "patch_stable_rank"), 1.5),  # a number where a curve belongs
+    (("boundaries",), [0, 3]),  # out of range (layers are 1-based)
+    (("plots", "gamma"), "/tmp/gamma.png"),  # a plot outside the report folder
+    (("probe", "student", "top_1"), 0.5),  # an undocumented field
+    (("schema_version",), 2),
+])
+def test_schema_and_model_reject_missing_or_mistyped_fields(real_report, tmp_path, path, value) -> None:
+    """A report missing a field or holding a wrong type fails the generated JSON Schema, the model, and write_report.
+
+    Catches a schema generated too loosely (fields optional that readers need, types not pinned,
+    extra fields allowed) and a write_report that writes a malformed report.
+    """
+    bad = _mutated(real_report, path, value)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, REPORT_SCHEMA)
+        jsonschema.Draft202012Validator(REPORT_SCHEMA).validate(bad)
+    with pytest.raises(pydantic.ValidationError, match=str(path[-1]) if isinstance(path[-1], str) else None):
+        validate_report(bad)
+    with pytest.raises(pydantic.ValidationError):
+        write_report(str(tmp_path / "bad"), bad)
+    assert not (tmp_path / "bad").exists()  # nothing written, not even a plot
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("probe", "student_share"), 0.5, "student_share"),  # not student top-1 / teacher top-1
+    (("discovery", "distances", 2), [0.1, 0.2], "square"),
+    (("fidelity", "r2"), [0.5], "one value per layer"),
+])
+def test_model_checks_what_the_json_schema_cannot(real_report, path, value, message) -> None:
+    """Cross-field rules (the like-for-like share, a square distance matrix, one fidelity value per layer) are enforced by the model."""
+    with pytest.raises(pydantic.ValidationError, match=message):
+        validate_report(_mutated(real_report, path, value))
+
+
+def test_finetuned_probe_is_its_own_row_and_not_in_the_share(models, tmp_path) -> None:
+    """The student's head fine-tuned from the teacher's shows as its own row; the share stays student vs teacher.
+
+    Catches a report that drops the fine-tuned row, folds it into the student row, or takes the
+    paper's favourable share (fine-tuned student over a randomly initialised teacher probe).
+    """
+    teacher, student = models
+    analysis = analyze_models(teacher, student, _batches(8), max_samples=8, basin_layers=[0], basin_scales=(0.1,))
+    probe = {"source": "probe stage", "teacher": {"top1": 0.8, "top5": 0.95}, "student": {"top1": 0.7, "top5": 0.9},
+             "student_finetuned": {"top1": 0.78, "top5": 0.93}, "student_share": 0.7 / 0.8}
+    write_report(str(tmp_path), build_report(analysis, probe=probe))
+    report = _check_report_folder(str(tmp_path))
+    assert report["probe"]["student_finetuned"] == {"top1": 0.78, "top5": 0.93}
+    md, html = (tmp_path / "index.md").read_text(), (tmp_path / "index.html").read_text()
+    assert "| student | 0.7000 | 0.9000 | 0.8750 |" in md
+    assert "| student, head fine-tuned from the teacher's | 0.7800 | 0.9300 | 0.9750 |" in md
+    assert "same head init: 0.8750 (probe stage)" in md
+    assert "<td>student, head fine-tuned from the teacher&#x27;s</td><td>0.7800</td>" in html
+    with pytest.raises(pydantic.ValidationError, match="student_share"):
+        build_report(analysis, probe={**probe, "student_share": 0.78 / 0.8})
 
 
 def test_teacher_only_report(models, tmp_path) -> None:
@@ -103,13 +193,20 @@ def _write_run(root: str, teacher, student) -> None:
         "stage2": {"steps": 1},
         "storage": {"url": root},
     }
-    storage.write_bytes(storage.join(root, "spec.yaml"), yaml.safe_dump(spec).encode())
+    spec = parse_spec(spec)
+    steps, layout = plan(spec)
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(0).random((6, 6)))
-    storage.write_bytes(storage.join(root, "discovery", "distances.npy"), buf.getvalue())
-    storage.write_json(storage.join(root, "discovery", "segmentation.json"), {"boundaries": [3, 5], "metric": "cosine", "k": 3})
-    save_student(student, storage.join(root, "stage2", "student.safetensors"))
-    storage.write_json(storage.join(root, "probe", "results.json"), {"teacher": {"top1": 0.8, "top5": 0.95}, "student": {"top1": 0.76, "top5": 0.9}})
+    storage.write_bytes(layout.distances, buf.getvalue())
+    storage.write_json(layout.segmentation, {"boundaries": [3, 5], "metric": "cosine", "k": 3})
+    save_student(student, layout.student("stage2"))
+    storage.write_json(layout.probe, {"teacher": {"top1": 0.8, "top5": 0.95}, "student": {"top1": 0.76, "top5": 0.9},
+                                      "student_finetuned": {"top1": 0.79, "top5": 0.92}, "student_share": 0.95})
+    for step in steps:
+        if step.name in ("distances", "discovery", "stage2", "probe"):
+            step.status = "done"
+    save_spec(spec, layout)
+    write_index(spec, layout, steps)
 
 
 def test_raptor_analyze_on_s3_run(models, s3_bucket, capsys) -> None:
@@ -121,6 +218,8 @@ def test_raptor_analyze_on_s3_run(models, s3_bucket, capsys) -> None:
     assert f"{root}/report/index.md" in out
     report = _check_report_folder(f"{root}/report")
     assert report["probe"]["source"] == "probe stage" and report["probe"]["student_share"] == pytest.approx(0.95)
+    assert report["probe"]["student_finetuned"]["top1"] == 0.79
+    assert "| student, head fine-tuned from the teacher's | 0.7900 |" in storage.read_bytes(f"{root}/report/index.md").decode()
     assert report["run"]["student_stage"] == "stage2" and report["discovery"]["boundaries"] == [3, 5]
     swap = report["studies"]["layer_swap"]
     assert swap["within_across"]["within_change"] == pytest.approx(0.0) and {"layer_swap"} <= set(report["plots"])
@@ -128,7 +227,7 @@ def test_raptor_analyze_on_s3_run(models, s3_bucket, capsys) -> None:
 
 def test_analyze_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
-    assert "is not a raptor run (no spec.yaml)" in capsys.readouterr().err
+    assert "is not a raptor run (no run.json)" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path), "--samples", "0"]) == 2
     assert main(["analyze", str(tmp_path), "--partition", "-1"]) == 2
     assert "partition >= 0" in capsys.readouterr().err

@@ -1,12 +1,23 @@
-"""Linear probe: separable features reach ~100%, chance features stay at chance, teacher-head init, bad input."""
+"""Linear probe: separable features reach ~100%, chance features stay at chance, teacher-head init, the LR schedule, bad input."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from raptor.eval.probe import evaluate_head, extract_features, student_share, topk_accuracy, train_linear_probe
+from raptor.eval.probe import (
+    ProbeConfig,
+    evaluate_head,
+    extract_features,
+    fit_heads,
+    new_heads,
+    student_share,
+    topk_accuracy,
+    train_linear_probe,
+)
 
 
 def _blobs(n: int, num_classes: int, dim: int, sep: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +56,37 @@ def test_init_from_teacher_head_starts_at_its_accuracy() -> None:
     tuned = train_linear_probe(xtr, ytr, xva, yva, num_classes=5, lrs=[1e-9], epochs=1, batch_size=32, warmup_steps=0, init=(trained.weight, trained.bias))
     assert tuned.top1 == pytest.approx(trained.top1)
     assert torch.allclose(tuned.weight, trained.weight, atol=1e-5)
+
+
+def test_heads_follow_the_dinov2_lr_schedule() -> None:
+    """Per step, each head's LR is its peak x linear warm-up over warmup_steps, then cosine to 0 at the end.
+
+    Catches a warm-up of the wrong length or shape, a missing or shifted cosine, a schedule that
+    does not reach zero, or one head's peak applied to another. AdamW with a constant unit gradient
+    and no weight decay moves a weight by exactly the step's LR (m^ / sqrt(v^) = 1), so the weights'
+    trajectory reads the schedule out of the real training loop.
+    """
+    cfg = ProbeConfig(lrs=(1e-3, 1e-2), epochs=4, batch_size=10, weight_decay=0.0, warmup_steps=5)
+    num_samples, total, warmup = 50, 20, 5  # 5 steps per epoch
+    heads = new_heads(cfg, 1, 1, None, torch.device("cpu")).double()  # float64: differences of 1e-5 LRs stay exact
+    weights: list[list[float]] = []
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        weights.append([h.weight.item() for h in heads])
+        return sum(h.weight.sum() for h in heads)
+
+    fit_heads(heads, batch_loss, num_samples, cfg)
+    weights.append([h.weight.item() for h in heads])
+    taken = -np.diff(np.array(weights), axis=0)  # [steps, heads]: the LR of every step
+    assert taken.shape == (total, 2)
+
+    def factor(t: int) -> float:
+        return (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+    expected = np.array([[lr * factor(t) for lr in cfg.lrs] for t in range(total)])
+    np.testing.assert_allclose(taken, expected, rtol=1e-6)
+    assert taken[0, 1] == pytest.approx(1e-2 / warmup) and taken[warmup - 1, 1] == pytest.approx(1e-2)
+    assert np.all(np.diff(taken[warmup:], axis=0) < 0) and taken[-1, 1] < 0.02 * 1e-2  # peak, then down to ~0 by the last step
 
 
 def test_topk_matches_numpy() -> None:

@@ -48,7 +48,7 @@ def collect_trajectories(
             s_parts.append(torch.cat([traj[:, :1], rollout], dim=1).cpu())
         labels.append(torch.as_tensor(y)[: images.shape[0]].long().reshape(-1).cpu())
         seen += images.shape[0]
-        log.info("analysis: %d/%d samples through teacher%s", seen, max_samples, " and student" if student is not None else "")
+        log.debug("analysis: %d/%d samples through teacher%s", seen, max_samples, " and student" if student is not None else "")
         if seen >= max_samples:
             break
     if not t_parts:
@@ -122,14 +122,14 @@ def analyze_models(
         "k": len(bnd) + 1,
         "num_samples": int(traj_t.shape[0]),
     }
-    log.info("analysis: teacher dynamics on %d samples", traj_t.shape[0])
+    log.debug("analysis: teacher dynamics on %d samples", traj_t.shape[0])
     teacher_cont = _continuation(lambda x, l: teacher.run_blocks(x, l, depth), teacher.device)
     dynamics = {"teacher": model_dynamics(traj_t, labels, groups, bnd, teacher_cont, predict, basin_layers=layers, basin_scales=basin_scales, seed=seed)}
     dynamics["student"] = None
     result["fidelity"] = None
     result["probe"] = None
     if traj_s is not None:
-        log.info("analysis: student dynamics and fidelity")
+        log.debug("analysis: student dynamics and fidelity")
         student_cont = _continuation(lambda x, l: x if l == depth else student.rollout(x, l, depth)[:, -1], teacher.device)
         dynamics["student"] = model_dynamics(traj_s, labels, groups, bnd, student_cont, predict, basin_layers=layers, basin_scales=basin_scales, seed=seed)
         fid = fidelity(traj_s[:, 1:], traj_t)["all"]

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from raptor import storage  # noqa: E402
+from raptor.analysis.schema import PROBE_ROWS  # noqa: E402
 from raptor.discovery import plot_distances  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def plot_probe(report: dict[str, Any]) -> Figure | None:
     probe = report.get("probe")
     if not probe:
         return None
-    names = [n for n in ("teacher", "student", "student_finetuned") if probe.get(n)]
+    names = [n for n in PROBE_ROWS if probe.get(n)]
     fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=110)
     bars = ax.bar(names, [probe[n]["top1"] for n in names], color=["tab:grey", "tab:blue", "tab:cyan"][: len(names)])
     ax.bar_label(bars, fmt="%.3f")

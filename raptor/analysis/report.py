@@ -1,8 +1,9 @@
-"""The run report: one JSON (schema in :mod:`raptor.analysis.schema`), PNG plots, Markdown and HTML.
+"""The run report: one JSON (its pydantic model in :mod:`raptor.analysis.schema`), PNG plots, Markdown and HTML.
 
 Layout under the report URL (any fsspec URL)::
 
-    report.json          every number, validated by REPORT_SCHEMA (also written as report.schema.json)
+    report.json          every number, validated against the model :class:`~raptor.analysis.schema.Report`
+    report.schema.json   the JSON Schema generated from that model
     index.html           the summary with the plots (self-contained apart from the PNGs beside it)
     index.md             the same in Markdown (renders on GitHub and in most viewers); written last
     plots/*.png          gamma, speed, patch_motion, basins, fidelity, probe, distances, layer_swap, partition
@@ -17,7 +18,7 @@ from typing import Any
 
 from raptor import storage
 from raptor.analysis.plots import render_plots
-from raptor.analysis.schema import REPORT_SCHEMA, SCHEMA_VERSION
+from raptor.analysis.schema import PROBE_ROWS, REPORT_SCHEMA, SCHEMA_VERSION, ProbeSection, validate_report
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ def build_report(
     """Assemble the report dict from :func:`raptor.analysis.analyze.analyze_models` and the run's other results.
 
     ``discovery`` = ``{"metric", "distances" (L x L), "boundaries"}``; ``probe`` = trained probes
-    ``{"teacher": {"top1", "top5"}, "student": {...}, ...}`` from the probe stage, which replace
-    the head-only accuracy of the analysis; ``studies`` = layer_swap / partition / ablation / dense.
+    ``{"source", "teacher": {"top1", "top5"}, "student": {...}, "student_finetuned": {...} (optional),
+    "student_share"}`` from the probe stage, which replace the head-only accuracy of the analysis;
+    ``studies`` = layer_swap / partition / ablation / dense. Raises pydantic's ValidationError when
+    the result does not fit :class:`~raptor.analysis.schema.Report` (a bug in whatever built the parts).
     """
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -47,6 +50,7 @@ def build_report(
     }
     if probe is not None:
         report["probe"] = probe
+    validate_report(report)
     return report
 
 
@@ -77,9 +81,11 @@ def _summary_sections(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     ]
     probe = report.get("probe")
     if probe:
-        rows = [[name, probe[name]["top1"], probe[name].get("top5")] for name in ("teacher", "student", "student_finetuned") if probe.get(name)]
-        lines = _table(["model", "top-1", "top-5"], rows)
-        lines.append(f"\nstudent share of the teacher's top-1: {_fmt(probe.get('student_share'))} ({probe.get('source', 'probe')})")
+        teacher_top1 = probe["teacher"]["top1"]
+        rows = [[ProbeSection.model_fields[name].title, probe[name]["top1"], probe[name].get("top5"), probe[name]["top1"] / teacher_top1 if teacher_top1 > 0 else None]
+                for name in PROBE_ROWS if probe.get(name)]
+        lines = _table(["model", "top-1", "top-5", "top-1 / teacher's"], rows)
+        lines.append(f"\nstudent share of the teacher's top-1, same head init: {_fmt(probe['student_share'])} ({probe['source']})")
         sections.append(("Linear probe", lines))
     fid = report.get("fidelity")
     if fid:
@@ -161,14 +167,17 @@ def write_report(url: str, report: dict[str, Any]) -> dict[str, str]:
     """Render plots, then write report.schema.json, report.json, index.html and index.md under ``url``.
 
     Returns the URLs written. ``index.md`` goes last, so a folder holding it is complete (the
-    pipeline's "artifact exists" test for the report stage).
+    pipeline's "artifact exists" test for the report stage). The report is validated against
+    :class:`~raptor.analysis.schema.Report` before anything is written and again with its plots.
     """
-    log.info("report: drawing plots into %s", url)
+    validate_report(report)
+    log.debug("report: drawing plots into %s", url)
     report["plots"] = render_plots(report, url)
+    validate_report(report)
     storage.write_json(storage.join(url, "report.schema.json"), REPORT_SCHEMA)
     written = {"json": storage.join(url, "report.json"), "html": storage.join(url, "index.html"), "markdown": storage.join(url, "index.md")}
     storage.write_json(written["json"], report)
     storage.write_bytes(written["html"], to_html(report).encode())
     storage.write_bytes(written["markdown"], to_markdown(report).encode())
-    log.info("report: wrote %s (%d plots)", written["markdown"], len(report["plots"]))
+    log.debug("report: wrote %s (%d plots)", written["markdown"], len(report["plots"]))
     return written

@@ -46,13 +46,13 @@ Reading, one call per rank (see :mod:`raptor.data.loader` for who reads which sh
   per epoch per rank), ``set_epoch(e)``, ``stats`` (:class:`DataStats`) and ``num_classes``.
 - Errors: :class:`ErrorBudgetExceeded` (too much bad data), :class:`ShardUnavailableError`
   (a shard stayed unreachable through its retries, at open or mid-read),
-  :class:`DatasetError` / :class:`DatasetNotFound` (one-line user errors: a damaged info file,
+  :class:`DatasetError` and ``raptor.errors.MissingInput`` (one-line user errors: a damaged info file,
   an unknown split, no shards).
 - ``image_transform(size, train, patch_size=None, crop_scale=(0.08, 1.0))``: the DINOv2
   transform for one image, outside the loader.
 """
 
-from raptor.data.errors import DatasetError, DatasetNotFound
+from raptor.data.errors import DatasetError
 from raptor.data.gopen import ShardUnavailableError
 from raptor.data.layouts import Shards, count_shards, describe
 from raptor.data.loader import ShardLoader, loader, resolve_rank
@@ -65,7 +65,6 @@ from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_transform
 __all__ = [
     "DataStats",
     "DatasetError",
-    "DatasetNotFound",
     "ErrorBudgetExceeded",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -6,8 +6,5 @@ from raptor.errors import UserError
 
 
 class DatasetError(UserError):
-    """A dataset's files do not say what the loader needs (bad info file, unknown split, ...)."""
-
-
-class DatasetNotFound(DatasetError, FileNotFoundError):
-    """No dataset where the URL points (still a FileNotFoundError for callers that catch it)."""
+    """A dataset's files do not say what the loader needs (bad info file, unknown split, ...);
+    a dataset that is not there at all is :class:`raptor.errors.MissingInput`."""

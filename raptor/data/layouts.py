@@ -28,9 +28,9 @@ from raptor import storage
 from raptor.data import tarstream
 from raptor.data.decode import LabelKey, image_entry
 from raptor.data.gopen import open_shard
-from raptor.data.errors import DatasetError, DatasetNotFound
+from raptor.data.errors import DatasetError
 from raptor.data.shards import FORMAT, INFO, dataset_folder, listing, read_info_file
-from raptor.errors import UserError
+from raptor.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _plain(folder: str, pattern: str | None, split: str | None) -> Shards:
     else:
         names = sorted(n for n in listing(folder) if n.endswith(".tar"))
         if not names:
-            raise DatasetNotFound(f"{folder}: no {INFO} and no .tar shards")
+            raise MissingInput(f"{folder}: no {INFO} and no .tar shards")
         sets = sorted({shard_set(n) for n in names})
         if split is not None:
             picked = [s for s in sets if _split_matches(s, split)]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import sys
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Iterable, Iterator, Literal
@@ -49,11 +48,7 @@ Batch = tuple[torch.Tensor, ...]
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit arguments, else torch.distributed, else the Ray Train context, else (0, 1).
-
-    Ray is consulted only when it is already imported (a Ray worker), so the library neither needs
-    nor loads it anywhere else.
-    """
+    """Explicit arguments, else torch.distributed (a Ray Train worker has it set up too), else (0, 1)."""
     if (rank is None) != (world_size is None):
         raise UserError("pass both rank and world_size, or neither")
     if rank is None or world_size is None:
@@ -66,14 +61,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _context_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "ray" in sys.modules:
-        try:
-            import ray.train
-
-            ctx = ray.train.get_context()
-            return ctx.get_world_rank(), ctx.get_world_size()
-        except (ImportError, RuntimeError, AttributeError):
-            pass  # Ray is loaded, but this is not a Ray Train worker
     return 0, 1
 
 
@@ -411,7 +398,7 @@ def loader(
     partial batch (single-process evaluation only, since counts would differ by rank; inside a
     distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
     ``error_budget`` is the fraction of a reader's samples that may be bad before it stops the
-    run. ``rank``/``world_size`` default to the torch.distributed or Ray Train context.
+    run. ``rank``/``world_size`` default to the torch.distributed context.
     ``decode``: ``cpu`` (loader workers decode) or ``gpu`` (the training process decodes JPEGs on
     ``device``, see :mod:`raptor.data.decode`). ``device``: where batches are delivered and
     normalised (default: the CPU; for ``decode="gpu"`` CUDA when available).

@@ -26,9 +26,9 @@ import webdataset as wds
 from PIL import Image
 
 from raptor import storage
-from raptor.data.errors import DatasetError, DatasetNotFound
+from raptor.data.errors import DatasetError
 from raptor.data.sources import IMAGE_EXTS, Source, digest
-from raptor.errors import UserError
+from raptor.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +231,14 @@ def write_shards(
 def read_info(url: str) -> dict[str, Any]:
     """The ``_info.json`` of a raptor dataset folder (or of the folder a shard pattern points into).
 
-    Raises :class:`DatasetNotFound` naming the folder when the dataset is missing or incomplete,
+    Raises :class:`~raptor.errors.MissingInput` naming the folder when the dataset is missing or incomplete,
     :class:`DatasetError` when its info file is damaged or another layout's (see
     :mod:`raptor.data.layouts` for reading timm's and info-less shard sets).
     """
     folder = dataset_folder(url)
     info = read_info_file(folder)
     if info is None:
-        raise DatasetNotFound(
+        raise MissingInput(
             f"{folder}: no {INFO} (not a shard folder, or the writer has not finished)"
         )
     if info.get("format") != FORMAT:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from raptor import storage
-from raptor.data.errors import DatasetNotFound
-from raptor.errors import UserError
+from raptor.errors import MissingInput, UserError
 
 # Sample entries that hold the image (``seg.png`` is a mask, not an image entry).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -96,7 +95,7 @@ def imagefolder_source(root: str) -> FileSource:
     """``root/<class>/**/<image>``, the ImageNet layout; class index = rank of the sorted name."""
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
-        raise DatasetNotFound(f"{root}: no such folder")
+        raise MissingInput(f"{root}: no such folder")
     class_dirs = sorted(
         e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory"
     )
@@ -158,6 +157,6 @@ def _sizes(urls: Sequence[str]) -> list[int]:
             by_dir[parent] = {e["name"]: int(e["size"] or 0) for e in listing}
         size = by_dir[parent].get(path)
         if size is None:
-            raise DatasetNotFound(f"{url}: listed image does not exist")
+            raise MissingInput(f"{url}: listed image does not exist")
         sizes.append(size)
     return sizes

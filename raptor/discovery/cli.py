@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from raptor import storage
+from raptor.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -30,9 +31,13 @@ def register(subparsers) -> None:
 
 
 def load_matrix(url: str) -> np.ndarray:
-    with storage.open_file(url, "rb") as f:
-        d = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    return d
+    try:
+        with storage.open_file(url, "rb") as f:
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{url}: no such file") from None
+    except ValueError as e:
+        raise UserError(f"{url}: not a .npy matrix ({e})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     d = load_matrix(args.distances)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
-        raise ValueError(f"{args.distances}: expected a square matrix, got shape {d.shape}")
+        raise UserError(f"{args.distances}: expected a square matrix, got shape {d.shape}")
     if not 1 <= args.k <= d.shape[0]:
-        raise ValueError(f"--k must be in 1..{d.shape[0]} (L), got {args.k}")
+        raise UserError(f"--k must be in 1..{d.shape[0]} (L), got {args.k}")
     if args.method == "dp":
         seg = segment(d, args.k)
     else:

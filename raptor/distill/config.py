@@ -1,9 +1,18 @@
-"""Stage hyperparameters as one plain dataclass (the job spec converts into it)."""
+"""Stage hyperparameters as one plain dataclass (the job spec converts into it); the paper's from ``raptor.recipe``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from raptor.recipe import (
+    PAPER_LAST_BLOCK_TOKEN_WEIGHTS,
+    PAPER_LR,
+    PAPER_MIN_LR,
+    PAPER_STAGE2_TOKEN_WEIGHTS,
+    PAPER_WEIGHT_DECAY,
+    paper_warmup,
+)
 
 
 @dataclass
@@ -30,10 +39,10 @@ class StageConfig:
 
     stage: int = 1
     steps: int = 1000
-    lr: float = 3e-4
-    min_lr: float = 1e-6
+    lr: float = PAPER_LR
+    min_lr: float = PAPER_MIN_LR
     warmup_steps: int = 0
-    weight_decay: float = 1e-4
+    weight_decay: float = PAPER_WEIGHT_DECAY
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     lambda_schedule: str = "linear"
@@ -78,17 +87,17 @@ class StageConfig:
 
     @classmethod
     def paper_stage1(cls, steps: int, **overrides: Any) -> "StageConfig":
-        """METHOD.md stage 1: AdamW 3e-4, wd 1e-4, cosine to 1e-6, clip 1, lambda 1 -> 0 over 25%,
-        H = segment, last block 0.34/0.33/0.33, others plain MSE."""
-        base = dict(stage=1, steps=steps, warmup_steps=min(10_000, steps // 10),
-                    last_block_token_weights=(0.34, 0.33, 0.33))
+        """METHOD.md stage 1: AdamW 3e-4, wd 1e-4, warm-up, cosine to 1e-6, clip 1, lambda 1 -> 0
+        over 25%, H = segment, last block 0.34/0.33/0.33, others plain MSE."""
+        base = dict(stage=1, steps=steps, warmup_steps=paper_warmup(steps),
+                    last_block_token_weights=PAPER_LAST_BLOCK_TOKEN_WEIGHTS)
         return cls(**{**base, **overrides})
 
     @classmethod
     def paper_stage2(cls, steps: int, **overrides: Any) -> "StageConfig":
         """METHOD.md stage 2: full rollout, pure AR, token weights 0.45/0.10/0.45."""
-        base = dict(stage=2, steps=steps, warmup_steps=min(10_000, steps // 10),
-                    token_weights=(0.45, 0.10, 0.45))
+        base = dict(stage=2, steps=steps, warmup_steps=paper_warmup(steps),
+                    token_weights=PAPER_STAGE2_TOKEN_WEIGHTS)
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:

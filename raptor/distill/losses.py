@@ -124,25 +124,30 @@ def block_loss(
     student: Raptor,
     trajectory: torch.Tensor,
     block: int,
-    lam: float,
+    lam: float | torch.Tensor,
     cfg: StageConfig,
+    *,
+    terms: tuple[bool, bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage-1 hybrid loss of one block: ``lam * TF + (1 - lam) * AR`` on its segment.
 
-    A term whose weight is 0 is not computed. Metrics: ``block{j}/tf``, ``block{j}/ar``,
-    ``block{j}/loss`` and ``layer{l}/loss`` (AR per layer when AR is on, else TF).
+    ``terms`` = (TF, AR): which terms to compute; default ``(lam > 0, lam < 1)``, so a term whose
+    weight is 0 is not computed. Pass it with a tensor ``lam`` (under ``torch.compile`` lambda
+    changes every step of the anneal, the terms only twice). Metrics: ``block{j}/tf``,
+    ``block{j}/ar``, ``block{j}/loss`` and ``layer{l}/loss`` (AR per layer when AR is on, else TF).
     """
     s, e = student.segments[block]
     w = cfg.weights_for_block(block, student.k)
+    use_tf, use_ar = _terms(lam, terms)
     metrics: dict[str, torch.Tensor] = {}
-    loss = trajectory.new_zeros(())
+    loss = trajectory.new_zeros((), dtype=torch.float32)
     per_layer = None
-    if lam > 0:
+    if use_tf:
         tf, tf_layers = tf_loss(student, trajectory, s, e, weights=w, kind=cfg.loss, sigma=cfg.sigma)
         loss = loss + lam * tf
         metrics[f"block{block}/tf"] = tf.detach()
         per_layer = tf_layers
-    if lam < 1:
+    if use_ar:
         ar, ar_layers = ar_loss(student, trajectory, block, horizon=cfg.horizon, weights=w,
                                 kind=cfg.loss, sigma=cfg.sigma)
         loss = loss + (1.0 - lam) * ar
@@ -155,18 +160,30 @@ def block_loss(
     return loss, metrics
 
 
+def _terms(lam: float | torch.Tensor, terms: tuple[bool, bool] | None) -> tuple[bool, bool]:
+    if terms is not None:
+        if not any(terms):
+            raise ValueError("terms must switch on teacher forcing, AR or both")
+        return terms
+    if isinstance(lam, torch.Tensor):
+        raise ValueError("a tensor lam needs terms=(tf, ar)")
+    return lam > 0, lam < 1
+
+
 def stage1_loss(
     student: Raptor,
     trajectory: torch.Tensor,
     cfg: StageConfig,
     *,
     step: int | None = None,
-    lam: float | None = None,
+    lam: float | torch.Tensor | None = None,
     blocks: Sequence[int] | None = None,
+    terms: tuple[bool, bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of the independent per-block hybrid losses over ``blocks`` (default ``cfg.blocks`` or
     all k). The blocks share no parameters, so each block's gradient is that of its own loss: one
-    backward trains all of them at once. ``lam`` overrides the schedule value at ``step``."""
+    backward trains all of them at once. ``lam`` overrides the schedule value at ``step``;
+    ``terms`` as in :func:`block_loss`."""
     if lam is None:
         if step is None:
             raise ValueError("stage1_loss needs step= or lam=")
@@ -177,14 +194,14 @@ def stage1_loss(
     for j in idx:
         if not 0 <= j < student.k:
             raise ValueError(f"block {j} out of range for k = {student.k}")
-    total = trajectory.new_zeros(())
+    total = trajectory.new_zeros((), dtype=torch.float32)
     metrics: dict[str, torch.Tensor] = {}
     for j in idx:
-        loss, m = block_loss(student, trajectory, j, lam, cfg)
+        loss, m = block_loss(student, trajectory, j, lam, cfg, terms=terms)
         total = total + loss
         metrics.update(m)
     metrics["loss"] = total.detach()
-    metrics["lambda"] = torch.tensor(float(lam))
+    metrics["lambda"] = torch.as_tensor(lam, dtype=torch.float32).detach()
     return total, metrics
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raptor.distill.schedules import lr_factor
+
 log = logging.getLogger(__name__)
 
 
@@ -163,37 +165,30 @@ def evaluate_head(weight: Tensor, bias: Tensor, feats: Tensor, labels: Tensor, *
     return topk_accuracy(logits, labels)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to zero (the DINOv2 probe schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def fit_heads(heads: Sequence[torch.nn.Module], batch_loss: Callable[[Tensor], Tensor], num_samples: int, cfg: ProbeConfig) -> None:
-    """Train head i at learning rate ``cfg.lrs[i]``, all in a single pass over the data.
+    """Train head i at peak learning rate ``cfg.lrs[i]``, all in a single pass over the data.
+
+    The learning rate follows the DINOv2 probe schedule, the distillation stages' own
+    :func:`~raptor.distill.schedules.lr_factor`: linear warm-up over ``cfg.warmup_steps``, then
+    cosine that reaches zero as the last step ends.
 
     ``batch_loss(indices)`` returns the summed loss of all heads on those samples; the heads'
     parameters are disjoint, so each head gets exactly its own gradient. Shared by the
     classification and dense probes.
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the data order, apart from the init's stream
-    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr, "base_lr": lr} for h, lr in zip(heads, cfg.lrs)], weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, cfg.lrs)], weight_decay=cfg.weight_decay)
     total = cfg.epochs * math.ceil(num_samples / cfg.batch_size)
-    warmup = min(cfg.warmup_steps, total // 2)
-    step = 0
+    warmup = min(cfg.warmup_steps, total // 2)  # a short probe still spends half its steps decaying
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup))
     for epoch in range(cfg.epochs):
         order = torch.randperm(num_samples, generator=gen)
         for i in range(0, num_samples, cfg.batch_size):
-            factor = _lr_factor(step, warmup, total)
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * factor
             loss = batch_loss(order[i : i + cfg.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            sched.step()
         log.debug("probe epoch %d/%d: summed loss %.4f", epoch + 1, cfg.epochs, loss.item())
 
 
@@ -274,7 +269,7 @@ def train_linear_probe(
     fit_heads(heads, batch_loss, x_all.shape[0], cfg)
     accs = [evaluate_head(h.weight.detach(), h.bias.detach(), val_feats, val_labels) for h in heads]
     i, weight, bias = best_head(heads, [(a["top1"], a["top5"]) for a in accs])
-    log.info("linear probe: top-1 %.4f top-5 %.4f at lr %g (grid %s)", accs[i]["top1"], accs[i]["top5"], cfg.lrs[i], list(cfg.lrs))
+    log.debug("linear probe: top-1 %.4f top-5 %.4f at lr %g (grid %s)", accs[i]["top1"], accs[i]["top5"], cfg.lrs[i], list(cfg.lrs))
     return ProbeResult(
         top1=accs[i]["top1"], top5=accs[i]["top5"], best_lr=cfg.lrs[i], weight=weight, bias=bias, per_lr=dict(zip(cfg.lrs, accs))
     )

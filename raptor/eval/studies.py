@@ -29,6 +29,7 @@ from torch import Tensor
 from raptor.distill import FidelityAccumulator, StageConfig, fit
 from raptor.eval.probe import evaluate_head, train_linear_probe
 from raptor.models import Raptor, Teacher, check_boundaries
+from raptor.recipe import PAPER_LAST_BLOCK_TOKEN_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,6 @@ def partition_study(
 
 # --------------------------------------------------------------------------- ablation
 ABLATION_ROWS = ("TF only", "+ annealed AR", "+ depth scaling", "+ cls weighting", "+ stage 2", "+ fine-tuned probe")
-PAPER_CLS_WEIGHTS = (0.34, 0.33, 0.33)
 
 
 def ablation_study(
@@ -278,7 +278,7 @@ def ablation_study(
     if head is None:
         raise ValueError("the ablation study needs a teacher with a linear head (teacher.head)")
     plain = dataclasses.replace(stage1, last_block_token_weights=None)
-    weighted = dataclasses.replace(stage1, last_block_token_weights=stage1.last_block_token_weights or PAPER_CLS_WEIGHTS)
+    weighted = dataclasses.replace(stage1, last_block_token_weights=stage1.last_block_token_weights or PAPER_LAST_BLOCK_TOKEN_WEIGHTS)
     tf_only = dataclasses.replace(plain, lambda_schedule="constant", lambda_start=1.0)
     configs = [(tf_only, False), (plain, False), (plain, True), (weighted, True)]
     rows: list[dict[str, Any]] = []

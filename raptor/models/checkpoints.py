@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raptor.errors import MissingInput
 from raptor import storage
 
 TEACHER_FORMAT = "raptor-teacher"
@@ -64,7 +65,7 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"checkpoint not found: {url}") from e
+        raise MissingInput(f"checkpoint not found: {url}") from e
     if _is_safetensors(url, data):
         from safetensors.torch import load as st_load
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from raptor.models.teacher import Teacher, TokenLayout, _mlp_kind
 
@@ -92,6 +93,7 @@ class RaptorBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden or 4 * dim, mlp)
         self.ls2 = nn.Parameter(torch.full((dim,), float(ls_init)))
         self.depth_scaling = depth_scaling
+        self.checkpointing = False  # activation checkpointing of every application (Raptor.set_checkpointing)
         if depth_scaling:
             self.depth_mlp = nn.Sequential(
                 nn.Linear(1, depth_hidden), nn.SiLU(), nn.Linear(depth_hidden, 3 * dim)
@@ -125,6 +127,11 @@ class RaptorBlock(nn.Module):
         return g1, g2, g3
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():  # keep only x and t; recompute in backward
+            return checkpoint(self._forward, x, t, use_reentrant=False)
+        return self._forward(x, t)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         g = self.gains(t)
         if g is None:
             x = x + self.ls1 * self.attn(self.norm1(x))
@@ -351,6 +358,16 @@ class Raptor(nn.Module):
         if t.head is None:
             raise ValueError("the teacher has no linear head")
         return t.head(self.features(images))
+
+    def set_checkpointing(self, enabled: bool | Sequence[int] = True) -> "Raptor":
+        """Activation checkpointing: the chosen blocks (all with ``True``, none with ``False``, or a
+        list of block indices) keep only each application's input and recompute it in backward."""
+        chosen = set(range(self.k)) if enabled is True else set() if enabled is False else {int(j) for j in enabled}
+        if not chosen <= set(range(self.k)):
+            raise ValueError(f"checkpointing blocks {sorted(chosen)} out of range for k = {self.k}")
+        for j, blk in enumerate(self.blocks):
+            blk.checkpointing = j in chosen
+        return self
 
     def segment_params(self, blocks: Sequence[int] | None = None) -> list[nn.Parameter]:
         """Parameters of the chosen blocks (all by default)."""

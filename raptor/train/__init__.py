@@ -1,6 +1,9 @@
 """The distributed runner: Ray Train V2 workers driving DeepSpeed ZeRO engines around the core step.
 
-Only this package (and the pipeline above it) imports Ray or DeepSpeed; ``raptor.distill`` and
-``raptor.models`` stay plain PyTorch. Import the submodules directly (``raptor.train.trainer``,
-``raptor.train.teacher_train``): this file imports nothing, so ``raptor --help`` stays fast.
+A typed :class:`~raptor.train.job.StageJob` in (``job``), a :class:`~raptor.train.trainer.Trainer`
+per worker whose parts are named attributes (engine, loader, validator, checkpointer, logger),
+checkpoints through Ray Train (``checkpoint``), the export (``export``), the TorchTrainer launch
+(``launch``). The runner never reads the job spec (the service translates it), and only this
+package and the service import Ray or DeepSpeed. Import the submodules directly: this file imports
+nothing, so ``raptor --help`` stays fast.
 """

@@ -3,9 +3,9 @@
 Every rank writes its own DeepSpeed shard (ZeRO partitions of the optimizer state, and of the
 parameters at stage 3) and its own RNG state into a local folder and calls ``ray.train.report``
 with it; Ray merges the ranks' folders into one checkpoint under
-``RunConfig(storage_path, name)``, which may be ``s3://``, and keeps the newest
-``CheckpointConfig(num_to_keep)``. Resuming is re-running the stage with the same run name and
-storage path: Ray Train V2 finds its snapshot there and hands the newest checkpoint back through
+``RunConfig(storage_path, name)`` (the stage's key folder in the store, which may be ``s3://``) and
+keeps the newest ``CheckpointConfig(num_to_keep)``. Resuming is re-running the stage with the same
+key: Ray Train V2 finds its snapshot there and hands the newest checkpoint back through
 ``ray.train.get_checkpoint()``.
 
 Client state: the optimizer step (which fixes the LR and lambda schedules, both pure functions of
@@ -26,6 +26,8 @@ import numpy as np
 import ray.train
 import torch
 
+from raptor.train.job import CheckpointPlan
+
 log = logging.getLogger(__name__)
 
 _RNG_FILE = "rng_rank{rank}.pt"
@@ -38,6 +40,7 @@ class Resumed:
     step: int = 0
     micro_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
+    resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
 
 
 def tag(step: int) -> str:
@@ -66,41 +69,51 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_and_report(
-    engine: Any, step: int, micro_batches: int, metrics: dict[str, float], history: list[dict[str, float]]
-) -> None:
-    """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier)."""
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=tag(step), client_state={"step": step, "micro_batches": micro_batches, "history": history})
-        torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=rank)))
-        ray.train.report(
-            {**metrics, "step": step},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{tag(step)}",
-        )
-    if rank == 0:
-        log.info("checkpoint at step %d saved", step)
+class Checkpointer:
+    """Saves and restores one stage's training state through Ray Train (every rank, collectively)."""
 
+    def __init__(self, plan: CheckpointPlan, engine: Any):
+        self.plan, self.engine = plan, engine
+        self.rank = ray.train.get_context().get_world_rank()
 
-def restore(engine: Any) -> Resumed:
-    """Load the newest checkpoint of this run into ``engine`` (and this rank's RNG); step 0 if none."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return Resumed()
-    rank = ray.train.get_context().get_world_rank()
-    with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, "latest")) as f:
-            latest = f.read().strip()
-        _, client = engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {latest!r}")
-        rng = os.path.join(folder, _RNG_FILE.format(rank=rank))
-        if os.path.exists(rng):
-            _set_rng_state(torch.load(rng, weights_only=True))
-        else:  # the world size grew: this rank starts from the seeded RNG
-            log.warning("checkpoint %s has no RNG state for rank %d", checkpoint.path, rank)
-    resumed = Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])))
-    if rank == 0:
-        log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
-    return resumed
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.plan.interval == 0 or last
+
+    def save(self, step: int, micro_batches: int, metrics: dict[str, float], resumed: Resumed) -> None:
+        """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier).
+
+        ``resumed`` carries rank 0's history and the steps it resumed at so far.
+        """
+        client = {"step": step, "micro_batches": micro_batches, "history": resumed.history, "resumed_at": resumed.resumed_at}
+        with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=tag(step), client_state=client)
+            torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=self.rank)))
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_{tag(step)}",
+            )
+        if self.rank == 0:
+            log.debug("checkpoint at step %d saved", step)
+
+    def restore(self) -> Resumed:
+        """Load the newest checkpoint of this stage into the engine (and this rank's RNG); step 0 if none."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Resumed()
+        with checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, "latest")) as f:
+                latest = f.read().strip()
+            _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if client is None:
+                raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {latest!r}")
+            rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
+            if os.path.exists(rng):
+                _set_rng_state(torch.load(rng, weights_only=True))
+            else:  # the world size grew: this rank starts from the seeded RNG
+                log.warning("checkpoint %s has no RNG state for rank %d", checkpoint.path, self.rank)
+        resumed = Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
+                          [*client.get("resumed_at", []), int(client["step"])])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
+        return resumed

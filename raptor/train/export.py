@@ -2,9 +2,10 @@
 
 The tensors and the architecture go through the core's :func:`raptor.models.save_student` (the
 manifest rides in the safetensors metadata, so the one file rebuilds the student without Ray or
-DeepSpeed). The manifest also gets what the service knows: the teacher checkpoint, the stage, the
-spec and the final metrics; a copy is written beside the file as ``manifest.json`` for people and
-tools that do not read safetensors headers.
+DeepSpeed). The manifest also gets what the job knows: the teacher checkpoint, the stage, its
+provenance (the stage's key and the spec fields it was made from) and the final metrics; a copy is
+written beside the file as ``manifest.json`` for people and tools that do not read safetensors
+headers.
 """
 
 from __future__ import annotations
@@ -13,36 +14,33 @@ import posixpath
 from typing import Any
 
 from raptor import storage
-from raptor.config import JobSpec
 from raptor.models import Raptor, save_student
+from raptor.train.job import StageJob
 
 STUDENT_FILE = "student.safetensors"
 MANIFEST_FILE = "manifest.json"
+HISTORY_FILE = "history.json"
 
 
 def export_student(
-    student: Raptor,
-    folder: str,
-    *,
-    spec: JobSpec,
-    stage: str,
-    teacher_url: str,
-    metrics: dict[str, float],
+    student: Raptor, job: StageJob, metrics: dict[str, float], history: list[dict[str, float]], *, resumed_at: list[int]
 ) -> str:
-    """Write ``folder/student.safetensors`` and ``folder/manifest.json``; returns the file's URL.
+    """Write ``student.safetensors``, ``history.json`` and ``manifest.json`` under ``job.out_url``.
 
-    The safetensors file is written last-but-one and the manifest last, so a folder with a
-    ``manifest.json`` holds a complete export (the pipeline's "artifact exists" test).
+    ``resumed_at``: the step of every resume from a checkpoint (empty for an uninterrupted stage),
+    so what a stage went through is read from its artifact, not from logs. The manifest is written
+    last, so a folder with a ``manifest.json`` holds a complete export. Returns the student file's URL.
     """
-    url = storage.join(folder, STUDENT_FILE)
+    url = storage.join(job.out_url, STUDENT_FILE)
     manifest: dict[str, Any] = {
-        "teacher": {"checkpoint": teacher_url},
-        "stage": stage,
-        "run": spec.name,
-        "spec": spec.model_dump(mode="json"),
+        **job.manifest,
+        "teacher": {"checkpoint": job.teacher.checkpoint},
+        "stage": job.stage,
         "metrics": metrics,
+        "resumed_at": list(resumed_at),
         "file": posixpath.basename(url),
     }
     full = save_student(student, url, manifest)
-    storage.write_json(storage.join(folder, MANIFEST_FILE), full)
+    storage.write_json(storage.join(job.out_url, HISTORY_FILE), history)
+    storage.write_json(storage.join(job.out_url, MANIFEST_FILE), full)
     return url

@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
-from raptor.config import LoggingSpec
+from raptor.train.job import LogPlan
 
 log = logging.getLogger(__name__)
 
 
-def wandb_mode(spec: LoggingSpec) -> str:
-    """``auto`` -> online with an API key, offline without; an explicit mode wins."""
-    if spec.wandb_mode != "auto":
-        return spec.wandb_mode
+def wandb_mode(mode: str) -> str:
+    """``auto`` -> online with an API key, offline without; an explicit mode wins.
+
+    Resolved in the worker, whose environment (e.g. a cluster's secret) is the one that counts.
+    """
+    if mode != "auto":
+        return mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
@@ -43,11 +45,8 @@ class Progress:
         stage: str,
         total_steps: int,
         samples_per_step: int,
-        logging_spec: LoggingSpec,
+        plan: LogPlan,
         *,
-        run_name: str,
-        wandb_dir: str,
-        config: dict[str, Any],
         enabled: bool,
         start_step: int = 0,
     ):
@@ -56,21 +55,22 @@ class Progress:
         self._mark_step, self._mark_time = start_step, time.perf_counter()
         self.samples_per_s = 0.0
         self.run = None
-        mode = wandb_mode(logging_spec)
+        mode = wandb_mode(plan.wandb_mode)
         if enabled and mode != "disabled":
             import wandb
 
-            os.makedirs(wandb_dir, exist_ok=True)
-            # a fixed id + resume="allow": a resumed stage continues the same wandb run
+            os.makedirs(plan.wandb_dir, exist_ok=True)
+            # a fixed id (the stage's key) + resume="allow": a resumed stage continues the same wandb run
             self.run = wandb.init(
-                project=logging_spec.wandb_project,
-                entity=logging_spec.wandb_entity,
-                name=run_name,
-                id=run_name,
+                project=plan.wandb_project,
+                entity=plan.wandb_entity,
+                name=plan.run_name,
+                id=plan.run_id,
+                group=plan.wandb_group,
                 resume="allow",
                 mode=mode,
-                dir=wandb_dir,
-                config=config,
+                dir=plan.wandb_dir,
+                config=plan.config,
                 settings=wandb.Settings(silent=True, console="off"),
             )
 

@@ -1,106 +1,241 @@
-"""A distillation stage as a Ray Train V2 job: TorchTrainer + ScalingConfig/RunConfig from the spec.
+"""The Trainer: one Ray Train worker of a distillation stage, its parts named as attributes.
 
-Checkpoints live under ``{storage.url}/checkpoints/{stage}``: Ray Train's run name is the stage
-and its storage path the run's artifact root, so re-running a stage of the same spec (after a
-crash, a Ctrl-C or a preempted cluster) resumes from its newest checkpoint. Worker crashes inside
-one run are retried up to ``scaling.max_failures`` times from the newest checkpoint
-(``FailureConfig``). Object-store roots (``s3://...``) are handed to Ray as a pyarrow filesystem
-over the same fsspec filesystem every other artifact uses, so the AWS variables (endpoint,
-credentials) mean the same thing to checkpoints as to shards and exports.
+Per worker: the frozen teacher OUTSIDE the DeepSpeed engine (it has no optimizer state to shard,
+and ZeRO-3 would not gather timm's cls/register/position parameters used outside a forward),
+computing trajectories on the fly from this rank's shards; the student's k blocks INSIDE
+``deepspeed.initialize`` with the configured ZeRO stage and the core's torch AdamW (no fused-Adam
+compile on CPU). The step is the core's :func:`raptor.distill.distill_loss`, the same one
+``raptor.distill.fit`` differentiates; only the owner of the optimizer differs.
+
+Stage 1 is ONE job in which every block trains on its own segment of the same trajectories: the
+blocks share no parameters, so the summed loss gives each block exactly its own gradient, and one
+teacher forward (the expensive part at scale: L teacher blocks vs k*n_j student applications)
+serves all k blocks. One trainer per block would run the teacher k times per sample and hold k
+copies of it on the GPUs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.train.torch import TorchConfig, TorchTrainer
+import ray.train.torch
+import torch
+from torch import nn
 
-from raptor import storage
-from raptor.config import JobSpec
-from raptor.build import spec_loader
-from raptor.train.stage import StageName, absolute, absolute_paths
-from raptor.train.worker import train_loop_per_worker
+from raptor import data
+from raptor.distill import StageConfig, distill_loss, fidelity, lr_scheduler, make_optimizer, summarize
+from raptor.models import Raptor, Teacher, load_student
+from raptor.train.checkpoint import Checkpointer, Resumed
+from raptor.train.export import export_student
+from raptor.train.job import ShardSource, StageJob, StudentPlan
+from raptor.train.logs import quiet_worker
+from raptor.train.metrics import Progress
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_root(spec: JobSpec) -> str:
-    return storage.join(spec.storage.url, "checkpoints")
+class StageObjective(nn.Module):
+    """The stage loss as the engine's module, so DeepSpeed owns forward/backward around it.
 
-
-def run_config(spec: JobSpec, stage: StageName) -> ray.train.RunConfig:
-    """RunConfig(name=stage, storage_path=<run>/checkpoints): the same on every re-run, hence resume."""
-    root = checkpoint_root(spec)
-    fs_args: dict[str, Any] = {}
-    if storage.scheme(root) == "file":
-        path = absolute(root)
-    else:
-        fs, path = storage.filesystem(root)
-        fs_args["storage_filesystem"] = PyFileSystem(FSSpecHandler(fs))
-    return ray.train.RunConfig(
-        name=stage,
-        storage_path=path,
-        failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.storage.keep),
-        **fs_args,
-    )
-
-
-def scaling_config(spec: JobSpec) -> ray.train.ScalingConfig:
-    s = spec.scaling
-    return ray.train.ScalingConfig(
-        num_workers=s.num_workers,
-        use_gpu=s.use_gpu,
-        resources_per_worker=s.worker_resources(),
-        placement_strategy=s.placement_strategy,
-    )
-
-
-def preflight(spec: JobSpec) -> None:
-    """Fail in the driver, with the data layer's one-line message, on data the workers cannot split.
-
-    Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
+    Its only parameters are the student's blocks; the teacher is not registered (the student
+    holds it outside its parameters), so it is neither sharded nor optimised.
     """
-    for rank in range(spec.scaling.num_workers):
-        spec_loader(spec, spec.data.train, train=True, rank=rank, world_size=spec.scaling.num_workers,
-                    num_workers=spec.data.num_workers)
+
+    def __init__(self, student: Raptor, cfg: StageConfig):
+        super().__init__()
+        self.student, self.cfg = student, cfg
+
+    def forward(self, trajectory: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return distill_loss(self.student, trajectory, self.cfg, step)
 
 
-def run_stage(
-    spec: JobSpec,
-    stage: StageName,
-    *,
-    teacher_url: str,
-    boundaries: list[int],
-    out_url: str,
-    init_url: str | None = None,
-) -> dict[str, Any]:
-    """Train ``stage`` on the connected Ray cluster; the student is exported to ``out_url``.
+def checkpoint_activations(student: Raptor) -> None:
+    """Recompute each block application in backward instead of storing its activations."""
+    for blk in student.blocks:
+        fwd = blk.forward
+        blk.forward = lambda x, t, fwd=fwd: torch.utils.checkpoint.checkpoint(fwd, x, t, use_reentrant=False)
 
-    Returns the metrics rank 0 reported last. Raises ``ray.train.TrainingFailedError`` when the
-    workers failed more than ``max_failures`` times.
+
+def build_student(plan: StudentPlan, teacher: Teacher) -> Raptor:
+    """Stage 1 starts from fresh blocks on the boundaries; stage 2 chains the blocks stage 1 exported."""
+    if plan.init_url is not None:
+        student, _ = load_student(plan.init_url, teacher)
+        return student
+    return Raptor.from_teacher(teacher, list(plan.boundaries), init=plan.init, mlp=plan.mlp,
+                               depth_scaling=plan.depth_scaling, seed=plan.seed)
+
+
+def batches_from(loader: data.ShardLoader, micro_batches: int) -> Iterator[torch.Tensor]:
+    """Images from the data position ``micro_batches`` on, epoch after epoch.
+
+    The loader's order is a pure function of (seed, epoch, rank), so skipping the consumed part
+    of the current epoch continues exactly the stream an uninterrupted run would have seen.
     """
-    spec = absolute_paths(spec)
-    preflight(spec)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "stage": stage,
-            "teacher_url": absolute(teacher_url),
-            "boundaries": list(boundaries),
-            "init_url": None if init_url is None else absolute(init_url),
-            "out_url": absolute(out_url),
-        },
-        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
-        scaling_config=scaling_config(spec),
-        run_config=run_config(spec, stage),
-    )
-    log.info("%s: %d Ray Train workers, ZeRO-%d, effective batch %d, %d steps",
-             stage, spec.scaling.num_workers, spec.deepspeed.zero_stage, spec.effective_batch,
-             getattr(spec, stage).steps)
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    per_epoch = len(loader)
+    epoch, skip = divmod(micro_batches, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for images, _ in itertools.islice(loader, skip, None):
+            yield images
+        epoch, skip = epoch + 1, 0
+
+
+class Validator:
+    """Per-layer fidelity of the chained rollout on a fixed validation batch (the same on every rank).
+
+    The batch is the first eval-transformed batch of the validation shards; its teacher trajectory
+    is computed once.
+    """
+
+    def __init__(self, source: ShardSource, teacher: Teacher, student: Raptor, interval: int, device: torch.device,
+                 amp: torch.dtype | bool):
+        images, _ = next(iter(source.loader(train=False)))
+        self.trajectory = teacher.trajectory(images.to(device), amp=amp)
+        self.student, self.interval = student, interval
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.interval == 0 or last
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        traj = self.trajectory
+        states = self.student.rollout(traj[:, 0].to(next(self.student.parameters()).dtype)).float()
+        fid = fidelity(states, traj.float(), self.student.layout)
+        out = {f"val/{k}": v for k, v in summarize(fid).items()}
+        for name in ("update_r2", "rel_error"):
+            for layer, v in enumerate(fid["all"][name].tolist(), start=1):
+                out[f"val/layer{layer}/{name}"] = float(v)
+        return out
+
+
+_HEADLINE = ("loss", "lambda", "lr", "grad_norm", "data/skipped", "val/all/update_r2/mean", "val/all/update_r2/min",
+             "val/all/rel_error/max")
+
+
+def _headline(row: dict[str, float]) -> dict[str, float]:
+    """What Ray Train keeps beside each checkpoint (the full rows go to wandb and history.json)."""
+    return {k: row[k] for k in _HEADLINE if k in row}
+
+
+def _data_counters(loader: data.ShardLoader, device: torch.device) -> dict[str, float]:
+    """Skipped/seen samples summed over all ranks (a tiny all-reduce at log time)."""
+    stats = loader.stats.as_dict()
+    t = torch.tensor([float(v) for v in stats.values()], device=device)
+    torch.distributed.all_reduce(t)
+    return {f"data/{k}": float(v) for k, v in zip(stats, t.tolist())}
+
+
+def engine_dtype(engine: Any) -> torch.dtype:
+    """Inputs in the engine's compute dtype (bf16/fp16 engines hold bf16/fp16 weights)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+class Trainer:
+    """One worker's stage: its parts are built from the :class:`StageJob` in ``__init__``, ``train`` runs them."""
+
+    job: StageJob
+    rank: int
+    device: torch.device
+    teacher: Teacher  # frozen, outside the engine
+    student: Raptor  # its k blocks are the engine's parameters
+    engine: Any  # deepspeed.DeepSpeedEngine around StageObjective
+    loader: data.ShardLoader  # this rank's training shards
+    validator: Validator
+    checkpointer: Checkpointer
+    logger: Progress
+
+    def __init__(self, job: StageJob):
+        import deepspeed  # here, not at import: the driver that launches the stage never loads it
+
+        ctx = ray.train.get_context()
+        self.job, self.rank = job, ctx.get_world_rank()
+        world = ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
+        torch.manual_seed(job.train.seed * 7919 + self.rank)  # per-rank noise stream; restored on resume
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+        self.teacher = job.teacher.load(self.device)
+        self.amp = job.teacher.amp(self.device)
+        self.student = build_student(job.student, self.teacher)
+        if job.deepspeed.activation_checkpointing:
+            checkpoint_activations(self.student)
+        optimizer = make_optimizer(self.student, job.config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=StageObjective(self.student, job.config),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler(optimizer, job.config),
+            config=job.deepspeed.config(job.train.batch_size, world, self.device),
+        )
+        self.checkpointer = Checkpointer(job.checkpoints, self.engine)
+        self.resumed = self.checkpointer.restore()
+        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world)
+        self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device, self.amp)
+        self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
+                               enabled=self.rank == 0, start_step=self.resumed.step)
+
+    def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
+        for _ in range(self.job.deepspeed.gradient_accumulation_steps):
+            traj = self.teacher.trajectory(next(batches).to(self.device), amp=self.amp).to(engine_dtype(self.engine))
+            loss, metrics = self.engine(traj, step)
+            self.engine.backward(loss)
+            self.engine.step()
+        return metrics
+
+    def train(self) -> None:
+        job, cfg, lg = self.job, self.job.config, self.job.logging
+        history, latest = self.resumed.history, {}
+        state = Resumed(history=history if self.rank == 0 else [], resumed_at=self.resumed.resumed_at)
+        accum = job.deepspeed.gradient_accumulation_steps
+        batches = batches_from(self.loader, self.resumed.micro_batches)
+        for step in range(self.resumed.step, cfg.steps):
+            metrics = self.step(batches, step)
+            done, last = step + 1, step + 1 == cfg.steps
+            row: dict[str, float] = {}
+            if done % lg.log_interval == 0 or last:
+                row = {**{k: float(v) for k, v in metrics.items()}, "lr": self.engine.get_lr()[0],
+                       **_data_counters(self.loader, self.device)}
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                self.logger.log(done, row)
+                row["samples_per_s"] = self.logger.samples_per_s
+            if self.validator.due(done, last):
+                val = self.validator()
+                self.logger.log_validation(done, val)
+                row.update(val)
+            if row:
+                history.append({"step": done, **row})
+                latest.update(row)
+            if self.checkpointer.due(done, last):
+                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
+                                       _headline(latest), state)
+        if self.resumed.step >= cfg.steps and self.rank == 0:
+            log.info("%s already complete at step %d; exporting the checkpointed student", job.stage, self.resumed.step)
+        self.export(history)
+
+    def export(self, history: list[dict[str, float]]) -> None:
+        """Rank 0 writes the student (gathered first under ZeRO-3); no rank leaves before it is written."""
+        import deepspeed
+
+        final = {k: v for row in history for k, v in row.items() if k != "step"}  # the newest value of each metric
+        params = list(self.student.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.job.deepspeed.zero_stage == 3):
+            if self.rank == 0:
+                url = export_student(self.student, self.job, final, history, resumed_at=self.resumed.resumed_at)
+                log.info("%s exported to %s", self.job.stage, url)
+        self.logger.finish(final)
+        torch.distributed.barrier()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: ``config = {"job": StageJob}``."""
+    quiet_worker()
+    Trainer(config["job"]).train()

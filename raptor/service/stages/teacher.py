@@ -1,11 +1,12 @@
-"""``raptor teacher train``: supervised training of a timm ViT on the shards, with stochastic depth.
+"""The teacher stage (and ``raptor teacher train``): supervised training of a timm ViT on the shards.
 
 The embedded default has no pretrained DINOv2 to download, so its teacher is trained here first:
 any timm ViT by name (``model_kwargs`` shrink it to a laptop-sized DINOv2 architecture), timm's
 drop-path rate (higher rates make layers more alike and the teacher easier to distil, METHOD.md
 section 7), AdamW with warm-up + cosine and label smoothing. The result is a raptor teacher export
 whose linear head is the trained classifier, so the probe stage can start the student's head from
-it. One process (on the GPU when there is one): a teacher for a large run comes as a checkpoint.
+it. One process (on the GPU when there is one): a teacher for a large run comes as a checkpoint,
+and then this stage only checks that the checkpoint is there (``given``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from raptor.config import JobSpec, TeacherTrainSpec
+from raptor import storage
 from raptor.distill import lr_factor
+from raptor.errors import UserError
 from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
-from raptor.build import spec_loader
+from raptor.models.teacher import autocast
+from raptor.service.build import shard_source, single_process
+from raptor.service.graph import StageContext
+from raptor.service.spec import JobSpec, TeacherTrainSpec
+from raptor.train.job import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +38,13 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     tspec = spec.teacher
     tt: TeacherTrainSpec | None = tspec.train
     if tt is None:
-        raise ValueError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
+        raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.bfloat16 if use_bf16(tspec.precision, device) else False
     torch.manual_seed(spec.data.seed)
-    train = spec_loader(spec, spec.data.train, train=True, num_workers=tt.num_workers, batch_size=tt.batch_size)
+    train = shard_source(spec, spec.data.train, num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size)
     if not train.num_classes:
-        raise ValueError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
+        raise UserError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
     model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
                               drop_path_rate=tspec.drop_path_rate, **tspec.model_kwargs).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
@@ -50,7 +57,9 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
         model.train()
         train.set_epoch(epoch)
         for images, labels in train:
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=tt.label_smoothing)
+            with autocast(device, amp):
+                logits = model(images.to(device))
+            loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=tt.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -61,7 +70,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
                  step * tt.batch_size / (time.perf_counter() - t0))
     metrics: dict[str, Any] = {"train_loss": loss.item(), "steps": step, "seconds": time.perf_counter() - t0}
     if spec.data.val:
-        val = spec_loader(spec, spec.data.val, train=False, batch_size=tt.batch_size)
+        val = shard_source(spec, spec.data.val, num_workers=0).loader(train=False, batch_size=tt.batch_size)
         model.eval()
         logits, labels = collect(model, val, device=device)
         metrics["val_top1"] = topk_accuracy(logits, labels, ks=(1,))["top1"]
@@ -69,3 +78,10 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)
     teacher.save(out_url, metadata={"trained": metrics, "drop_path_rate": tspec.drop_path_rate})
     return metrics
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Train the spec's teacher into this key's folder: ``teacher.safetensors``, then ``metrics.json``."""
+    metrics = single_process(ctx.spec, train_teacher, ctx.spec, ctx.layout.teacher)
+    storage.write_json(ctx.layout.teacher_metrics, metrics)
+    return {"val_top1": metrics.get("val_top1")}

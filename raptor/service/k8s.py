@@ -11,7 +11,6 @@ resources its cluster has.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from raptor.config import ClusterSpec, JobSpec, ScalingSpec, load_spec
+from raptor.errors import UserError
+from raptor.service.spec import ClusterSpec, JobSpec, ScalingSpec, load_spec
+from raptor.service.submit import entrypoint
 
 # overlay -> the --set overrides it applies on top of the spec
 OVERLAYS: dict[str, tuple[str, ...]] = {
@@ -35,7 +36,7 @@ MAX_JOB_NAME = 47  # KubeRay appends a suffix for the cluster and its services (
 BASE_KINDS = ("Namespace", "ServiceAccount")  # shared by every overlay
 
 
-class RenderError(ValueError):
+class RenderError(UserError):
     """A spec that cannot be laid out on Kubernetes pods; the message names the fields."""
 
 
@@ -287,11 +288,6 @@ def service_account(cluster: ClusterSpec) -> dict[str, Any]:
     if cluster.service_account_annotations:
         meta["annotations"] = dict(cluster.service_account_annotations)
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
-
-
-def entrypoint(spec_ref: str, overrides: Sequence[str]) -> str:
-    """``raptor run SPEC --set ...``: the spec path as given (relative to the image's project dir, or a URL)."""
-    return shlex.join(["raptor", "run", spec_ref, *(arg for o in overrides for arg in ("--set", o))])
 
 
 def render(spec_ref: str, overlay: str = "multinode", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -1,14 +1,10 @@
-"""Analyse a finished (or partly finished) ``raptor run`` from its artifacts alone.
+"""The report stage (and ``raptor analyze``): a finished (or partly finished) run, analysed from its artifacts.
 
-Reads under RUN_URL (the service's layout, :mod:`raptor.pipeline`)::
-
-    spec.yaml                          the job spec (teacher, data, discovery)
-    teacher/teacher.safetensors        unless the spec names a teacher checkpoint
-    discovery/segmentation.json        boundaries;  discovery/distances.npy  the layer-distance matrix
-    stage2/student.safetensors         the student (stage1/ when stage 2 has not run; none: teacher only)
-    probe/results.json                 trained linear probes, when the probe stage has run
-
-and writes the report (:mod:`raptor.analysis.report`) to RUN_URL/report unless told otherwise.
+Reads the artifacts the run's index (``run.json``, :class:`~raptor.service.layout.Layout`) names:
+the teacher, the distances and boundaries, the student (stage 2, else stage 1, else none: the
+report covers the teacher alone) and the probe results; analyses teacher and student on the val
+images with :mod:`raptor.analysis` and writes the report (``report.json``, ``index.md``,
+``index.html``, ``plots/``).
 """
 
 from __future__ import annotations
@@ -24,69 +20,58 @@ import numpy as np
 import torch
 
 from raptor import storage
-from raptor.build import load_teacher, spec_loader
 from raptor.analysis.analyze import analyze_models, collect_trajectories
 from raptor.analysis.report import build_report, write_report
-from raptor.config import JobSpec, load_spec
+from raptor.data import ShardLoader
 from raptor.distill import StageConfig
+from raptor.errors import UserError
 from raptor.eval.dense import dense_probes
 from raptor.eval.studies import ablation_study, layer_swap_study, partition_study
 from raptor.models import Raptor, Teacher, load_student
+from raptor.service.build import shard_source, single_process, stage_config, teacher_ref
+from raptor.service.graph import StageContext
+from raptor.service.layout import Layout
+from raptor.service.spec import JobSpec, load_spec
 
 log = logging.getLogger(__name__)
 
 STUDENT_STAGES = ("stage2", "stage1")
 
 
-def _teacher(spec: JobSpec, run_url: str) -> Teacher:
-    url = spec.teacher.checkpoint or storage.join(run_url, "teacher", "teacher.safetensors")
-    if not storage.exists(url):
-        raise FileNotFoundError(f"no teacher at {url}: has the teacher stage run?")
-    log.info("loading teacher %s from %s", spec.teacher.name, url)
-    return load_teacher(spec, url)
-
-
-def _student(run_url: str, teacher: Teacher) -> tuple[Raptor | None, str | None]:
+def _student(layout: Layout, teacher: Teacher) -> tuple[Raptor | None, str | None]:
     for stage in STUDENT_STAGES:
-        url = storage.join(run_url, stage, "student.safetensors")
-        if storage.exists(url):
-            log.info("loading the %s student from %s", stage, url)
-            return load_student(url, teacher)[0], stage
-    log.warning("no student under %s (stage 1 has not finished): the report covers the teacher only", run_url)
+        if stage in layout.folders and storage.exists(layout.student(stage)):
+            log.debug("loading the %s student from %s", stage, layout.student(stage))
+            return load_student(layout.student(stage), teacher)[0], stage
+    log.warning("no student in %s (stage 1 has not finished): the report covers the teacher only", layout.run_url)
     return None, None
 
 
-def _discovery(run_url: str) -> dict[str, Any] | None:
-    seg_url, dist_url = storage.join(run_url, "discovery", "segmentation.json"), storage.join(run_url, "discovery", "distances.npy")
-    if not (storage.exists(seg_url) and storage.exists(dist_url)):
+def _discovery(layout: Layout) -> dict[str, Any] | None:
+    if not {"distances", "discovery"} <= set(layout.folders):
         return None
-    seg = storage.read_json(seg_url)
-    dist = np.load(io.BytesIO(storage.read_bytes(dist_url)))
+    seg = storage.read_json(layout.segmentation)
+    dist = np.load(io.BytesIO(storage.read_bytes(layout.distances)))
     return {"metric": seg.get("metric"), "distances": dist.tolist(), "boundaries": list(seg["boundaries"])}
 
 
-def _probe(run_url: str) -> dict[str, Any] | None:
-    """The probe stage's trained probes, reduced to the report's fields (None when absent or of another shape)."""
-    url = storage.join(run_url, "probe", "results.json")
-    if not storage.exists(url):
+def _probe(layout: Layout) -> dict[str, Any] | None:
+    """The probe stage's trained probes, reduced to the report's fields (None when absent)."""
+    if "probe" not in layout.folders:
         return None
-    res = storage.read_json(url)
-    if not all(isinstance(res.get(m), dict) and "top1" in res[m] for m in ("teacher", "student")):
-        log.warning("%s has no teacher/student top1; using the teacher head's accuracy instead", url)
-        return None
+    res = storage.read_json(layout.probe)
     pick = lambda d: {"top1": float(d["top1"]), "top5": d.get("top5")}  # noqa: E731
     out = {"source": "probe stage", "teacher": pick(res["teacher"]), "student": pick(res["student"])}
-    if isinstance(res.get("student_finetuned"), dict) and "top1" in res["student_finetuned"]:
+    if isinstance(res.get("student_finetuned"), dict):
         out["student_finetuned"] = pick(res["student_finetuned"])
-    teacher_top1 = out["teacher"]["top1"]
-    out["student_share"] = res.get("student_share", out["student"]["top1"] / teacher_top1 if teacher_top1 > 0 else None)
+    out["student_share"] = res.get("student_share")
     return out
 
 
-def split_batches(spec: JobSpec, split: str = "val", dense: bool = False):
+def split_batches(spec: JobSpec, split: str = "val", dense: bool = False) -> ShardLoader:
     """A split's shards once (val falls back to train), with eval transforms, in file order."""
     url = (spec.data.val or spec.data.train) if split == "val" else spec.data.train
-    return spec_loader(spec, url, train=False, batch_size=min(spec.data.batch_size, 64), dense=dense)
+    return shard_source(spec, url, num_workers=0).loader(train=False, batch_size=min(spec.data.batch_size, 64), dense=dense)
 
 
 def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *, samples: int, amp: bool) -> dict[str, Any]:
@@ -94,7 +79,7 @@ def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *,
     from raptor.data import read_info
 
     if not read_info(spec.data.train).get("dense"):
-        raise ValueError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
+        raise UserError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
     log.info("dense probes on %d train / val images", samples)
     return dense_probes(teacher, student, split_batches(spec, "train", dense=True),
                         split_batches(spec, "val", dense=True), max_samples=samples, amp=amp)
@@ -102,8 +87,6 @@ def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *,
 
 def _study_configs(spec: JobSpec, steps: int | None) -> tuple[StageConfig, StageConfig]:
     """The run's own stage recipes (same budget as the run unless ``steps`` overrides both stages)."""
-    from raptor.train.stage import stage_config  # the spec -> StageConfig translation lives with the runner
-
     configs = []
     for name in ("stage1", "stage2"):
         cfg = stage_config(spec, name)
@@ -131,7 +114,7 @@ class Studies:
 
     def __post_init__(self) -> None:
         if self.partition < 0 or self.samples < 1 or (self.steps is not None and self.steps < 1):
-            raise ValueError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
+            raise UserError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
 
 
 def run_studies(
@@ -140,7 +123,7 @@ def run_studies(
     """The eval studies on the run's data: layer swap (val), partition and ablation (students distilled on train), dense probes."""
     studies: dict[str, Any] = {}
     if (opts.partition or opts.ablation) and not boundaries:
-        raise ValueError("the partition and ablation studies need boundaries (run the discovery stage first)")
+        raise UserError("the partition and ablation studies need boundaries (run the discovery stage first)")
     if opts.layer_swap or opts.partition or opts.ablation:
         traj, _, labels = collect_trajectories(teacher, None, split_batches(spec), max_samples=val_samples, amp=amp)
         val = [(traj, labels)]
@@ -165,35 +148,50 @@ def run_studies(
 
 
 def analyze_run(
-    run_url: str,
-    out_url: str | None = None,
+    spec: JobSpec,
+    layout: Layout,
+    out_url: str,
     *,
     max_samples: int = 64,
     studies: Studies = Studies(),
     device: str | None = None,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Read a run's artifacts, analyse teacher and student on ``max_samples`` val images, write the report.
+    """Analyse the run's teacher and student on ``max_samples`` val images and write the report to ``out_url``.
 
-    Returns the URLs written (``json``, ``html``, ``markdown``); the report goes to RUN_URL/report
-    unless ``out_url`` says otherwise. ``studies`` adds those of :mod:`raptor.eval.studies`.
+    Returns the URLs written (``json``, ``html``, ``markdown``); ``studies`` adds those of
+    :mod:`raptor.eval.studies`.
     """
-    spec_url = storage.join(run_url, "spec.yaml")
-    if not storage.exists(spec_url):
-        raise FileNotFoundError(f"{run_url} is not a raptor run (no spec.yaml)")
     t0 = time.perf_counter()
-    spec = load_spec(spec_url)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = _teacher(spec, run_url).to(dev)
-    student, stage = _student(run_url, teacher)
-    discovery = _discovery(run_url)
+    ref = teacher_ref(spec, layout)
+    if not storage.exists(ref.checkpoint):
+        raise UserError(f"no teacher at {ref.checkpoint}: has the teacher stage run?")
+    teacher = ref.load(dev)
+    amp = bool(ref.amp(dev))
+    student, stage = _student(layout, teacher)
+    discovery = _discovery(layout)
     boundaries = list(student.boundaries if student is not None else (discovery or {}).get("boundaries") or [])
-    amp = dev.type == "cuda"
     analysis = analyze_models(teacher, student, split_batches(spec), boundaries=boundaries,
                               max_samples=max_samples, seed=seed, amp=amp)
     extra = run_studies(spec, teacher, student, boundaries, studies, val_samples=max_samples, amp=amp, seed=seed)
-    report = build_report(analysis, run_name=spec.name, run_url=run_url, discovery=discovery, probe=_probe(run_url), studies=extra)
+    report = build_report(analysis, run_name=spec.name, run_url=layout.run_url, discovery=discovery,
+                          probe=_probe(layout), studies=extra)
     report["run"]["student_stage"] = stage
-    written = write_report(out_url or storage.join(run_url, "report"), report)
-    log.info("analysis of %s finished in %.1fs", run_url, time.perf_counter() - t0)
+    written = write_report(out_url, report)
+    log.debug("analysis of %s finished in %.1fs", layout.run_url, time.perf_counter() - t0)
     return written
+
+
+def analyze(run_url: str, out_url: str | None = None, **kwargs: Any) -> dict[str, str]:
+    """``raptor analyze``: the report of the run at ``run_url`` (its spec and artifacts from ``run.json``)."""
+    layout = Layout.from_index(run_url)
+    spec = load_spec(layout.spec_file)
+    return analyze_run(spec, layout, out_url or layout.run_report, **kwargs)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    device = "cuda" if ctx.spec.scaling.use_gpu else "cpu"
+    written = single_process(ctx.spec, analyze_run, ctx.spec, ctx.layout, ctx.folder, device=device)
+    log.info("report: %s (copied to %s)", written["markdown"], ctx.layout.run_report)
+    return {"markdown": written["markdown"]}

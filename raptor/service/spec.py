@@ -15,6 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raptor import storage
+from raptor.recipe import (
+    PAPER_LAST_BLOCK_TOKEN_WEIGHTS,
+    PAPER_LR,
+    PAPER_MIN_LR,
+    PAPER_STAGE2_TOKEN_WEIGHTS,
+    PAPER_WEIGHT_DECAY,
+    paper_warmup,
+)
+from raptor.errors import UserError
 
 # Schemes fsspec reaches without extra code here; others need their fsspec plugin installed.
 READ_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf"}
@@ -24,7 +33,7 @@ WRITE_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 _DINOV2_DEPTHS = {"small": 12, "base": 12, "large": 24, "giant": 40}
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A job spec that does not validate; the message is one line naming the field."""
 
 
@@ -42,21 +51,21 @@ def _check_url(url: str, allowed: set[str], field: str) -> str:
 class TeacherTrainSpec(_Section):
     """Supervised training of the teacher on the shards (``raptor teacher train``); used when no checkpoint is given."""
 
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(10, gt=0, description="passes over the training shards")
+    batch_size: int = Field(64, gt=0, description="images per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps before the cosine decay")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
     num_workers: int = Field(1, ge=0, description="loader workers")
 
 
 class TeacherSpec(_Section):
     """The frozen teacher: a timm ViT, loaded from a checkpoint or trained first."""
 
-    name: str = "vit_base_patch14_reg4_dinov2"
+    name: str = Field("vit_base_patch14_reg4_dinov2", description="timm model name of the teacher ViT; a DINOv2 name fixes its depth L")
     checkpoint: str | None = Field(None, description="local path or fsspec URL; .pth (official DINOv2), safetensors (timm/HF) or a raptor export")
-    img_size: int = Field(224, gt=0)
+    img_size: int = Field(224, gt=0, description="input resolution in pixels (224 for ViT-B/14: 16 x 16 patches)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth when training the teacher")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm overrides, e.g. embed_dim, depth, num_heads")
@@ -84,19 +93,19 @@ class TeacherSpec(_Section):
 class GenerateSpec(_Section):
     """Procedurally generated labelled shards (the embedded default); written when missing."""
 
-    train_samples: int = Field(4000, gt=0)
-    val_samples: int = Field(500, gt=0)
-    num_classes: int = Field(10, gt=1)
-    image_size: int = Field(112, gt=0)
-    seed: int = 0
+    train_samples: int = Field(4000, gt=0, description="labelled images written to the training shards")
+    val_samples: int = Field(500, gt=0, description="labelled images written to the validation shard")
+    num_classes: int = Field(10, gt=1, description="classes of the generated images")
+    image_size: int = Field(112, gt=0, description="side of the generated images in pixels")
+    seed: int = Field(0, description="seed of the generator")
 
 
 class DataSpec(_Section):
     train: str = Field(..., description="shard URL with brace expansion, e.g. s3://bucket/imagenet/train-{000000..001023}.tar")
-    val: str | None = None
+    val: str | None = Field(None, description="validation shard URL (probe, fidelity checks); null = none")
     batch_size: int = Field(64, gt=0, description="per worker")
     num_workers: int = Field(4, ge=0, description="loader workers per training worker")
-    seed: int = 0
+    seed: int = Field(0, description="seed of shuffling and augmentation")
     error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range of the train transform (DINOv2: 0.08-1; raise the floor for tiny images)")
     generate: GenerateSpec | None = None
@@ -115,11 +124,13 @@ class DataSpec(_Section):
 
 
 class DiscoverySpec(_Section):
-    metric: Literal["cosine", "mse", "cka", "swap"] = "cosine"
-    method: Literal["dp", "bisection"] = "dp"
-    k: int = Field(3, ge=1)
+    metric: Literal["cosine", "mse", "cka", "swap"] = Field(
+        "cosine", description="layer distance: cosine (1 - cos of [cls, mean patch]), mse, linear cka, or swap (damage of swapping two layers)")
+    method: Literal["dp", "bisection"] = Field(
+        "dp", description="segmentation: dp (exact max-cut over contiguous segments) or recursive bisection")
+    k: int = Field(3, ge=1, description="number of student blocks, i.e. segments of the teacher's L layers")
     boundaries: list[int] | None = Field(None, description="fixed boundaries; skip the search")
-    num_images: int = Field(10_000, gt=0)
+    num_images: int = Field(10_000, gt=0, description="images the distance matrix averages over")
 
     @model_validator(mode="after")
     def _boundaries(self) -> "DiscoverySpec":
@@ -135,46 +146,61 @@ class DiscoverySpec(_Section):
 class StudentSpec(_Section):
     """Architecture of the k student blocks: fixed for both stages, so it lives outside them."""
 
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    depth_scaling: bool = True
-    init: Literal["random", "teacher"] = "random"
+    mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="block MLP: swiglu (D -> 2 x 4D, silu(a) * b, -> D) or gelu")
+    depth_scaling: bool = Field(True, description="(g1, g2, g3) = 1 + MLP_t(t) for the layer index t: a non-autonomous block")
+    init: Literal["random", "teacher"] = Field("random", description="initial block weights: random or from the teacher's layers")
 
 
 class TokenWeights(_Section):
-    cls: float = Field(1 / 3, ge=0)
-    reg: float = Field(1 / 3, ge=0)
-    patch: float = Field(1 / 3, ge=0)
+    cls: float = Field(1 / 3, ge=0, description="loss weight of the cls token")
+    reg: float = Field(1 / 3, ge=0, description="loss weight of the register tokens")
+    patch: float = Field(1 / 3, ge=0, description="loss weight of the patch tokens")
+
+    @classmethod
+    def of(cls, weights: tuple[float, float, float]) -> "TokenWeights":
+        return cls(cls=weights[0], reg=weights[1], patch=weights[2])
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.cls, self.reg, self.patch)
 
 
 class StageSpec(_Section):
     """Optimiser and loss of one training stage (the paper's recipe is the default)."""
 
-    steps: int = Field(..., gt=0)
-    lr: float = Field(3e-4, gt=0, description="peak learning rate at the spec's effective batch")
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    loss: Literal["mse", "token", "cosine"] = "mse"
+    steps: int = Field(..., gt=0, description="optimizer steps of the stage")
+    lr: float = Field(PAPER_LR, gt=0, description="peak learning rate at the spec's effective batch")
+    min_lr: float = Field(PAPER_MIN_LR, ge=0, description="learning rate at the end of the cosine schedule")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear learning-rate warm-up steps; null = the paper's 10,000, at most a tenth of the stage")
+    weight_decay: float = Field(PAPER_WEIGHT_DECAY, ge=0, description="AdamW weight decay")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate after the warm-up")
+    loss: Literal["mse", "token", "cosine"] = Field(
+        "mse", description="mse over all tokens, token (cls/reg/patch MSE weighted by token_weights) or cosine")
     token_weights: TokenWeights = Field(default_factory=TokenWeights)
     sigma: float = Field(0.0, ge=0, description="input noise on teacher states")
 
     @model_validator(mode="after")
     def _warmup(self) -> "StageSpec":
-        if self.warmup_steps >= self.steps:
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps this stage runs (the paper's rule when the spec leaves it open)."""
+        return paper_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
 
 
 class Stage1Spec(StageSpec):
     """Per-block training: lambda * teacher forcing + (1 - lambda) * autoregressive."""
 
-    lambda_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    lambda_min: float = Field(0.0, ge=0, le=1)
+    lambda_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="how lambda, the teacher-forcing weight, falls from 1 to lambda_min")
+    lambda_min: float = Field(0.0, ge=0, le=1, description="final lambda (0 = pure autoregressive training)")
     lambda_rho: float = Field(0.25, gt=0, le=1, description="fraction of steps over which lambda anneals")
     horizon: int | None = Field(None, gt=0, description="autoregressive horizon; None = segment length (the paper)")
     last_block_token_weights: TokenWeights | None = Field(
-        default_factory=lambda: TokenWeights(cls=0.34, reg=0.33, patch=0.33),
+        default_factory=lambda: TokenWeights.of(PAPER_LAST_BLOCK_TOKEN_WEIGHTS),
         description="the paper weights cls up for the last block; None = same loss as the others",
     )
 
@@ -182,28 +208,32 @@ class Stage1Spec(StageSpec):
 class Stage2Spec(StageSpec):
     """End-to-end autoregressive rollout of the chained student over all L layers."""
 
-    loss: Literal["mse", "token", "cosine"] = "token"
-    token_weights: TokenWeights = Field(default_factory=lambda: TokenWeights(cls=0.45, reg=0.10, patch=0.45))
+    loss: Literal["mse", "token", "cosine"] = Field(
+        "token", description="mse over all tokens, token (cls/reg/patch MSE weighted by token_weights) or cosine")
+    token_weights: TokenWeights = Field(default_factory=lambda: TokenWeights.of(PAPER_STAGE2_TOKEN_WEIGHTS))
 
 
 class ProbeSpec(_Section):
     """Linear classification probe on frozen features (DINOv2 protocol)."""
 
-    epochs: int = Field(15, gt=0)
-    batch_size: int = Field(512, gt=0)
-    lrs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1)
-    weight_decay: float = Field(1e-2, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    init_from_teacher_head: bool = True
+    epochs: int = Field(15, gt=0, description="passes over the training set")
+    batch_size: int = Field(512, gt=0, description="images per step")
+    lrs: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1,
+                             description="learning rates tried, one linear head each; the best one is reported")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    init_from_teacher_head: bool = Field(
+        True, description="also report the paper's variant: the student's head fine-tuned from the teacher's probe head")
 
 
 class ScalingSpec(_Section):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(1, ge=0)
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks; one per GPU on GPU clusters)")
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL) rather than CPUs (gloo)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves (its data loading runs there)")
+    gpus_per_worker: float = Field(1, ge=0, description="GPUs each worker reserves when use_gpu is true")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the workers")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
 
     def worker_resources(self) -> dict[str, float]:
@@ -215,13 +245,13 @@ class ScalingSpec(_Section):
 
 
 class DeepSpeedSpec(_Section):
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 none, 1 shards optimizer states, 2 also gradients, 3 also parameters")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
-    gradient_clipping: float = Field(1.0, ge=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    activation_checkpointing: bool = False
-    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
-    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    gradient_clipping: float = Field(1.0, ge=0, description="global gradient-norm clip (0 = off)")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    activation_checkpointing: bool = Field(False, description="recompute activations in the backward pass to save memory")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="optimizer states to cpu or nvme (ZeRO >= 1)")
+    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="parameters to cpu or nvme (ZeRO-3 only)")
 
     @model_validator(mode="after")
     def _offload(self) -> "DeepSpeedSpec":
@@ -233,21 +263,27 @@ class DeepSpeedSpec(_Section):
 
 
 class StorageSpec(_Section):
-    url: str = Field(..., description="artifact root of this run: local path or fsspec URL")
+    url: str = Field(..., description="this run's folder: spec.yaml, run.json (stage -> artifact), report/, logs/; local path or fsspec URL")
+    store: str | None = Field(
+        None, description="content-addressed artifact store, shared by runs and sweep trials; null = <url>/store")
     checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
     keep: int = Field(2, gt=0, description="checkpoints kept per stage")
 
-    @field_validator("url")
+    @field_validator("url", "store")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        return _check_url(v, WRITE_SCHEMES, "storage.url")
+    def _scheme(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, WRITE_SCHEMES, "storage URL")
+
+    @property
+    def store_url(self) -> str:
+        return self.store or storage.join(self.url, "store")
 
 
 class LoggingSpec(_Section):
-    wandb_project: str = "raptor"
-    wandb_entity: str | None = None
+    wandb_project: str = Field("raptor", description="wandb project")
+    wandb_entity: str | None = Field(None, description="wandb team or user; null = the key's default")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline")
-    log_interval: int = Field(50, gt=0)
+    log_interval: int = Field(50, gt=0, description="steps between metric logs (console and wandb)")
     val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
 
 
@@ -255,14 +291,14 @@ class ClusterSpec(_Section):
     """Where the job runs on Kubernetes (KubeRay); read only by ``raptor k8s render``, never by training."""
 
     image: str = Field("ghcr.io/raptor-distill/raptor:0.1.0", description="image built from cluster/Dockerfile, for head, workers and submitter")
-    namespace: str = Field("raptor", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = Field("raptor", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="Kubernetes namespace of every object")
     service_account: str = Field("raptor", description="ServiceAccount of the Ray pods")
     service_account_annotations: dict[str, str] = Field(default_factory=dict, description="cloud workload identity, e.g. eks.amazonaws.com/role-arn, so pods reach S3 without keys")
     gpus_per_node: int = Field(8, gt=0, description="GPUs of one worker pod; workers are packed onto pods of this size")
     memory_per_worker_gib: int = Field(64, gt=0, description="host memory per Ray Train worker (half of a pod's memory backs /dev/shm)")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for worker pods, e.g. the GPU type")
     head_cpus: int = Field(8, gt=0, description="the head runs the driver and dashboard only (Ray schedules no work there)")
-    head_memory_gib: int = Field(32, gt=0)
+    head_memory_gib: int = Field(32, gt=0, description="memory of the head pod")
     wandb_secret: str | None = Field("raptor-wandb", description="Secret with key api-key -> WANDB_API_KEY; None = no wandb credentials")
     s3_secret: str | None = Field("raptor-s3", description="Secret with keys access-key-id, secret-access-key; optional where workload identity is used")
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="the job's Ray cluster is deleted this long after the job ends")
@@ -273,7 +309,7 @@ class ClusterSpec(_Section):
 class JobSpec(_Section):
     """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="name of the job; the RayJob and its pods are named after it")
     teacher: TeacherSpec
     data: DataSpec
     discovery: DiscoverySpec = Field(default_factory=DiscoverySpec)

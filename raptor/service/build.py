@@ -1,0 +1,165 @@
+"""From the job spec to what the libraries and the runner take: the one place a spec field is translated.
+
+The teacher (:class:`~raptor.train.job.TeacherRef`), each split's shards
+(:class:`~raptor.train.job.ShardSource`), a stage's hyperparameters (the core's
+:class:`~raptor.distill.StageConfig`) and a whole distillation stage for the Ray workers
+(:class:`~raptor.train.job.StageJob`) are built here, so one setting (image size, seed, crop scale,
+precision, warm-up) means the same thing in teacher training, discovery, the workers, the probe and
+the report.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from raptor import storage
+from raptor.distill import StageConfig
+from raptor.service.layout import Layout
+from raptor.service.spec import JobSpec, Stage1Spec, Stage2Spec, TokenWeights
+from raptor.train.job import (
+    CheckpointPlan,
+    DeepSpeedPlan,
+    LogPlan,
+    ScalingPlan,
+    ShardSource,
+    StageJob,
+    StageName,
+    StudentPlan,
+    TeacherRef,
+)
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers do not run in the driver's working directory)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """The spec with every local path (storage, data, teacher checkpoint) absolute."""
+    raw = spec.model_dump(mode="json")
+    for section, name in (("storage", "url"), ("storage", "store"), ("data", "train"), ("data", "val"),
+                          ("teacher", "checkpoint")):
+        if raw[section][name] is not None:
+            raw[section][name] = absolute(raw[section][name])
+    return JobSpec.model_validate(raw)
+
+
+def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
+    t = spec.teacher
+    return TeacherRef(name=t.name, img_size=t.img_size, checkpoint=layout.teacher, model_kwargs=dict(t.model_kwargs),
+                      precision=t.precision)
+
+
+def shard_source(spec: JobSpec, url: str, *, num_workers: int | None = None) -> ShardSource:
+    """``url``'s shards with the spec's data settings (seed, error budget, crop scale, image size)."""
+    d = spec.data
+    return ShardSource(url=url, batch_size=d.batch_size, image_size=spec.teacher.img_size, seed=d.seed,
+                       num_workers=d.num_workers if num_workers is None else num_workers,
+                       error_budget=d.error_budget, crop_scale=tuple(d.crop_scale))
+
+
+def val_source(spec: JobSpec, **kw: Any) -> ShardSource:
+    """The validation split (the training split when the spec has none), read by one process."""
+    return shard_source(spec, spec.data.val or spec.data.train, num_workers=0, **kw)
+
+
+def _weights(w: TokenWeights | None) -> tuple[float, float, float] | None:
+    return None if w is None else w.as_tuple()
+
+
+def stage_config(spec: JobSpec, stage: StageName) -> StageConfig:
+    """The core's StageConfig for ``stage`` of ``spec``.
+
+    ``loss: token`` is the token-group weighted MSE, ``mse`` plain MSE over all tokens;
+    ``schedule: constant`` holds the peak LR after warm-up (cosine floor = peak). Clipping is
+    DeepSpeed's (``deepspeed.gradient_clipping``), so the engine and the bare step agree.
+    """
+    s: Stage1Spec | Stage2Spec = getattr(spec, stage)
+    cfg: dict[str, Any] = dict(
+        stage=1 if stage == "stage1" else 2,
+        steps=s.steps,
+        lr=s.lr,
+        min_lr=s.lr if s.schedule == "constant" else s.min_lr,
+        warmup_steps=s.warmup,
+        weight_decay=s.weight_decay,
+        grad_clip=spec.deepspeed.gradient_clipping or None,
+        sigma=s.sigma,
+        loss="cosine" if s.loss == "cosine" else "mse",
+        token_weights=_weights(s.token_weights) if s.loss == "token" else None,
+    )
+    if isinstance(s, Stage1Spec):
+        cfg.update(
+            lambda_schedule=s.lambda_schedule,
+            lambda_min=s.lambda_min,
+            lambda_rho=s.lambda_rho,
+            horizon=s.horizon,
+            last_block_token_weights=_weights(s.last_block_token_weights),
+        )
+    return StageConfig(**cfg)
+
+
+def wandb_dir(spec: JobSpec) -> str:
+    """Offline wandb runs go beside a local run; for object storage, to $WANDB_DIR or a temp folder."""
+    if storage.scheme(spec.storage.url) == "file":
+        return os.path.join(spec.storage.url, "wandb")
+    return os.environ.get("WANDB_DIR") or os.path.join("/tmp", "raptor-wandb")
+
+
+def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any]) -> StageJob:
+    """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up."""
+    sc, ds, lg = spec.scaling, spec.deepspeed, spec.logging
+    student = StudentPlan(
+        boundaries=tuple(layout.boundaries()), mlp=spec.student.mlp, depth_scaling=spec.student.depth_scaling,
+        init=spec.student.init, seed=spec.data.seed,
+        init_url=layout.student("stage1") if stage == "stage2" else None,
+    )
+    return StageJob(
+        stage=stage,
+        config=stage_config(spec, stage),
+        teacher=teacher_ref(spec, layout),
+        student=student,
+        train=shard_source(spec, spec.data.train),
+        val=val_source(spec),
+        scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
+                            placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
+        deepspeed=DeepSpeedPlan(**ds.model_dump()),
+        checkpoints=CheckpointPlan(folder=layout.folder(stage), interval=spec.storage.checkpoint_interval,
+                                   keep=spec.storage.keep),
+        logging=LogPlan(
+            run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", log_interval=lg.log_interval,
+            val_interval=lg.val_interval, wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
+            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=spec.name,
+            config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
+        ),
+        out_url=layout.folder(stage),
+        manifest={"run": spec.name, "key": key, "inputs": inputs},
+    )
+
+
+def single_device(spec: JobSpec) -> torch.device:
+    """Where a single-process stage runs: the GPU of its Ray task with ``use_gpu``, else the CPU."""
+    return torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def single_process(spec: JobSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` in the driver (CPU) or as a Ray task on one GPU worker (``use_gpu``).
+
+    On CPU the driver takes one worker's share of threads (``scaling.cpus_per_worker``):
+    oversubscribed BLAS threads are many times slower on a busy machine. With ``use_gpu`` a driver
+    on a CPU-only head node still has the GPUs do the work.
+    """
+    sc = spec.scaling
+    if not sc.use_gpu:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(sc.cpus_per_worker)))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    import ray
+
+    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1)(fn)
+    return ray.get(task.remote(*args, **kwargs))

@@ -1,0 +1,175 @@
+"""The service's commands: ``raptor run``, ``submit``, ``teacher train``, ``analyze`` and ``k8s render``.
+
+``run`` executes the pipeline here: on the Ray cluster in ``RAY_ADDRESS`` (set by ``ray job
+submit`` for its entrypoint) or on a local Ray it starts (the embedded default). ``submit`` sends
+that same ``raptor run`` to a cluster through Ray's job API (``raptor.service.submit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+
+from raptor.errors import UserError
+from raptor.service.spec import JobSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+
+def _spec_args(p: argparse.ArgumentParser, what: str = "job spec YAML (path or URL)") -> None:
+    p.add_argument("spec", help=what)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set stage2.steps=2000 (repeatable; the value is YAML)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The service's commands (the top-level CLI imports this module only when one of them runs)."""
+    from raptor.service.k8s import OVERLAYS
+
+    p = subparsers.add_parser("run", help="run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report",
+                              description="Plan the stage graph of the spec (a content key per stage), print the plan, "
+                              "then make the artifacts that do not exist yet. Re-running a finished spec does nothing; "
+                              "a changed spec redoes exactly the stages whose inputs changed.")
+    _spec_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print per stage: done, will run or will resume, and why (which field changed); run nothing")
+    p.set_defaults(func=cmd_run)
+    p = subparsers.add_parser("submit", help="submit `raptor run SPEC` to a Ray cluster as a Ray job")
+    _spec_args(p, "job spec YAML (a path inside the working directory that is uploaded, or a URL)")
+    p.add_argument("--address", default=None, help="Ray dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.set_defaults(func=cmd_submit)
+    teacher = subparsers.add_parser("teacher", help="teacher models (train)")
+    sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="supervised training of the spec's timm ViT on data.train (drop-path from teacher.drop_path_rate)")
+    _spec_args(p)
+    p.add_argument("--out", default=None, help="output URL (default: the teacher's place in the spec's store)")
+    p.set_defaults(func=cmd_teacher_train)
+    p = subparsers.add_parser(
+        "analyze", help="dynamics and probe report of a finished run",
+        description="Read a run's artifacts (its run.json names them: spec, teacher, boundaries, student, probes), "
+        "analyse teacher and student on the val data (directional convergence, angular speed, patch-update rank and "
+        "coherence, basin robustness, fidelity) and write report.json, index.md, index.html and plots/.")
+    p.add_argument("run", metavar="RUN_URL", help="the run's folder (the spec's storage.url)")
+    p.add_argument("--out", metavar="URL", help="report folder (default: RUN_URL/report)")
+    p.add_argument("--samples", type=int, default=64, help="val images to analyse (default 64)")
+    p.add_argument("--layer-swap", action="store_true", help="also run the layer-swap study (L(L+1)/2 partial teacher passes)")
+    p.add_argument("--partition", type=int, default=0, metavar="N",
+                   help="partition study: distil on the max-cut boundaries and on N random partitions (same k and budget)")
+    p.add_argument("--ablation", action="store_true", help="ablation study: the paper's recipe table at this run's scale")
+    p.add_argument("--dense", action="store_true", help="segmentation (mIoU) and depth (RMSE) linear probes; needs dense shards")
+    p.add_argument("--study-samples", type=int, default=512, help="train images the studies and dense probes use (default 512)")
+    p.add_argument("--study-steps", type=int, help="steps per stage for the studies' students (default: the run's)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the basin perturbations")
+    p.set_defaults(func=cmd_analyze)
+    k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests generated from a job spec")
+    actions = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "render", help="render the RayJob (with its RayCluster), NetworkPolicy, ServiceAccount and namespace for a spec",
+        description="The entrypoint, runtime env, worker pods, GPUs and resources all come from the spec; "
+        "an overlay is a named set of --set overrides that the job's entrypoint repeats.")
+    _spec_args(p, "job spec path (as the image sees it, e.g. jobs/distill_k3.yaml) or URL")
+    p.add_argument("--overlay", choices=sorted(OVERLAYS), default="multinode", help="dev: 1 GPU worker; multinode: the spec's scaling (default)")
+    p.add_argument("--out", help="write DIR/base and DIR/overlays/OVERLAY for `kubectl apply -k`; default: print a YAML stream")
+    p.set_defaults(func=cmd_k8s_render)
+
+
+def connect_ray(spec: JobSpec) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray big enough for the spec's workers."""
+    import ray
+
+    from raptor import console
+
+    if not ray.is_initialized():
+        console.adopt_ray_loggers()
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        else:
+            need = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+            # the workers' CPUs are Ray's bookkeeping, not threads: a smaller laptop still runs the default
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), logging_level=logging.WARNING)
+        console.adopt_ray_loggers()
+    console.route_worker_output()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raptor import console
+    from raptor.service.pipeline import run_pipeline
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        run_pipeline(spec, dry_run=True)
+        return 0
+    path = console.log_file(spec.storage.url, spec.name)
+    log.info("raptor run %s: full log in %s", spec.name, path)
+    t0 = time.perf_counter()
+    timings = run_pipeline(spec, before_work=lambda: connect_ray(spec))
+    total = time.perf_counter() - t0
+    ran = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) or "nothing to do: every stage was done"
+    report = f"{spec.storage.url.rstrip('/')}/report/index.md"
+    print(f"raptor run {spec.name}: finished in {total:.0f}s ({ran}); report {report}, index {spec.storage.url.rstrip('/')}/run.json")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    from raptor.service.submit import follow, submission, submit
+
+    spec = load_spec(args.spec, args.overrides)  # fail here, not on the cluster, on a bad spec
+    address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    job = submission(args.spec, spec, args.overrides)
+    job_id = submit(client, job, spec.name, address)
+    print(f"submitted {job_id} to {address}: {job['entrypoint']}")
+    if args.no_wait:
+        return 0
+    return 0 if follow(client, job_id) else 1
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> int:
+    from raptor.service.build import absolute_paths
+    from raptor.service.pipeline import plan
+    from raptor.service.stages.teacher import train_teacher
+
+    spec = absolute_paths(load_spec(args.spec, args.overrides))
+    if spec.teacher.train is None:
+        raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
+    out = args.out or plan(spec)[1].teacher
+    metrics = train_teacher(spec, out)
+    print(json.dumps({"teacher": out, **metrics}))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from raptor.service.stages.report import Studies, analyze
+
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1 (got {args.samples})")
+    studies = Studies(layer_swap=args.layer_swap, partition=args.partition, ablation=args.ablation, dense=args.dense,
+                      samples=args.study_samples, steps=args.study_steps)
+    written = analyze(args.run, args.out, max_samples=args.samples, studies=studies, device=args.device, seed=args.seed)
+    for kind, url in written.items():
+        print(f"{kind}: {url}")
+    return 0
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from raptor.service.k8s import dump, render, write_tree
+
+    objects = render(args.spec, args.overlay, args.overrides)
+    if args.out is None:
+        print(dump(objects), end="")
+        return 0
+    for path in write_tree(objects, args.out, args.overlay, args.spec):
+        log.info("wrote %s", path)
+    log.info("apply with: kubectl apply -k %s/overlays/%s", args.out, args.overlay)
+    return 0

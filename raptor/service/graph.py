@@ -1,0 +1,174 @@
+"""The stage graph: every artifact is named by what it was made from, like a build system's cache.
+
+Each :class:`Stage` declares the spec fields it reads and the stages it consumes. Its artifact's
+identity is a short content key: a hash of the canonical JSON of those fields' values (after
+validation, so a default written out and a default left implicit are the same) and of the upstream
+stages' keys. Fields that do not change the result are listed, each with the reason, in
+``ignores`` next to the stage; :data:`NOT_INPUTS` lists the spec fields no stage reads. A stage is
+done when the artifact for ITS key exists, so re-running a changed spec redoes exactly the stages
+whose inputs changed, and runs or sweep trials whose inputs agree share one artifact.
+
+:func:`plan` computes every key up front (keys depend on inputs, never on outputs) and says for each
+stage: done, will run, or will resume, and why (which field differs from the artifact this run
+used before), like ``make -n``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from raptor.service.spec import JobSpec
+
+if TYPE_CHECKING:
+    from raptor.service.layout import Layout
+
+KEY_LENGTH = 16  # hex digits: 64 bits, no collision among any realistic number of artifacts
+
+# Spec fields that are an input of no stage, and why (a test checks that every field of the spec is
+# read by a stage, ignored by one with a reason, or listed here, so a new field forces the decision).
+NOT_INPUTS: dict[str, str] = {
+    "name": "a label: wandb runs and Kubernetes objects are named after it",
+    "runtime_env": "how `raptor submit` ships the code, not what it computes",
+    "cluster": "where Kubernetes runs the job, read only by `raptor k8s render`",
+    "logging": "what is reported and how often; the weights do not depend on it",
+    "storage.url": "where this run's index and report copy live, not what they hold",
+    "storage.store": "where artifacts are kept, not what they hold",
+    "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
+    "storage.keep": "how many checkpoints are kept",
+    "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.resources_per_worker": "a resource request; the work per rank is the same",
+    "scaling.placement_strategy": "where the ranks are placed, not what they compute",
+    "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
+    "data.error_budget": "decides only whether bad data stops the run",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline and what its artifact is made from.
+
+    ``reads``: dotted spec paths (a section name covers the whole section), or a function of the
+    spec when the inputs depend on it (a given teacher checkpoint vs a teacher trained here).
+    ``ignores``: fields the stage uses (or that lie under ``reads``) that do not change its
+    artifact, each with the reason.
+    ``given``: the spec supplies the artifact itself (e.g. ``teacher.checkpoint``); it is checked,
+    never made. ``version``: bumped when the stage computes something else from the same inputs.
+    """
+
+    name: str
+    reads: tuple[str, ...] | Callable[[JobSpec], tuple[str, ...]]
+    upstream: tuple[str, ...]
+    run: Callable[["StageContext"], dict[str, Any]]
+    ignores: Mapping[str, str] = field(default_factory=dict)
+    given: Callable[[JobSpec], bool] = lambda spec: False
+    version: int = 1
+
+    def fields(self, spec: JobSpec) -> tuple[str, ...]:
+        return self.reads(spec) if callable(self.reads) else self.reads
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    node = tree
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k in sorted(value):
+            out.update(_flatten(value[k], f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def inputs(stage: Stage, spec: JobSpec) -> dict[str, Any]:
+    """The values of the fields ``stage`` reads, flattened to dotted leaves, without its ``ignores``."""
+    raw = spec.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for path in stage.fields(spec):
+        out.update(_flatten(_lookup(raw, path), path))
+    return {k: v for k, v in sorted(out.items()) if not any(_under(k, ig) for ig in stage.ignores)}
+
+
+def content_key(stage: Stage, values: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """sha256 of the canonical JSON of (stage, version, inputs, upstream keys), shortened."""
+    payload = {"stage": stage.name, "version": stage.version, "inputs": dict(values), "upstream": dict(upstream)}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_LENGTH]
+
+
+@dataclass
+class Step:
+    """One stage of a plan: its key, inputs, where its artifact is, and whether it needs to run."""
+
+    stage: Stage
+    key: str
+    inputs: dict[str, Any]
+    upstream: dict[str, str]
+    url: str
+    status: str = "will run"  # "done" | "will run" | "will resume" | "missing" (a given artifact that is not there)
+    why: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: the spec, every artifact path, and its own step of the plan."""
+
+    spec: JobSpec
+    layout: "Layout"
+    step: Step
+
+    @property
+    def folder(self) -> str:
+        return self.step.url
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 3) -> str:
+    """``stage2.lr: 0.001 -> 0.002, ...`` for the fields whose values differ."""
+    diffs = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def explain(step: Step, previous: Mapping[str, Any] | None, rebuilt: set[str]) -> str:
+    """Why ``step`` will run: the fields that differ from what this run used before, or its upstream."""
+    before = (previous or {}).get(step.name)
+    if before is None:
+        return "not made yet"
+    if before.get("key") == step.key:
+        return "artifact missing or unfinished"
+    fields = changed_fields(before.get("inputs", {}), step.inputs)
+    if fields:
+        return fields
+    ups = [u for u in step.stage.upstream if u in rebuilt or (before.get("upstream") or {}).get(u) != step.upstream.get(u)]
+    return f"upstream {', '.join(ups)} changed" if ups else "stage version changed"
+
+
+def render_table(steps: list[Step]) -> str:
+    """The plan as a table a person reads before anything starts (and ``--dry-run`` prints)."""
+    rows = [("stage", "key", "status", "why")] + [(s.name, s.key[:12], s.status, s.why) for s in steps]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows)

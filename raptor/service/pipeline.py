@@ -1,0 +1,173 @@
+"""``raptor run``: plan the stage graph for a spec, then make exactly the artifacts that are missing.
+
+The plan (:func:`plan`) gives every stage its content key (``raptor.service.graph``), its artifact
+folder in the store and a status: done (an artifact with this key exists, made by this run or by
+any other that points at the same store), will resume (a training stage with checkpoints under
+its key), will run, or missing (an artifact the spec gives, such as ``teacher.checkpoint``, that is
+not there). The run then executes the stages that are not done, in order; each writes its files
+into its folder and the pipeline writes the folder's ``stage.json`` last, so a folder with a marker
+holds a complete artifact and a crash leaves no half-artifact that counts as done.
+
+The run folder keeps what a person opens: ``spec.yaml``, ``run.json`` (stage -> key -> URL, the
+inputs, with the spec that ran) and a copy of the report in ``report/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable
+
+from raptor import storage
+from raptor.data.shards import dataset_folder
+from raptor.errors import UserError
+from raptor.service import stages as stage_defs
+from raptor.service.build import absolute_paths
+from raptor.service.graph import Step, StageContext, content_key, explain, inputs, render_table
+from raptor.service.layout import Layout
+from raptor.service.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"checkpoint_step(\d+)$")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _location(step_name: str, spec: JobSpec, layout: Layout, key: str) -> str:
+    if step_name == "data":
+        return dataset_folder(spec.data.train)
+    if step_name == "teacher" and spec.teacher.checkpoint is not None:
+        return spec.teacher.checkpoint
+    return layout.keyed(step_name, key)
+
+
+def _newest_checkpoint(folder: str) -> int | None:
+    """The step of the newest Ray Train checkpoint under a training stage's folder, if any."""
+    steps = [int(m.group(1)) for name in storage.listdir(storage.join(folder, "checkpoints")) if (m := _CHECKPOINT.match(name))]
+    return max(steps) if steps else None
+
+
+def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] | None, rebuilt: set[str]) -> tuple[str, str]:
+    stage = step.stage
+    if stage.given(spec):
+        if step.name == "teacher" and not storage.exists(step.url):
+            return "missing", f"teacher.checkpoint: no such file {step.url}"
+        return "done", f"given: {step.url}"
+    if step.name == "data":
+        return ("done", "") if stage_defs.data.is_done(spec) else ("will run", f"writes {step.url}")
+    marker = storage.join(step.url, "stage.json")
+    if storage.exists(marker):
+        made = storage.read_json(marker).get("made_by", {})
+        other = made.get("run") not in (None, spec.storage.url)
+        return "done", f"shared: made by run {made.get('name')} ({made.get('run')})" if other else ""
+    if step.name in ("stage1", "stage2") and (at := _newest_checkpoint(step.url)) is not None:
+        return "will resume", f"from its checkpoint at step {at}"
+    return "will run", explain(step, previous, rebuilt)
+
+
+def previous_index(spec: JobSpec) -> dict[str, Any] | None:
+    """The stages of this run folder's last ``run.json``: what the run used before, for the plan's "why"."""
+    url = storage.join(spec.storage.url, "run.json")
+    return storage.read_json(url).get("stages") if storage.exists(url) else None
+
+
+def plan(spec: JobSpec) -> tuple[list[Step], Layout]:
+    """Every stage's key, artifact URL and status; nothing is written."""
+    previous = previous_index(spec)
+    layout = Layout(run_url=spec.storage.url, store_url=spec.storage.store_url,
+                    teacher_checkpoint=spec.teacher.checkpoint)
+    keys: dict[str, str] = {}
+    steps: list[Step] = []
+    rebuilt: set[str] = set()
+    for stage in stage_defs.STAGES:
+        values = inputs(stage, spec)
+        upstream = {u: keys[u] for u in stage.upstream}
+        key = keys[stage.name] = content_key(stage, values, upstream)
+        step = Step(stage, key, values, upstream, _location(stage.name, spec, layout, key))
+        layout.folders[stage.name] = step.url
+        step.status, step.why = _status(step, spec, layout, previous, rebuilt)
+        if not step.done:
+            rebuilt.add(stage.name)
+        steps.append(step)
+    return steps, layout
+
+
+def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:
+    """``run.json``: stage -> key -> artifact URL (with its inputs and status), and the spec that ran."""
+    storage.write_json(layout.index, {
+        "name": spec.name,
+        "updated": _now(),
+        "store": layout.store_url,
+        "teacher_checkpoint": spec.teacher.checkpoint,
+        "spec": spec.model_dump(mode="json"),
+        "stages": {s.name: {"key": s.key, "url": s.url, "status": "done" if s.done else "pending",
+                            "inputs": s.inputs, "upstream": s.upstream} for s in steps},
+    })
+
+
+def save_spec(spec: JobSpec, layout: Layout) -> None:
+    """``spec.yaml`` beside the index. A changed spec replaces it; the old one is kept as ``spec.<UTC time>.yaml``."""
+    url, text = layout.spec_file, spec.to_yaml()
+    if storage.exists(url):
+        old = storage.read_bytes(url)
+        if old.decode() == text:
+            return
+        kept = layout.run(f"spec.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml")
+        storage.write_bytes(kept, old)
+        log.info("the spec changed since this run's last start; the old one is kept as %s", kept)
+    storage.write_bytes(url, text.encode())
+
+
+def publish_report(layout: Layout) -> None:
+    """Copy the report from the store into the run folder, where a person looks for it."""
+    storage.remove(layout.run_report)
+    storage.copy_tree(layout.report, layout.run_report)
+
+
+def execute(spec: JobSpec, layout: Layout, step: Step) -> float:
+    """Run one stage and mark its artifact done (``stage.json``, written last); returns seconds."""
+    log.info("stage %s: running%s", step.name, f" ({step.why})" if step.why else "")
+    t0 = time.perf_counter()
+    summary = step.stage.run(StageContext(spec, layout, step))
+    seconds = time.perf_counter() - t0
+    if not step.stage.given(spec) and step.name != "data":
+        storage.write_json(storage.join(step.url, "stage.json"), {
+            "stage": step.name, "key": step.key, "version": step.stage.version, "inputs": step.inputs,
+            "upstream": step.upstream, "summary": summary, "seconds": round(seconds, 1), "finished": _now(),
+            "made_by": {"name": spec.name, "run": spec.storage.url},
+        })
+    step.status, step.why = "done", ""
+    log.info("stage %s: done in %.0fs", step.name, seconds)
+    return seconds
+
+
+def run_pipeline(spec: JobSpec, *, dry_run: bool = False, before_work: Callable[[], None] | None = None) -> dict[str, float]:
+    """Plan, print the plan, and run every stage that is not done; returns seconds per stage run.
+
+    ``before_work`` is called once, before the first stage that runs (``raptor run`` connects to
+    Ray there, so a finished job re-runs without starting a cluster).
+    """
+    spec = absolute_paths(spec)
+    steps, layout = plan(spec)
+    log.info("plan for %s (store %s):\n%s", spec.name, layout.store_url, render_table(steps))
+    missing = [s for s in steps if s.status == "missing"]
+    if missing:
+        raise UserError(missing[0].why)
+    if dry_run:
+        return {}
+    storage.makedirs(layout.run_url)
+    save_spec(spec, layout)
+    write_index(spec, layout, steps)
+    timings: dict[str, float] = {}
+    for step in steps:
+        if not step.done:
+            if before_work is not None and not timings:
+                before_work()
+            timings[step.name] = execute(spec, layout, step)
+            write_index(spec, layout, steps)
+    publish_report(layout)
+    return timings

@@ -1,0 +1,61 @@
+"""The pipeline's stages, in order, with what each one's artifact is made from.
+
+    data       the generated shards (data.generate), in the data folders the spec names
+    teacher    teacher.safetensors + metrics.json: trained here, or the spec's checkpoint (given)
+    distances  distances.npy: the layer-distance matrix of the teacher on the val images
+    discovery  segmentation.json + distances.png: the max-cut boundaries (or the spec's fixed ones)
+    stage1     student.safetensors + manifest.json + history.json: all k blocks on their segments
+    stage2     the same for the chained student, rolled out over all L layers
+    probe      results.json: linear probes, teacher vs student (same head init) and fine-tuned student
+    report     report.json, index.md, index.html, plots/ (copied into the run folder)
+
+Each declaration names the spec fields the stage reads; the ``ignores`` beside it say which of
+those cannot change its artifact and why (the rest of the spec is in ``graph.NOT_INPUTS``).
+"""
+
+from __future__ import annotations
+
+from raptor.service.graph import Stage
+from raptor.service.spec import JobSpec
+from raptor.service.stages import data, discovery, distill, probe, report, teacher
+
+# what every stage that trains the student on the shards reads (beside its own section)
+_TRAINING = ("student", "data.train", "data.batch_size", "data.num_workers", "data.seed", "data.crop_scale",
+             "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
+_TRAINING_IGNORES = {
+    "deepspeed.zero_stage": "sharding reorders float sums only: ZeRO 0-3 agree to 1e-4 after training steps",
+    "deepspeed.offload_optimizer": "where optimizer states live, not their values",
+    "deepspeed.offload_param": "where parameters live, not their values",
+    "deepspeed.activation_checkpointing": "recomputation gives the same activations",
+}
+
+
+def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
+    if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
+        return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
+    return ("teacher", "data.train", "data.val", "data.generate", "data.seed", "data.crop_scale", "scaling.use_gpu")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", reads=("data.train", "data.val", "data.generate"), upstream=(),
+          run=data.run, given=lambda spec: spec.data.generate is None),
+    Stage("teacher", reads=_teacher_reads, upstream=("data",), run=teacher.run,
+          given=lambda spec: spec.teacher.checkpoint is not None),
+    Stage("distances",
+          reads=("discovery.metric", "discovery.num_images", "data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+          upstream=("teacher",), run=discovery.run_distances,
+          ignores={"data.batch_size": "batches only group the images; the average over them is the same"}),
+    Stage("discovery", reads=("discovery.k", "discovery.method", "discovery.boundaries"),
+          upstream=("distances",), run=discovery.run_discovery),
+    Stage("stage1", reads=("stage1",) + _TRAINING, upstream=("discovery",),
+          run=distill.runner("stage1"), ignores=_TRAINING_IGNORES),
+    Stage("stage2", reads=("stage2",) + _TRAINING, upstream=("stage1",),
+          run=distill.runner("stage2"), ignores=_TRAINING_IGNORES),
+    Stage("probe", reads=("probe", "data.train", "data.val", "data.seed", "teacher.precision", "scaling.use_gpu"),
+          upstream=("stage2",), run=probe.run),
+    Stage("report", reads=("data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+          upstream=("distances", "discovery", "stage2", "probe"), run=report.run,
+          ignores={"data.batch_size": "batches only group the analysed images"}),
+)
+
+BY_NAME = {s.name: s for s in STAGES}

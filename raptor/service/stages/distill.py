@@ -1,0 +1,30 @@
+"""Stages 1 and 2: Ray Train + DeepSpeed jobs built from the spec (``raptor.service.build.stage_job``).
+
+Stage 1 trains all k blocks at once, each on its segment (teacher forcing annealed into
+autoregression); stage 2 chains the stage-1 blocks and rolls them out over all L layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from raptor.service.build import stage_job
+from raptor.service.graph import StageContext
+from raptor.train.job import StageName
+
+log = logging.getLogger(__name__)
+
+
+def runner(stage: StageName) -> Callable[[StageContext], dict[str, Any]]:
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from raptor.train.launch import run_stage  # Ray Train is loaded only when a stage trains
+
+        job = stage_job(ctx.spec, stage, ctx.layout, ctx.step.key, ctx.step.inputs)
+        metrics = run_stage(job)
+        summary = {k: metrics[k] for k in ("loss", "val/all/update_r2/mean", "val/all/update_r2/min") if k in metrics}
+        log.info("%s: loss %.4g, validation update-R^2 mean %.3f", stage, metrics.get("loss", float("nan")),
+                 metrics.get("val/all/update_r2/mean", float("nan")))
+        return summary
+
+    return run

@@ -1,0 +1,86 @@
+"""The probe stage: linear classification probes on frozen teacher and student features.
+
+One pass of the teacher over each split serves both backbones: the student rolls out from the
+teacher's own a_0, and both final states go through the teacher's final norm and readout
+([cls, mean patch]). The probes are :func:`raptor.eval.train_linear_probe` (DINOv2 protocol, a
+learning-rate grid). Like is compared with like: the teacher's and the student's heads start from
+the same (DINOv2) initialisation, and the student's share of the teacher's accuracy is theirs. The
+paper's variant, the student's head fine-tuned from the teacher's trained probe head (METHOD.md
+section 5, +0.6 points), is its own row, ``student_finetuned``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from raptor import data, storage
+from raptor.errors import UserError
+from raptor.eval import extract_features, student_share, train_linear_probe
+from raptor.models import Raptor, Teacher, load_student
+from raptor.service.build import shard_source, single_device, single_process, teacher_ref
+from raptor.service.graph import StageContext
+from raptor.service.spec import JobSpec
+from raptor.train.job import TeacherRef
+
+log = logging.getLogger(__name__)
+
+
+def _features(
+    teacher: Teacher, student: Raptor, batches: data.ShardLoader, device: torch.device, amp: torch.dtype | bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(teacher features, student features, labels): one teacher pass per batch serves both."""
+
+    def both(images: torch.Tensor) -> torch.Tensor:
+        traj = teacher.trajectory(images, amp=amp)
+        last = student.rollout(traj[:, 0].float())[:, -1]
+        return torch.cat([teacher.readout(traj[:, -1]).float(), teacher.readout(last).float()], dim=1)
+
+    feats, labels = extract_features(both, batches, device=device)
+    teacher_feats, student_feats = feats.chunk(2, dim=1)
+    return teacher_feats, student_feats, labels
+
+
+def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str, Any]:
+    """Teacher, student and fine-tuned student linear probes (train split -> val split)."""
+    if not spec.data.val:
+        raise UserError("data.val: the probe stage needs a validation split")
+    device = single_device(spec)
+    teacher = teacher_ref.load(device)
+    amp = teacher_ref.amp(device)
+    student, _ = load_student(student_url, teacher)
+
+    splits = {}
+    for name, url in (("train", spec.data.train), ("val", spec.data.val)):
+        splits[name] = _features(teacher, student, shard_source(spec, url, num_workers=0).loader(train=False), device, amp)
+    (train_t, train_s, train_y), (val_t, val_s, val_y) = splits["train"], splits["val"]
+    p = spec.probe
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    kw = dict(num_classes=num_classes, lrs=p.lrs, epochs=p.epochs, batch_size=p.batch_size,
+              weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, seed=spec.data.seed)
+    res_t = train_linear_probe(train_t, train_y, val_t, val_y, **kw)
+    res_s = train_linear_probe(train_s, train_y, val_s, val_y, **kw)
+    result: dict[str, Any] = {
+        "teacher": res_t.to_dict(),
+        "student": res_s.to_dict(),
+        "student_share": student_share(res_s.top1, res_t.top1) if res_t.top1 > 0 else None,
+        "head_init": "dinov2 default (the same for teacher and student)",
+        "num_train": len(train_y),
+        "num_val": len(val_y),
+    }
+    if p.init_from_teacher_head:
+        res_f = train_linear_probe(train_s, train_y, val_s, val_y, init=(res_t.weight, res_t.bias), **kw)
+        result["student_finetuned"] = {**res_f.to_dict(), "init": "the teacher's probe head"}
+    return result
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec
+    result = single_process(spec, probe, spec, teacher_ref(spec, ctx.layout), ctx.layout.student("stage2"))
+    storage.write_json(ctx.layout.probe, result)
+    log.info("probe: teacher top-1 %.3f, student top-1 %.3f (share %.1f%%)%s", result["teacher"]["top1"],
+             result["student"]["top1"], 100 * (result["student_share"] or 0),
+             f", fine-tuned from the teacher's head {result['student_finetuned']['top1']:.3f}" if "student_finetuned" in result else "")
+    return {m: result[m]["top1"] for m in ("teacher", "student", "student_finetuned") if m in result}

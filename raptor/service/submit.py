@@ -1,0 +1,70 @@
+"""Sending ``raptor run SPEC`` to a Ray cluster: the entrypoint (built here only), runtime_env, the job API.
+
+``raptor submit`` and the KubeRay RayJob (``raptor k8s render``) run the same entrypoint; the
+spec's ``runtime_env`` ships the code (the working directory is uploaded unless the spec names its
+own), so submitting a spec file is one command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from typing import Any, Sequence
+
+from raptor.errors import UserError
+from raptor.service.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def entrypoint(spec_ref: str, overrides: Sequence[str], command: str = "run") -> str:
+    """``raptor run SPEC --set ...``: the spec path as given (relative to the job's working directory, or a URL)."""
+    return shlex.join(["raptor", command, spec_ref, *(arg for o in overrides for arg in ("--set", o))])
+
+
+def submission(spec_path: str, spec: JobSpec, overrides: list[str], command: str = "run") -> dict[str, Any]:
+    """Entrypoint and runtime_env of the Ray job for ``raptor run SPEC --set ...``."""
+    if "://" in spec_path or os.path.isabs(spec_path):
+        path = spec_path
+    else:
+        path = os.path.relpath(spec_path)
+        if path.startswith(".."):
+            raise UserError(f"{spec_path}: the spec must lie inside the working directory that is uploaded ({os.getcwd()})")
+    runtime_env = dict(spec.runtime_env)
+    runtime_env.setdefault("working_dir", ".")
+    return {"entrypoint": entrypoint(path, overrides, command), "runtime_env": runtime_env}
+
+
+def submit(client: Any, job: dict[str, Any], name: str, address: str, wait_s: float = 90.0) -> str:
+    """Submit, retrying while the head has no job agent yet (seconds after a cluster starts or scales)."""
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**job, metadata={"raptor_spec": name})
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() + delay > deadline:
+                raise UserError(f"the Ray cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
+            log.info("Ray has no job agent ready yet; retrying in %.0fs", delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def follow(client: Any, job_id: str) -> bool:
+    """Print the job's log as it grows until the job ends; True when it succeeded."""
+    from ray.job_submission import JobStatus
+
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    printed = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        print(logs[printed:], end="", flush=True)
+        printed = len(logs)
+        if status in terminal:
+            break
+        time.sleep(2)
+    print(f"job {job_id}: {status.value}")
+    return status == JobStatus.SUCCEEDED

@@ -1,0 +1,85 @@
+"""A distillation stage as a Ray Train V2 job: a TorchTrainer around :class:`~raptor.train.trainer.Trainer`.
+
+Checkpoints live in the job's checkpoint folder (``{store}/{stage}/{key}/checkpoints``): re-running a
+stage with the same key (after a crash, a Ctrl-C or a preempted cluster) resumes from its newest
+checkpoint, and a stage with other inputs starts afresh in its own folder. Worker crashes inside one
+run are retried up to ``max_failures`` times from the newest checkpoint (``FailureConfig``).
+Object-store folders (``s3://...``) are handed to Ray as a pyarrow filesystem over the same fsspec
+filesystem every other artifact uses, so the AWS variables (endpoint, credentials) mean the same
+thing to checkpoints as to shards and exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray.train
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raptor import storage
+from raptor.train.job import ShardSource, StageJob
+from raptor.train.trainer import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+def run_config(job: StageJob) -> ray.train.RunConfig:
+    """RunConfig(name="checkpoints", storage_path=<the stage's key folder>): the same on every re-run, hence resume."""
+    folder = job.checkpoints.folder
+    fs_args: dict[str, Any] = {}
+    if storage.scheme(folder) == "file":
+        path = os.path.abspath(folder)
+    else:
+        fs, path = storage.filesystem(folder)
+        fs_args["storage_filesystem"] = PyFileSystem(FSSpecHandler(fs))
+    return ray.train.RunConfig(
+        name=CHECKPOINTS,
+        storage_path=path,
+        failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoints.keep),
+        **fs_args,
+    )
+
+
+def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
+    s = job.scaling
+    return ray.train.ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=dict(s.resources_per_worker),
+        placement_strategy=s.placement_strategy,
+    )
+
+
+def preflight(train: ShardSource, world_size: int) -> None:
+    """Fail in the driver, with the data layer's one-line message, on data the workers cannot split.
+
+    Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
+    """
+    for rank in range(world_size):
+        train.loader(train=True, rank=rank, world_size=world_size)
+
+
+def run_stage(job: StageJob) -> dict[str, Any]:
+    """Train ``job`` on the connected Ray cluster; the student is exported to ``job.out_url``.
+
+    Returns the metrics rank 0 reported last. Raises ``ray.train.TrainingFailedError`` when the
+    workers failed more than ``max_failures`` times.
+    """
+    preflight(job.train, job.scaling.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(job),
+        run_config=run_config(job),
+    )
+    log.info("%s: %d Ray Train workers, ZeRO-%d, effective batch %d, %d steps", job.stage, job.scaling.num_workers,
+             job.deepspeed.zero_stage, job.effective_batch, job.config.steps)
+    result = trainer.fit()
+    return dict(result.metrics or {})

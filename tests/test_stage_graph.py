@@ -1,0 +1,170 @@
+"""The stage graph without training: which keys a spec change moves, the plan's status and its "why".
+
+The end-to-end tests (tests/test_service.py) show the same behaviour on real runs; these pin the
+rules down exactly and in seconds.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from raptor import storage
+from raptor.service.graph import NOT_INPUTS, content_key, inputs
+from raptor.service.pipeline import plan, write_index
+from raptor.service.spec import JobSpec, apply_overrides, parse_spec
+from raptor.service.stages import BY_NAME, STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = [s.name for s in STAGES]
+
+
+def _spec(tmp_path: Path, *overrides: str) -> JobSpec:
+    raw = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    raw["storage"]["url"] = str(tmp_path / "run")
+    raw["data"].update(train=str(tmp_path / "data" / "train"), val=str(tmp_path / "data" / "val"))
+    return parse_spec(apply_overrides(raw, list(overrides)))
+
+
+def _keys(spec: JobSpec) -> dict[str, str]:
+    return {s.name: s.key for s in plan(spec)[0]}
+
+
+def _moved(tmp_path: Path, *overrides: str) -> list[str]:
+    before, after = _keys(_spec(tmp_path)), _keys(_spec(tmp_path, *overrides))
+    return [name for name in ORDER if before[name] != after[name]]
+
+
+@pytest.mark.parametrize(
+    "overrides, moved",
+    [
+        (["stage2.lr=0.002"], ["stage2", "probe", "report"]),
+        (["teacher.drop_path_rate=0.2"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),
+        (["stage1.lambda_rho=0.5"], ["stage1", "stage2", "probe", "report"]),
+        (["discovery.k=4"], ["discovery", "stage1", "stage2", "probe", "report"]),  # the distances are shared over k
+        (["discovery.metric=cka"], ["distances", "discovery", "stage1", "stage2", "probe", "report"]),
+        (["scaling.num_workers=4"], ["stage1", "stage2", "probe", "report"]),  # the effective batch; not the teacher
+        (["probe.epochs=2"], ["probe", "report"]),
+        (["logging.log_interval=7", "logging.val_interval=9", "storage.keep=5", "storage.checkpoint_interval=3",
+          "name=renamed", "deepspeed.zero_stage=3", "scaling.max_failures=0", "cluster.gpus_per_node=4"], []),
+    ],
+)
+def test_a_change_moves_exactly_the_keys_of_the_stages_that_read_it(tmp_path, overrides, moved):
+    """Catches a stage that misses an input (stale artifact reused) or reads one it should not (needless recompute)."""
+    assert _moved(tmp_path, *overrides) == moved
+
+
+def test_explicit_defaults_and_implicit_ones_give_the_same_keys(tmp_path):
+    """Catches keys over the YAML text instead of the validated values: writing a default out must not recompute."""
+    spelled = _spec(tmp_path, "stage2.weight_decay=0.0001", "stage2.token_weights={cls: 0.45, reg: 0.1, patch: 0.45}",
+                    "discovery.method=dp", "student.mlp=swiglu", "data.error_budget=0.01")
+    assert _keys(spelled) == _keys(_spec(tmp_path))
+
+
+def test_a_given_teacher_checkpoint_is_its_own_identity(tmp_path):
+    """Catches a given teacher keyed by training settings it never used (drop-path would recompute everything)."""
+    base = _spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors")
+    assert _keys(base) == _keys(_spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors", "teacher.drop_path_rate=0.3"))
+    assert _keys(base)["teacher"] != _keys(_spec(tmp_path, f"teacher.checkpoint={tmp_path}/other.safetensors"))["teacher"]
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        sub = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        out += _leaves(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+    return out
+
+
+def test_every_spec_field_is_an_input_or_says_why_not(tmp_path):
+    """Catches a new spec field that no stage keys on and nobody decided about: its changes would be silently ignored."""
+    read: set[str] = set()
+    for spec in (_spec(tmp_path), _spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors")):
+        for stage in STAGES:
+            read |= set(stage.fields(spec)) | set(stage.ignores)
+    covered = read | set(NOT_INPUTS)
+    missing = [f for f in _leaves(JobSpec) if not any(f == c or f.startswith(c + ".") for c in covered)]
+    assert missing == []
+    assert all(reason for s in STAGES for reason in s.ignores.values()) and all(NOT_INPUTS.values())
+
+
+def test_key_is_over_inputs_and_upstream_keys():
+    """Catches a key that ignores its upstream: a new teacher must move the distances' key though their own fields agree."""
+    stage = BY_NAME["distances"]
+    values = {"discovery.metric": "cosine"}
+    assert content_key(stage, values, {"teacher": "a"}) != content_key(stage, values, {"teacher": "b"})
+    assert content_key(stage, values, {"teacher": "a"}) == content_key(stage, dict(values), {"teacher": "a"})
+    assert len(content_key(stage, values, {})) == 16
+
+
+def _finish(spec: JobSpec, upto: str) -> None:
+    """Pretend a run finished every stage up to ``upto``: each keyed folder gets its marker, and run.json is written."""
+    steps, layout = plan(spec)
+    for step in steps:
+        if step.name == "data":
+            for folder in ("train", "val"):
+                storage.write_json(str(Path(spec.data.train).parent / folder / "_info.json"), {})
+        elif not step.done:
+            storage.write_json(storage.join(step.url, "stage.json"), {"made_by": {"name": spec.name, "run": spec.storage.url}})
+            step.status = "done"
+        if step.name == upto:
+            break
+    write_index(spec, layout, plan(spec)[0])
+
+
+def _plan(spec: JobSpec) -> dict[str, tuple[str, str]]:
+    return {s.name: (s.status, s.why) for s in plan(spec)[0]}
+
+
+def test_plan_says_what_runs_and_which_field_changed(tmp_path):
+    """Catches a dry-run that cannot say why a stage runs (the "make -n" of a run)."""
+    spec = _spec(tmp_path)
+    assert _plan(spec)["teacher"] == ("will run", "not made yet")
+    _finish(spec, "report")
+    assert {s for s, (status, _) in _plan(spec).items()} == set(ORDER)
+    assert all(status == "done" for status, _ in _plan(spec).values())
+
+    changed = _plan(_spec(tmp_path, "stage2.lr=0.002"))
+    assert changed["stage1"][0] == "done"
+    assert changed["stage2"] == ("will run", "stage2.lr: 0.001 -> 0.002")
+    assert changed["probe"] == ("will run", "upstream stage2 changed")
+    assert changed["report"] == ("will run", "upstream stage2, probe changed")
+
+    teacher = _plan(_spec(tmp_path, "teacher.drop_path_rate=0.3"))
+    assert teacher["teacher"] == ("will run", "teacher.drop_path_rate: 0.1 -> 0.3")
+    assert [s for s, (status, _) in teacher.items() if status != "done"] == ORDER[1:]
+
+
+def test_a_folder_without_its_marker_is_not_done_and_checkpoints_mean_resume(tmp_path):
+    """Catches a half-written artifact counted as done, and a resume across changed hyperparameters."""
+    spec = _spec(tmp_path)
+    _finish(spec, "discovery")
+    steps, layout = plan(spec)
+    stage1 = next(s for s in steps if s.name == "stage1")
+    storage.write_json(storage.join(stage1.url, "manifest.json"), {})  # the export, but no stage.json: a crash
+    storage.makedirs(storage.join(stage1.url, "checkpoints", "checkpoint_step00000050"))
+    assert _plan(spec)["stage1"] == ("will resume", "from its checkpoint at step 50")
+    other = _plan(_spec(tmp_path, "stage1.lr=0.005"))  # another key: another folder, no checkpoint to continue
+    assert other["stage1"] == ("will run", "stage1.lr: 0.002 -> 0.005")
+
+
+def test_a_store_shared_by_two_runs_reports_the_maker(tmp_path):
+    """Catches the plan hiding that an artifact was made by another run (a sweep trial, a colleague's run)."""
+    first = _spec(tmp_path, f"storage.store={tmp_path}/store")
+    _finish(first, "distances")
+    second = _spec(tmp_path, f"storage.store={tmp_path}/store", f"storage.url={tmp_path}/run2", "stage1.lambda_rho=0.5")
+    status = _plan(second)
+    assert status["teacher"][0] == "done" and "made by run quickstart" in status["teacher"][1]
+    assert status["stage1"] == ("will run", "not made yet")
+
+
+def test_inputs_list_the_fields_with_their_values(tmp_path):
+    """Catches inputs that hide what an artifact was made from (run.json and stage.json show them to people)."""
+    values = inputs(BY_NAME["stage2"], _spec(tmp_path))
+    assert values["stage2.lr"] == 0.001 and values["scaling.num_workers"] == 2 and values["stage2.token_weights.cls"] == 0.45
+    assert not any(k.startswith(("logging", "deepspeed.zero_stage")) for k in values)
