@@ -138,8 +138,9 @@ def test_one_pass_over_fuzzed_shards_counts_every_sample(blobs, budget, decode):
             event("stopped: error budget")
             return
         stats = batches.stats
-        event(f"finished: {'some' if stats.skipped else 'no'} skipped, "
-              f"{'some' if stats.shard_errors else 'no'} shard errors, {'some' if delivered else 'none'} delivered")
+        some = {True: "some", False: "no"}
+        event(f"finished: {some[bool(stats.skipped)]} skipped, {some[bool(stats.shard_errors)]} "
+              f"shard errors, {some[bool(delivered)]} delivered")
         assert len(delivered) == stats.seen - stats.skipped
         assert all(0 <= label < NUM_CLASSES for label in delivered)
         assert stats.skipped <= budget * stats.seen

@@ -196,6 +196,10 @@ def test_shards_info_reports_each_layout(tmp_path, capsys):
     assert f"5 (from counted from the tar headers ({COUNTS}))" in capsys.readouterr().out
     info = describe(str(tmp_path / "plain"), samples=9)
     assert (info["samples"], info["count_source"]) == (9, "samples argument")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "part-0.tar").write_bytes(b"not a tar" * 100)
+    assert main(["shards", "info", str(tmp_path / "junk")]) == 0
+    assert "first sample: unreadable, the first shard is damaged (bad " in capsys.readouterr().out
 
 
 def test_dense_flag_and_classes_come_through_for_raptor_folders(tmp_path):

@@ -125,7 +125,9 @@ def _described(d: dict) -> str:
         f"  classes: {d['num_classes'] if d['num_classes'] is not None else 'unknown (pass num_classes)'}",
     ]
     first = d["first_sample"]
-    if first is None:
+    if d["first_shard_damage"]:
+        lines.append(f"  first sample: unreadable, the first shard is damaged ({d['first_shard_damage']})")
+    elif first is None:
         lines.append("  first sample: none (the first shard is empty)")
     else:
         lines.append(

@@ -197,7 +197,7 @@ class EncodedBatch:
                 decoded.append(item[0])
                 decoded_at.append(i)
         return cls(
-            data=torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8),
+            data=_uint8(blob),
             offsets=offsets,
             boxes=boxes,
             keys=keys,
@@ -260,6 +260,11 @@ def _decode_one(chunk: torch.Tensor, device: torch.device) -> torch.Tensor | Non
         return None
 
 
+def _uint8(data: bytes) -> torch.Tensor:
+    """The bytes as a uint8 tensor of their own (``frombuffer`` refuses an empty buffer)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
     """uint8 ``[3,H,W]``: JPEGs with torchvision (libjpeg-turbo), anything else with PIL.
 
@@ -267,7 +272,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     a damaged chunk, as the fuzz tests found; PIL raises instead, so a bad PNG is one skipped sample.
     """
     if data[:3] == b"\xff\xd8\xff":
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpeg(_uint8(data), mode=ImageReadMode.RGB)
     return _pil(data, "RGB")
 
 

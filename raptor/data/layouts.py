@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import webdataset as wds
@@ -27,7 +27,7 @@ import webdataset as wds
 from raptor import storage
 from raptor.data import tarstream
 from raptor.data.decode import LabelKey, image_entry
-from raptor.data.gopen import open_shard
+from raptor.data.gopen import TRANSIENT, ShardUnavailableError, open_shard, wait_before_retry
 from raptor.data.errors import DatasetError
 from raptor.data.shards import FORMAT, INFO, dataset_folder, listing, read_info_file
 from raptor.errors import MissingInput, UserError
@@ -85,22 +85,20 @@ class Shards:
                 f"{storage.join(folder, INFO)}: neither raptor's (format {FORMAT}) nor timm's "
                 "(splits) dataset info"
             )
+        if not shards.urls:
+            raise DatasetError(f"{url}: the dataset lists no shards")
         if samples is not None:
             if shards.total is not None and shards.total != samples:
                 log.warning("%s: using samples=%d, not the %d its %s gives",
                             url, samples, shards.total, shards.count_source)
-            shards = _with(shards, total=samples, count_source="samples argument")
+            shards = replace(shards, total=samples, count_source="samples argument")
         elif shards.total is None and count:
             counts = count_shards(shards.urls)
-            shards = _with(shards, counts=counts, total=sum(counts),
+            shards = replace(shards, counts=counts, total=sum(counts),
                            count_source=f"counted from the tar headers ({COUNTS})")
         if num_classes is not None:
-            shards = _with(shards, num_classes=num_classes)
+            shards = replace(shards, num_classes=num_classes)
         return shards
-
-
-def _with(shards: Shards, **changes: Any) -> Shards:
-    return Shards(**{**shards.__dict__, **changes})
 
 
 def _expand(pattern: str) -> list[str]:
@@ -257,20 +255,25 @@ def _plain(folder: str, pattern: str | None, split: str | None) -> Shards:
 
 def cached_counts(folder: str, names: list[str]) -> list[int | None]:
     """Per shard, its count from ``_raptor_counts.json`` if the shard still has the size it had."""
+    path = storage.join(folder, COUNTS)
     try:
-        cache = storage.read_json(storage.join(folder, COUNTS))
-        entries = cache["shards"] if cache.get("format") == COUNTS_FORMAT else {}
+        cache = storage.read_json(path)
     except FileNotFoundError:
         return [None] * len(names)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        log.warning("%s: unreadable, counting again", storage.join(folder, COUNTS))
+    except ValueError:
+        cache = None
+    ours = isinstance(cache, dict) and cache.get("format") == COUNTS_FORMAT
+    entries = cache.get("shards") if ours else None
+    if not isinstance(entries, dict):
+        log.warning("%s: unreadable, counting again", path)
         return [None] * len(names)
     sizes = listing(folder)
     out: list[int | None] = []
     for name in names:
         entry = entries.get(name)
-        fresh = isinstance(entry, dict) and entry.get("bytes") == sizes.get(name)
-        out.append(entry.get("samples") if fresh else None)
+        fresh = (isinstance(entry, dict) and _count_ok(entry.get("samples"))
+                 and entry.get("bytes") == sizes.get(name))
+        out.append(entry["samples"] if fresh else None)
     return out
 
 
@@ -297,8 +300,20 @@ def count_shards(urls: list[str], *, workers: int = 8, retries: int = 3, backoff
 
 
 def _count_one(url: str, retries: int, backoff_s: float) -> int:
-    with open_shard(url, retries=retries, backoff_s=backoff_s) as stream:
-        count, damage = tarstream.count_samples(stream)
+    """One shard's count; a read that breaks off is tried again, as the reader does."""
+    attempt = 0
+    while True:
+        try:
+            with open_shard(url, retries=retries, backoff_s=backoff_s) as stream:
+                count, damage = tarstream.count_samples(stream)
+            break
+        except TRANSIENT as e:
+            if attempt == retries:
+                raise ShardUnavailableError(
+                    f"shard {url} could not be counted: {type(e).__name__}: {e}"
+                ) from e
+            wait_before_retry(f"counting shard {url}", e, attempt, backoff_s)
+            attempt += 1
     if damage is not None:
         log.warning("%s: %s; counted the %d samples before the damage", url, damage, count)
     return count
@@ -308,8 +323,9 @@ def _save_counts(folder: str, counts: dict[str, int]) -> None:
     path = storage.join(folder, COUNTS)
     sizes = listing(folder)
     try:
-        old = storage.read_json(path).get("shards", {})
-    except (FileNotFoundError, ValueError, AttributeError):
+        old = storage.read_json(path)["shards"]
+        old = old if isinstance(old, dict) else {}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         old = {}
     entries = {**old, **{n: {"samples": c, "bytes": sizes.get(n)} for n, c in counts.items()}}
     try:
@@ -331,8 +347,12 @@ def describe(
     count comes from), classes, and the members and label of the first sample."""
     key = LabelKey.parse(label_key)
     shards = Shards.resolve(url, split=split, samples=samples, num_classes=num_classes, count=count)
+    first, damage = None, None
     with open_shard(shards.urls[0]) as stream:
-        first = next((s for s, _ in tarstream.samples(stream, shards.urls[0])), None)
+        try:
+            first = next((s for s, _ in tarstream.samples(stream, shards.urls[0])), None)
+        except tarstream.CorruptShard as e:
+            damage = str(e)
     out: dict[str, Any] = {
         "url": url,
         "layout": shards.layout,
@@ -348,6 +368,7 @@ def describe(
         "dense": shards.dense,
         "label_key": str(key),
         "first_sample": None,
+        "first_shard_damage": damage,
     }
     if first is not None:
         try:
