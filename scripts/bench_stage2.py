@@ -39,7 +39,7 @@ def bare(spec, layout: Layout, steps: int) -> float:
     cfg = stage_config(spec, "stage2")
     opt = make_optimizer(student, cfg)
     sched = lr_scheduler(opt, cfg)
-    loader = shard_source(spec, spec.data.train).loader(train=True, rank=0, world_size=spec.scaling.num_workers)
+    loader = shard_source(spec, "train").loader(train=True, rank=0, world_size=spec.scaling.num_workers)
     batches = iter(loader)
     warm = max(2, steps // 10)
     for step in range(steps + warm):

@@ -175,7 +175,7 @@ class Trainer:
         )
         self.checkpointer = Checkpointer(job.checkpoints, self.engine)
         self.resumed = self.checkpointer.restore()
-        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world)
+        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, device=self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device, self.amp)
         self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
                                enabled=self.rank == 0, start_step=self.resumed.step)

@@ -40,9 +40,13 @@ NOT_INPUTS: dict[str, str] = {
 }
 
 
+# the shards a stage reads, and how: the layout split, labels, counts, augmentation, decoding
+_TRAIN_DATA = ("data.train", "data.train_split", "data.train_samples", "data.label_key", "data.num_classes",
+               "data.seed", "data.crop_scale", "data.decode")
+_EVAL_DATA = ("data.val", "data.val_split", "data.train", "data.train_split", "data.label_key", "data.num_classes")
 # what every stage that trains the student on the shards reads (beside its own section)
-_TRAINING = ("student", "data.train", "data.batch_size", "data.num_workers", "data.seed", "data.crop_scale",
-             "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
+_TRAINING = ("student", *_TRAIN_DATA, "data.batch_size", "data.num_workers", "teacher.precision", "scaling.num_workers",
+             "scaling.use_gpu", "deepspeed")
 _TRAINING_IGNORES = {
     "deepspeed.zero_stage": "sharding reorders float sums only: ZeRO 0-3 agree to 1e-4 after training steps",
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
@@ -54,7 +58,7 @@ _TRAINING_IGNORES = {
 def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
     if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
         return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
-    return ("teacher", "data.train", "data.val", "data.generate", "data.seed", "data.crop_scale", "scaling.use_gpu")
+    return ("teacher", *_TRAIN_DATA, *_EVAL_DATA, "data.generate", "scaling.use_gpu")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -63,7 +67,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", reads=_teacher_reads, upstream=("data",), run=teacher.run,
           given=lambda spec: spec.teacher.checkpoint is not None),
     Stage("distances",
-          reads=("discovery.metric", "discovery.num_images", "data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+          reads=("discovery.metric", "discovery.num_images", *_EVAL_DATA, "teacher.precision", "scaling.use_gpu"),
           upstream=("teacher",), run=discovery.run_distances,
           ignores={"data.batch_size": "batches only group the images; the average over them is the same"}),
     Stage("discovery", reads=("discovery.k", "discovery.method", "discovery.boundaries"),
@@ -72,9 +76,9 @@ STAGES: tuple[Stage, ...] = (
           run=distill.runner("stage1"), ignores=_TRAINING_IGNORES),
     Stage("stage2", reads=("stage2",) + _TRAINING, upstream=("stage1",),
           run=distill.runner("stage2"), ignores=_TRAINING_IGNORES),
-    Stage("probe", reads=("probe", "data.train", "data.val", "data.seed", "teacher.precision", "scaling.use_gpu"),
+    Stage("probe", reads=("probe", *_EVAL_DATA, "data.seed", "teacher.precision", "scaling.use_gpu"),
           upstream=("stage2",), run=probe.run),
-    Stage("report", reads=("data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+    Stage("report", reads=(*_EVAL_DATA, "teacher.precision", "scaling.use_gpu"),
           upstream=("distances", "discovery", "stage2", "probe"), run=report.run,
           ignores={"data.batch_size": "batches only group the analysed images"}),
 )
