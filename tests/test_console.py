@@ -18,6 +18,7 @@ def handlers(tmp_path):
     saved = root.handlers[:], root.level
     buf = io.StringIO()
     console.setup(verbose=False)
+    console.adopt_ray_loggers()  # as `raptor run` does once Ray is imported (Ray gives its loggers their own handlers)
     root.handlers[-1] = console.ConsoleHandler(buf, verbose=False)
     path = console.log_file(str(tmp_path / "run"), "t")
     yield buf, path

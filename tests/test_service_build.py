@@ -168,7 +168,7 @@ def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path)
     quickstart["data"].update(train=str(tmp_path / "train"), val=None, generate=None)
     spec = parse_spec(quickstart)
     with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
-        preflight(shard_source(spec, spec.data.train), spec.scaling.num_workers)
+        preflight(shard_source(spec, "train"), spec.scaling.num_workers)
 
 
 def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):

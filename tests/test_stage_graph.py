@@ -14,10 +14,10 @@ import yaml
 from pydantic import BaseModel
 
 from raptor import storage
-from raptor.service.graph import NOT_INPUTS, content_key, inputs
+from raptor.service.graph import content_key, inputs
 from raptor.service.pipeline import plan, write_index
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
-from raptor.service.stages import BY_NAME, STAGES
+from raptor.service.stages import BY_NAME, NOT_INPUTS, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = [s.name for s in STAGES]
@@ -147,7 +147,10 @@ def test_a_folder_without_its_marker_is_not_done_and_checkpoints_mean_resume(tmp
     steps, layout = plan(spec)
     stage1 = next(s for s in steps if s.name == "stage1")
     storage.write_json(storage.join(stage1.url, "manifest.json"), {})  # the export, but no stage.json: a crash
-    storage.makedirs(storage.join(stage1.url, "checkpoints", "checkpoint_step00000050"))
+    checkpoints = storage.join(stage1.url, "checkpoints")
+    storage.write_json(storage.join(checkpoints, "checkpoint_manager_snapshot.json"),
+                       {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_step00000050"}})
+    storage.makedirs(storage.join(checkpoints, "checkpoint_step00000070"))  # half-written: Ray never registered it
     assert _plan(spec)["stage1"] == ("will resume", "from its checkpoint at step 50")
     other = _plan(_spec(tmp_path, "stage1.lr=0.005"))  # another key: another folder, no checkpoint to continue
     assert other["stage1"] == ("will run", "stage1.lr: 0.002 -> 0.005")

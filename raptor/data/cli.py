@@ -1,4 +1,4 @@
-"""``raptor shards ...`` (write shards) and ``raptor data bench`` (reader throughput)."""
+"""``raptor shards ...`` (write shards, ``info``: what the loader finds) and ``raptor data bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import json
 
 from raptor.data.bench import bench
-from raptor.data.shards import read_info, write_shards
+from raptor.data.layouts import describe
+from raptor.data.shards import write_shards
 from raptor.data.sources import imagefolder_source, listfile_source
 from raptor.data.synthetic import synthetic_source
 
@@ -36,8 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         func=lambda a: _write(a, synthetic_source(a.samples, a.classes, a.size, a.seed, a.dense))
     )
 
-    p = sub.add_parser("info", help="print a dataset's _info.json summary")
-    p.add_argument("url")
+    p = sub.add_parser("info", help="what the loader finds at URL: layout, splits, shards, samples, labels")
+    p.add_argument("url", help="dataset folder (raptor, timm or plain .tar files) or shard pattern")
+    _dataset_args(p)
+    p.add_argument("--samples", type=int, help="state the sample count of a set with no info file")
+    p.add_argument("--count", action="store_true",
+                   help="count the samples of a set with no info file (tar headers; cached beside them)")
+    p.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     p.set_defaults(func=_info)
 
     data = subparsers.add_parser("data", help="data tools")
@@ -49,7 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: workers pass JPEG bytes, this process decodes them on --device")
+    p.add_argument("--device", help="where batches are delivered (default: cpu; cuda for --decode gpu)")
+    p.add_argument("--normalize", action="store_true",
+                   help="time the float normalisation too (else left to the training device)")
+    p.add_argument("--bare", action="store_true",
+                   help="also time a bare decode_jpeg + RandomResizedCrop + flip loop; print the ratio")
+    _dataset_args(p)
     p.set_defaults(func=_bench)
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", help="split of a timm dataset, or set of .tar files in a folder")
+    p.add_argument("--label-key", default="cls",
+                   help="member holding the class index (cls), or MEMBER:FIELD of a JSON member (json:label)")
 
 
 def _writer_args(p: argparse.ArgumentParser) -> None:
@@ -86,8 +106,35 @@ def _summary(url: str, info: dict) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    print(_summary(args.url, read_info(args.url)))
+    found = describe(args.url, split=args.split, label_key=args.label_key, samples=args.samples,
+                     count=args.count)
+    print(json.dumps(found) if args.json else _described(found))
     return 0
+
+
+def _described(d: dict) -> str:
+    splits = ", ".join(f"{name} {n if n is not None else '?'}" for name, n in d["splits"].items())
+    samples = "unknown (--count counts them once, or --samples states them)"
+    if d["samples"] is not None:
+        samples = f"{d['samples']} (from {d['count_source']})"
+    lines = [
+        f"{d['url']}: {d['layout']} layout in {d['folder']}" + (", dense" if d["dense"] else ""),
+        f"  splits:  {splits}" + (f"; reading {d['split']}" if d["split"] else ""),
+        f"  shards:  {d['shards']} ({d['first_shard']} .. {d['last_shard']})",
+        f"  samples: {samples}",
+        f"  classes: {d['num_classes'] if d['num_classes'] is not None else 'unknown (pass num_classes)'}",
+    ]
+    first = d["first_sample"]
+    if d["first_shard_damage"]:
+        lines.append(f"  first sample: unreadable, the first shard is damaged ({d['first_shard_damage']})")
+    elif first is None:
+        lines.append("  first sample: none (the first shard is empty)")
+    else:
+        lines.append(
+            f"  first sample {first['key']}: members {', '.join(first['members'])}; "
+            f"image {first['image'] or 'none'}; label ({d['label_key']}) {first['label']}"
+        )
+    return "\n".join(lines)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -98,6 +145,12 @@ def _bench(args: argparse.Namespace) -> int:
         batches=args.batches,
         num_workers=args.workers,
         train=not args.eval,
+        decode=args.decode,
+        device=args.device,
+        normalize=args.normalize,
+        bare=args.bare,
+        split=args.split,
+        label_key=args.label_key,
     )
     print(json.dumps(result))
     return 0

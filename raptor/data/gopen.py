@@ -24,14 +24,38 @@ log = logging.getLogger(__name__)
 _KEEP = {"file", "local", "pipe"}
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """OSError, plus the connection errors of the object-store clients that are installed: s3fs
+    retries a broken connection itself, then lets botocore's error (not an OSError) through."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# Errors of a stream that is readable again once the network or the object store recovers.
+TRANSIENT = _transient_errors()
+
+
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
     """WebDataset ``gopen`` handler: open ``url`` through fsspec."""
     return storage.open_file(url, mode)
 
 
 def register() -> None:
-    """Route every fsspec protocol WebDataset has no handler for through :func:`gopen_fsspec`."""
-    for proto in fsspec.available_protocols():
+    """Route every fsspec protocol WebDataset has no handler for through :func:`gopen_fsspec`
+    (the known ones and any registered at run time)."""
+    for proto in {*fsspec.available_protocols(), *fsspec.registry}:
         if proto not in _KEEP and proto not in gopen_schemes:
             gopen_schemes[proto] = gopen_fsspec
 
@@ -57,10 +81,15 @@ def open_shard(url: str, *, retries: int = 3, backoff_s: float = 1.0) -> IO[byte
                     f"shard {url} could not be opened after {retries + 1} tries: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-            wait = backoff_s * 2**attempt
-            log.warning("opening shard %s failed (%s); retrying in %.1fs", url, e, wait)
-            time.sleep(wait)
+            wait_before_retry(f"opening shard {url}", e, attempt, backoff_s)
             attempt += 1
+
+
+def wait_before_retry(what: str, error: BaseException, attempt: int, backoff_s: float) -> None:
+    """Log a transient failure and sleep ``backoff_s * 2**attempt`` before the next try."""
+    wait = backoff_s * 2**attempt
+    log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(error).__name__, error, wait)
+    time.sleep(wait)
 
 
 register()

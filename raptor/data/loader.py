@@ -8,8 +8,14 @@ extra stops early, so ranks never wait on each other at a collective. When the s
 evenly, every sample is seen exactly once per epoch across all ranks and readers. Resampled mode
 draws shards with replacement instead (no notion of a pass, as open_clip's ``--dataset-resampled``).
 
-Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers), so a
-run repeats bit for bit and another epoch gets another order.
+Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers): each
+reader draws every crop from its own generator, in sample order, so a run repeats bit for bit
+(resuming by skipping the batches already consumed) and another epoch gets another order.
+
+Decoding (:mod:`raptor.data.decode`): ``decode="cpu"`` decodes and crops in the readers, which send
+uint8 batches; ``decode="gpu"`` has them send the encoded JPEGs with their drawn crops, decoded in
+the training process on ``device``. Either way the loader delivers images normalised on ``device``
+(float32), or as uint8 with ``normalize=False``.
 
 Error counts: each reader counts into its own :class:`DataStats` inside its worker process, and
 sends the increments along with every batch; :class:`ShardLoader` strips them off in the training
@@ -22,18 +28,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from raptor.errors import MissingInput
-from raptor import storage
-from raptor.data.reader import DataStats, Reader
-from raptor.data.shards import dataset_folder, read_info
-from raptor.data.transforms import geometric_transform, normalise_batch
+from raptor.data.decode import Augment, EncodedBatch, LabelKey, cpu_item, decode_on_device, gpu_item
+from raptor.data.layouts import Shards
+from raptor.data.reader import DataStats, ErrorBudgetExceeded, Reader, count_bad
+from raptor.data.transforms import check_crop_scale, check_size, normalise_batch
+from raptor.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,11 @@ Batch = tuple[torch.Tensor, ...]
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit arguments, else torch.distributed (a Ray Train worker has it set up too), else (0, 1)."""
     if (rank is None) != (world_size is None):
-        raise ValueError("pass both rank and world_size, or neither")
+        raise UserError("pass both rank and world_size, or neither")
     if rank is None or world_size is None:
         rank, world_size = _context_rank()
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise UserError(f"rank {rank} is outside world_size {world_size}")
     return rank, world_size
 
 
@@ -74,40 +81,6 @@ def split_quota(total: int, weights: list[int]) -> list[int]:
     return quota
 
 
-@dataclass(frozen=True)
-class Shards:
-    """The shard URLs of a dataset, with their sample counts when ``_info.json`` has them."""
-
-    urls: list[str]
-    counts: list[int | None]
-    num_classes: int | None
-
-    @classmethod
-    def resolve(cls, url: str) -> "Shards":
-        """A dataset folder (with ``_info.json``), a brace pattern or a single shard URL."""
-        try:
-            info: dict[str, Any] | None = read_info(url)
-        except FileNotFoundError:
-            info = None
-        folder = dataset_folder(url)
-        if folder == url.rstrip("/"):
-            if info is None:
-                raise MissingInput(
-                    f"{url}: no _info.json, so not a complete shard folder; "
-                    "pass a shard pattern like .../train-{000000..000009}.tar instead"
-                )
-            urls = [storage.join(folder, s["name"]) for s in info["shards"]]
-        else:
-            urls = wds.shardlists.expand_urls(url)  # WebDataset syntax: braces, '::' lists
-        listed = (info or {}).get("shards", [])
-        known = {storage.join(folder, s["name"]): s["samples"] for s in listed}
-        return cls(urls, [known.get(u) for u in urls], info["num_classes"] if info else None)
-
-    @property
-    def total(self) -> int | None:
-        return None if None in self.counts else sum(c for c in self.counts if c is not None)
-
-
 @dataclass
 class ShardStream(IterableDataset):
     """The per-reader pipeline run inside each DataLoader worker (see the module docstring)."""
@@ -128,15 +101,12 @@ class ShardStream(IterableDataset):
     shuffle_buffer: int
     retries: int
     backoff_s: float
-    patch_size: int | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    _transform: Any = field(default=None, init=False, repr=False)
+    label_key: LabelKey = LabelKey("cls")
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
         super().__init__()
-        self._transform = geometric_transform(
-            self.image_size, self.train, self.patch_size, self.crop_scale
-        )
 
     def assignment(self, worker: int, num_workers: int) -> tuple[list[int], int | None]:
         """(shard indices, sample quota) of one reader this epoch; quota None: one exact pass."""
@@ -149,7 +119,7 @@ class ShardStream(IterableDataset):
             random.Random(_seed(self.seed, self.epoch)).shuffle(order)
         mine = order[self.rank :: self.world_size]
         if len(mine) < num_workers:
-            raise ValueError(
+            raise UserError(
                 f"{n} shards cannot feed {self.world_size} rank(s) x {num_workers} loader "
                 "worker(s): write more, smaller shards (max_samples), use fewer loader workers "
                 "or resampled=True"
@@ -166,7 +136,7 @@ class ShardStream(IterableDataset):
         assert self.batches_per_epoch is not None
         return self.batches_per_epoch * self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[Batch, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any | None, dict[str, int]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shard_ids, quota = self.assignment(worker, num_workers)
@@ -182,34 +152,40 @@ class ShardStream(IterableDataset):
             budget=self.error_budget,
             expected=expected,
             num_classes=self.shards.num_classes,
+            label_key=self.label_key,
             retries=self.retries,
             backoff_s=self.backoff_s,
             stats=DataStats(),
         )
         raw = self._raw(reader, shard_ids, random.Random(slot_seed), repeat=quota is not None)
+        augment = Augment(self.image_size, self.train, self.crop_scale,
+                          random.Random(_seed(slot_seed, "augment")))
+        if self.decode == "gpu":
+            make: Any = partial(gpu_item, augment=augment)
+        else:
+            make = partial(cpu_item, augment=augment, dense=self.dense)
         sent = DataStats()
-        aug_state = torch.Generator().manual_seed(slot_seed).get_state()
         remaining = quota
         while remaining is None or remaining > 0:
             want = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(aug_state)  # augmentation draws its own reproducible stream
-                items = self._take(reader, raw, want)
-                aug_state = torch.get_rng_state()
-            if not items:
-                return  # one exact pass is over
+            items = self._take(reader, raw, want, make)
             delta = {k: v - getattr(sent, k) for k, v in reader.stats.as_dict().items()}
             sent = replace(reader.stats)
+            if not items:  # one exact pass is over: send the last counts on their own
+                if any(delta.values()):
+                    yield None, delta
+                return
             if remaining is not None:
                 remaining -= len(items)
-            yield _collate(items), delta
+            if self.decode == "gpu":
+                yield EncodedBatch.collate(items, self.image_size), delta
+            else:
+                yield _stack(items), delta
 
-    def _take(
-        self, reader: Reader, raw: Iterator[dict[str, Any]], want: int
-    ) -> list[tuple[torch.Tensor, ...]]:
-        items: list[tuple[torch.Tensor, ...]] = []
+    def _take(self, reader: Reader, raw: Iterator[dict[str, Any]], want: int, make: Any) -> list[Any]:
+        items: list[Any] = []
         for sample in raw:
-            item = reader.decode(sample, self._transform, self.dense)
+            item = reader.item(sample, make)
             if item is not None:
                 items.append(item)
                 if len(items) == want:
@@ -237,16 +213,14 @@ class ShardStream(IterableDataset):
             if self.shuffle and self.shuffle_buffer > 1:
                 buffer = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
                 samples = buffer(samples)
-            got = 0
-            for sample in samples:
-                got += 1
-                yield sample
+            good = reader.good
+            yield from samples
             if not repeat:
                 return
-            if got == 0:
-                raise RuntimeError(
+            if reader.good == good:  # another pass would not make one either: never loop forever
+                raise ErrorBudgetExceeded(
                     f"{reader.where}: shards {[self.shards.urls[s] for s in order]} "
-                    "hold no readable samples"
+                    "hold no usable samples"
                 )
             passes += 1
 
@@ -258,27 +232,31 @@ class ShardStream(IterableDataset):
                 yield sample
 
 
-def _collate(items: list[tuple[torch.Tensor, ...]]) -> Batch:
-    """Stack samples; images become normalised floats here, once per batch."""
-    columns = [
-        torch.stack([item[i].as_subclass(torch.Tensor) for item in items])
-        for i in range(len(items[0]))
-    ]
-    columns[0] = normalise_batch(columns[0])
-    return tuple(columns)
+def _stack(items: list[tuple[torch.Tensor, ...]]) -> Batch:
+    """Stack samples column by column (images stay uint8: a quarter of float's bytes to send)."""
+    return tuple(torch.stack([item[i] for item in items]) for i in range(len(items[0])))
 
 
 class ShardLoader:
-    """Iterable of batches for one rank: ``(images [B,3,H,W] float normalised, labels [B] long)``,
-    plus ``masks [B,H,W] long`` and ``depth [B,H,W] float`` when dense.
+    """Iterable of batches for one rank: ``(images [B,3,H,W], labels [B] long)``, plus
+    ``masks [B,H,W] long`` and ``depth [B,H,W] float`` when dense, all on ``device``. Images are
+    float32 normalised by ImageNet mean/std, or uint8 0..255 with ``normalize=False``.
 
     ``len(loader)`` is the number of batches per epoch (exact for every rank unless
     ``drop_last=False``); ``loader.set_epoch(e)`` before iterating picks the epoch's order;
     ``loader.stats`` holds the summed error counters of every batch received so far.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        pin_memory: bool,
+        device: torch.device,
+        normalize: bool = True,
+    ):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.device, self.normalize = device, normalize
         self.stats = DataStats()
         for worker in range(max(num_workers, 1)):  # fail now, in the caller, on a bad split
             stream.assignment(worker, max(num_workers, 1))
@@ -309,13 +287,17 @@ class ShardLoader:
         )
         yield from self._rebatch(data)
 
-    def _rebatch(self, data: Iterable[tuple[Batch, dict[str, int]]]) -> Iterator[Batch]:
-        """Merge the readers' partial last batches, so only whole batches leave (but a final one
-        when ``drop_last=False``), and add up the error counts riding along."""
+    def _rebatch(self, data: Iterable[tuple[Any | None, dict[str, int]]]) -> Iterator[Batch]:
+        """Finish the readers' batches here (decode, move, normalise), merge their partial last
+        batches, so only whole batches leave (but a final one when ``drop_last=False``), and add
+        up the error counts riding along."""
         size = self.stream.batch_size
         parts: list[Batch] = []
-        for batch, delta in data:
+        for raw, delta in data:
             self.stats.add(delta)
+            if raw is None:
+                continue
+            batch = self._finish(raw)
             if len(batch[0]) == size and not parts:
                 yield batch
                 continue
@@ -327,6 +309,45 @@ class ShardLoader:
                 parts = [rest] if len(rest[0]) else []
         if parts:
             yield tuple(torch.cat(column) for column in zip(*parts))
+
+    def _finish(self, raw: Batch | EncodedBatch) -> Batch:
+        if isinstance(raw, EncodedBatch):
+            images, failures = decode_on_device(raw, self.stream.image_size, self.device)
+            labels = raw.labels.to(self.device, non_blocking=self.pin_memory)
+            if failures:
+                images, labels = self._undecodable(images, labels, failures)
+            rest: tuple[torch.Tensor, ...] = (labels,)
+        else:
+            images, *others = (t.to(self.device, non_blocking=self.pin_memory) for t in raw)
+            rest = tuple(others)
+        if self.normalize:
+            images = normalise_batch(images)
+        elif images.dtype != torch.uint8:
+            images = images.round_().to(torch.uint8)
+        return (images, *rest)
+
+    def _undecodable(
+        self, images: torch.Tensor, labels: torch.Tensor, failures: list[tuple[int, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count images that decoded nowhere as skipped (within the error budget). A training
+        epoch fills each one's row with another image of the batch (counted as repeated), so
+        every rank still gets whole batches; one exact pass (``drop_last=False``) drops them."""
+        where = f"rank {self.stream.rank} decoding on {self.device}"
+        exact = self.stream.batches_per_epoch is None
+        expected = (self.stream.shards.total or 0) if exact else self.stream.rank_samples
+        for _, message in failures:
+            count_bad(self.stats, 1, self.stream.error_budget, expected, where, f"skipping {message}")
+        bad = {i for i, _ in failures}
+        good = [i for i in range(len(labels)) if i not in bad]
+        if exact:
+            return images[good], labels[good]
+        if not good:
+            raise ErrorBudgetExceeded(f"{where}: no image of a batch of {len(labels)} decodes")
+        for n, i in enumerate(sorted(bad)):
+            j = good[n % len(good)]
+            images[i], labels[i] = images[j], labels[j]
+            self.stats.repeated += 1
+        return images, labels
 
 
 def loader(
@@ -352,48 +373,74 @@ def loader(
     retries: int = 3,
     backoff_s: float = 1.0,
     pin_memory: bool = False,
+    split: str | None = None,
+    samples: int | None = None,
+    num_classes: int | None = None,
+    label_key: str = "cls",
+    decode: Literal["cpu", "gpu"] = "cpu",
+    device: str | torch.device | None = None,
+    normalize: bool = True,
 ) -> ShardLoader:
     """Stream batches for this rank from WebDataset shards at ``url`` (any fsspec URL).
 
-    ``url`` is a dataset folder with ``_info.json`` or a brace pattern of shards.
+    ``url`` is a dataset folder (raptor's or timm's, with ``_info.json``, or any folder of
+    ``.tar`` shards), a brace pattern of shards, or one shard; ``split`` picks a split of a timm
+    dataset or a set of tars in a folder (see :mod:`raptor.data.layouts`). ``samples`` states
+    the total where no info file gives it (else it is counted once and cached);
+    ``num_classes`` the class count (labels outside it are bad samples). ``label_key``: ``cls``
+    (a member holding the class index) or ``MEMBER:FIELD`` (``json:label``).
     ``train`` selects the DINOv2 train transform (RandomResizedCrop over ``crop_scale`` of the
     area; raise its lower end for small images whose object an 8% crop would miss), else the
     eval transform; ``shuffle`` (default: ``train``) shuffles shards and samples, else they come
     in file order. ``patch_size`` checks that ``image_size`` is a multiple of the ViT's patch.
-    ``batches_per_epoch`` (per rank) defaults to total samples // (world_size * batch_size),
-    which needs ``_info.json``. ``drop_last=False`` instead reads every sample once with a final
+    ``batches_per_epoch`` (per rank) defaults to total samples // (world_size * batch_size).
+    ``drop_last=False`` instead reads every sample once with a final
     partial batch (single-process evaluation only, since counts would differ by rank; inside a
     distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
     ``error_budget`` is the fraction of a reader's samples that may be bad before it stops the
     run. ``rank``/``world_size`` default to the torch.distributed context.
+    ``decode``: ``cpu`` (loader workers decode) or ``gpu`` (the training process decodes JPEGs on
+    ``device``, see :mod:`raptor.data.decode`). ``device``: where batches are delivered and
+    normalised (default: the CPU; for ``decode="gpu"`` CUDA when available).
     """
     rank, world_size = resolve_rank(rank, world_size)
     if batch_size < 1 or num_workers < 0:
-        raise ValueError("batch_size must be positive and num_workers not negative")
+        raise UserError("batch_size must be positive and num_workers not negative")
     if not 0 <= error_budget <= 1:
-        raise ValueError(f"error_budget is a fraction in [0, 1], got {error_budget}")
-    shards = Shards.resolve(url)
+        raise UserError(f"error_budget is a fraction in [0, 1], got {error_budget}")
+    if decode not in ("cpu", "gpu"):
+        raise UserError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+    if decode == "gpu" and dense:
+        raise UserError("decode='gpu' is for (image, label) batches; dense batches decode on the CPU")
+    check_size(image_size, patch_size)
+    check_crop_scale(crop_scale)
+    key = LabelKey.parse(label_key)
+    if device is None:
+        device = "cuda" if decode == "gpu" and torch.cuda.is_available() else "cpu"
+    needs_total = drop_last and batches_per_epoch is None
+    shards = Shards.resolve(url, split=split, samples=samples, num_classes=num_classes,
+                            count=needs_total)
     if not drop_last:
         if world_size > 1 or resampled:
-            raise ValueError("drop_last=False is for single-process, non-resampled evaluation")
+            raise UserError("drop_last=False is for single-process, non-resampled evaluation")
         batches_per_epoch = None
     elif batches_per_epoch is None:
         if shards.total is None:
-            raise ValueError(f"{url}: no _info.json with sample counts; pass batches_per_epoch")
+            raise UserError(f"{url}: the number of samples is unknown; pass batches_per_epoch")
         batches_per_epoch = shards.total // (world_size * batch_size)
         if batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"{url}: {shards.total} samples are fewer than one batch of {batch_size} "
                 f"per rank for {world_size} rank(s)"
             )
     elif batches_per_epoch < 1:
-        raise ValueError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
+        raise UserError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
     stream = ShardStream(
         shards=shards, rank=rank, world_size=world_size, batch_size=batch_size,
         batches_per_epoch=batches_per_epoch, image_size=image_size, train=train,
         shuffle=train if shuffle is None else shuffle, seed=seed,
         epoch=epoch, resampled=resampled, dense=dense, error_budget=error_budget,
-        shuffle_buffer=shuffle_buffer, retries=retries, backoff_s=backoff_s, patch_size=patch_size,
-        crop_scale=tuple(crop_scale),
+        shuffle_buffer=shuffle_buffer, retries=retries, backoff_s=backoff_s,
+        crop_scale=tuple(crop_scale), label_key=key, decode=decode,
     )
-    return ShardLoader(stream, num_workers, pin_memory)
+    return ShardLoader(stream, num_workers, pin_memory, torch.device(device), normalize)

@@ -16,6 +16,7 @@ error rather than a silent mix of two datasets.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,10 @@ from typing import Any, Sequence
 import webdataset as wds
 from PIL import Image
 
-from raptor.errors import MissingInput
 from raptor import storage
+from raptor.data.errors import DatasetError
 from raptor.data.sources import IMAGE_EXTS, Source, digest
+from raptor.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _as_bytes(key: str, value: bytes | str) -> bytes | str:
     return value.encode() if isinstance(value, str) and key != "__key__" else value
 
 
-def _listing(url: str) -> dict[str, int]:
+def listing(url: str) -> dict[str, int]:
     """Object name -> size directly under ``url`` (one listing call)."""
     fs, path = storage.filesystem(url)
     if not fs.exists(path):
@@ -122,22 +124,22 @@ def _prepare_folder(out_url: str, plan: dict[str, Any], overwrite: bool) -> dict
     An empty folder gets the plan; a folder with the same plan is a re-run; anything else is an
     error unless ``overwrite`` clears the older dataset (its shards, plan, classes and info).
     """
-    existing = _listing(out_url)
+    existing = listing(out_url)
     if overwrite:
         for name in existing:
             ours = name.startswith(f"{plan['prefix']}-") and name.endswith(".tar")
             if ours or name in (PLAN, INFO, CLASSES):
                 storage.remove(storage.join(out_url, name))
-        existing = _listing(out_url)
+        existing = listing(out_url)
     if PLAN in existing:
         old = storage.read_json(storage.join(out_url, PLAN))
         if old.get("id") != plan["id"]:
-            raise ValueError(
+            raise UserError(
                 f"{out_url} already holds another dataset (prefix {old.get('prefix')!r}, plan "
                 f"{old.get('id')}); write to an empty folder or pass overwrite=True (--overwrite)"
             )
     elif existing:
-        raise ValueError(f"{out_url} is not empty and holds no {PLAN}; write to an empty folder")
+        raise UserError(f"{out_url} is not empty and holds no {PLAN}; write to an empty folder")
     else:
         storage.write_json(storage.join(out_url, PLAN), plan)
     return existing
@@ -166,17 +168,17 @@ def write_shards(
     memory it takes.
     """
     if max_samples < 1 or max_bytes < 1 or workers < 1:
-        raise ValueError("max_samples, max_bytes and workers must be positive")
+        raise UserError("max_samples, max_bytes and workers must be positive")
     if not prefix or "/" in prefix:
-        raise ValueError(f"prefix must be a plain name without '/', got {prefix!r}")
+        raise UserError(f"prefix must be a plain name without '/', got {prefix!r}")
     if hasattr(samples_or_source, "sample"):
         source: Source = samples_or_source  # type: ignore[assignment]
     else:
         if classes is None:
-            raise ValueError("writing a list of samples needs classes=[...]")
+            raise UserError("writing a list of samples needs classes=[...]")
         source = _SequenceSource(samples_or_source, classes)  # type: ignore[arg-type]
     if len(source) == 0:
-        raise ValueError("the source has no samples")
+        raise UserError("the source has no samples")
     ranges = plan_shards(source, max_samples, max_bytes)
     plan = {
         "format": FORMAT,
@@ -227,20 +229,41 @@ def write_shards(
 
 
 def read_info(url: str) -> dict[str, Any]:
-    """The ``_info.json`` of a dataset folder (or of the folder a shard pattern points into).
+    """The ``_info.json`` of a raptor dataset folder (or of the folder a shard pattern points into).
 
-    Raises FileNotFoundError naming the folder when the dataset is missing or incomplete.
+    Raises :class:`~raptor.errors.MissingInput` naming the folder when the dataset is missing or incomplete,
+    :class:`DatasetError` when its info file is damaged or another layout's (see
+    :mod:`raptor.data.layouts` for reading timm's and info-less shard sets).
     """
     folder = dataset_folder(url)
-    path = storage.join(folder, INFO)
-    if not storage.exists(path):
+    info = read_info_file(folder)
+    if info is None:
         raise MissingInput(
             f"{folder}: no {INFO} (not a shard folder, or the writer has not finished)"
         )
-    info = storage.read_json(path)
     if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {info.get('format')!r}, expected {FORMAT}")
+        raise DatasetError(
+            f"{storage.join(folder, INFO)}: unknown format {info.get('format')!r}, expected {FORMAT}"
+        )
     return info
+
+
+def read_info_file(folder: str) -> dict[str, Any] | None:
+    """``folder/_info.json`` as a dict, None when there is none; a damaged one is a one-line
+    :class:`DatasetError` naming the file."""
+    path = storage.join(folder, INFO)
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
 
 
 def dataset_folder(url: str) -> str:

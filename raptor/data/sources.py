@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from raptor.errors import MissingInput
 from raptor import storage
+from raptor.errors import MissingInput, UserError
 
 # Sample entries that hold the image (``seg.png`` is a mask, not an image entry).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -111,7 +111,7 @@ def imagefolder_source(root: str) -> FileSource:
                 labels.append(label)
                 sizes.append(int(files[name]["size"]))
     if not urls:
-        raise ValueError(f"{root}: no images found (expected {root}/<class>/<image>.jpg)")
+        raise UserError(f"{root}: no images found (expected {root}/<class>/<image>.jpg)")
     return FileSource(urls, labels, sizes, classes)
 
 
@@ -127,12 +127,12 @@ def listfile_source(path: str) -> FileSource:
             continue
         parts = line.rstrip("\n").split("\t")
         if len(parts) != 2 or not parts[0] or not parts[1].strip():
-            raise ValueError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
+            raise UserError(f"{path}:{lineno}: expected 'path<TAB>label', got {line!r}")
         file, label = parts[0], parts[1].strip()
         absolute = "://" in file or file.startswith("/")
         rows.append((file if absolute else storage.join(base, file), label))
     if not rows:
-        raise ValueError(f"{path}: the list is empty")
+        raise UserError(f"{path}: the list is empty")
     names = [label for _, label in rows]
     if all(re.fullmatch(r"\d+", n) for n in names):
         labels = [int(n) for n in names]

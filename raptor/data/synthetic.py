@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from raptor.data.sources import digest
+from raptor.errors import UserError
 
 SHAPES = (
     "disc",
@@ -92,11 +93,11 @@ class SyntheticSource:
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be 2..{MAX_CLASSES}, got {self.num_classes}")
+            raise UserError(f"num_classes must be 2..{MAX_CLASSES}, got {self.num_classes}")
         if self.size < 16:
-            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+            raise UserError(f"size must be at least 16 pixels, got {self.size}")
         if self.n < 1:
-            raise ValueError(f"need at least one sample, got n={self.n}")
+            raise UserError(f"need at least one sample, got n={self.n}")
         self.classes = class_names(self.num_classes)
         axis = np.linspace(-1, 1, self.size, dtype=np.float32)
         self._y, self._x = np.meshgrid(axis, axis, indexing="ij")

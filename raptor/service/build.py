@@ -11,7 +11,7 @@ the report.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -53,17 +53,21 @@ def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
                       precision=t.precision)
 
 
-def shard_source(spec: JobSpec, url: str, *, num_workers: int | None = None) -> ShardSource:
-    """``url``'s shards with the spec's data settings (seed, error budget, crop scale, image size)."""
+def shard_source(spec: JobSpec, split: Literal["train", "val"], *, num_workers: int | None = None) -> ShardSource:
+    """The ``train`` or ``val`` shards with the spec's data settings (layout split, seed, error budget,
+    crop scale, image size, labels, decoding). ``val`` falls back to the training shards when the spec
+    has no validation split; it is read by one process unless ``num_workers`` says otherwise."""
     d = spec.data
-    return ShardSource(url=url, batch_size=d.batch_size, image_size=spec.teacher.img_size, seed=d.seed,
-                       num_workers=d.num_workers if num_workers is None else num_workers,
-                       error_budget=d.error_budget, crop_scale=tuple(d.crop_scale))
-
-
-def val_source(spec: JobSpec, **kw: Any) -> ShardSource:
-    """The validation split (the training split when the spec has none), read by one process."""
-    return shard_source(spec, spec.data.val or spec.data.train, num_workers=0, **kw)
+    if split == "val" and d.val is None:
+        split = "train"
+        num_workers = 0 if num_workers is None else num_workers
+    train = split == "train"
+    return ShardSource(
+        url=d.train if train else d.val, batch_size=d.batch_size, image_size=spec.teacher.img_size, seed=d.seed,
+        num_workers=d.num_workers if num_workers is None else num_workers, error_budget=d.error_budget,
+        crop_scale=tuple(d.crop_scale), split=d.train_split if train else d.val_split,
+        samples=d.train_samples if train else None, num_classes=d.num_classes, label_key=d.label_key, decode=d.decode,
+    )
 
 
 def _weights(w: TokenWeights | None) -> tuple[float, float, float] | None:
@@ -129,8 +133,8 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         config=stage_config(spec, stage),
         teacher=teacher_ref(spec, layout),
         student=student,
-        train=shard_source(spec, spec.data.train),
-        val=val_source(spec),
+        train=shard_source(spec, "train"),
+        val=shard_source(spec, "val", num_workers=0),
         scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
                             placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
         deepspeed=deepspeed_plan(spec),

@@ -4,7 +4,8 @@ Each :class:`Stage` declares the spec fields it reads and the stages it consumes
 identity is a short content key: a hash of the canonical JSON of those fields' values (after
 validation, so a default written out and a default left implicit are the same) and of the upstream
 stages' keys. Fields that do not change the result are listed, each with the reason, in
-``ignores`` next to the stage; :data:`NOT_INPUTS` lists the spec fields no stage reads. A stage is
+``ignores`` next to the stage; ``raptor.service.stages.NOT_INPUTS`` lists the spec fields no stage
+reads. A stage is
 done when the artifact for ITS key exists, so re-running a changed spec redoes exactly the stages
 whose inputs changed, and runs or sweep trials whose inputs agree share one artifact.
 
@@ -26,26 +27,6 @@ if TYPE_CHECKING:
     from raptor.service.layout import Layout
 
 KEY_LENGTH = 16  # hex digits: 64 bits, no collision among any realistic number of artifacts
-
-# Spec fields that are an input of no stage, and why (a test checks that every field of the spec is
-# read by a stage, ignored by one with a reason, or listed here, so a new field forces the decision).
-NOT_INPUTS: dict[str, str] = {
-    "name": "a label: wandb runs and Kubernetes objects are named after it",
-    "runtime_env": "how `raptor submit` ships the code, not what it computes",
-    "cluster": "where Kubernetes runs the job, read only by `raptor k8s render`",
-    "logging": "what is reported and how often; the weights do not depend on it",
-    "storage.url": "where this run's index and report copy live, not what they hold",
-    "storage.store": "where artifacts are kept, not what they hold",
-    "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
-    "storage.keep": "how many checkpoints are kept",
-    "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
-    "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
-    "scaling.resources_per_worker": "a resource request; the work per rank is the same",
-    "scaling.placement_strategy": "where the ranks are placed, not what they compute",
-    "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
-    "data.error_budget": "decides only whether bad data stops the run",
-}
-
 
 @dataclass(frozen=True)
 class Stage:

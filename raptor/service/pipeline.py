@@ -15,7 +15,6 @@ inputs, with the spec that ran) and a copy of the report in ``report/``.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Callable
 
@@ -27,11 +26,9 @@ from raptor.service.build import absolute_paths
 from raptor.service.graph import Step, StageContext, content_key, explain, inputs, render_table
 from raptor.service.layout import Layout
 from raptor.service.spec import JobSpec
+from raptor.train.snapshot import resume_step
 
 log = logging.getLogger(__name__)
-
-_CHECKPOINT = re.compile(r"checkpoint_step(\d+)$")
-
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -43,12 +40,6 @@ def _location(step_name: str, spec: JobSpec, layout: Layout, key: str) -> str:
     if step_name == "teacher" and spec.teacher.checkpoint is not None:
         return spec.teacher.checkpoint
     return layout.keyed(step_name, key)
-
-
-def _newest_checkpoint(folder: str) -> int | None:
-    """The step of the newest Ray Train checkpoint under a training stage's folder, if any."""
-    steps = [int(m.group(1)) for name in storage.listdir(storage.join(folder, "checkpoints")) if (m := _CHECKPOINT.match(name))]
-    return max(steps) if steps else None
 
 
 def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] | None, rebuilt: set[str]) -> tuple[str, str]:
@@ -64,7 +55,7 @@ def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] 
         made = storage.read_json(marker).get("made_by", {})
         other = made.get("run") not in (None, spec.storage.url)
         return "done", f"shared: made by run {made.get('name')} ({made.get('run')})" if other else ""
-    if step.name in ("stage1", "stage2") and (at := _newest_checkpoint(step.url)) is not None:
+    if step.name in ("stage1", "stage2") and (at := resume_step(storage.join(step.url, "checkpoints"))) is not None:
         return "will resume", f"from its checkpoint at step {at}"
     return "will run", explain(step, previous, rebuilt)
 

@@ -103,6 +103,15 @@ class GenerateSpec(_Section):
 class DataSpec(_Section):
     train: str = Field(..., description="shard URL with brace expansion, e.g. s3://bucket/imagenet/train-{000000..001023}.tar")
     val: str | None = Field(None, description="validation shard URL (probe, fidelity checks); null = none")
+    train_split: str | None = Field(
+        None, description="split of a timm WebDataset (_info.json with splits) or tar set in a folder for data.train; null = the only one")
+    val_split: str | None = Field(None, description="the same for data.val, e.g. validation")
+    train_samples: int | None = Field(
+        None, gt=0, description="training samples where no info file gives the count; null = count the tars once (cached beside them)")
+    num_classes: int | None = Field(None, gt=1, description="class count where no info file gives it (the teacher's classifier is sized by it)")
+    label_key: str = Field("cls", description="where a sample's label is: cls (a member holding the class index) or MEMBER:FIELD, e.g. json:label")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="where training JPEGs are decoded: cpu (loader workers) or gpu (the training process, batched on its GPU)")
     batch_size: int = Field(64, gt=0, description="per worker")
     num_workers: int = Field(4, ge=0, description="loader workers per training worker")
     seed: int = Field(0, description="seed of shuffling and augmentation")

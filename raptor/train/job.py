@@ -71,6 +71,11 @@ class ShardSource:
     num_workers: int = 0
     error_budget: float = 0.01
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    split: str | None = None  # a timm dataset's split, or a tar set in a folder
+    samples: int | None = None  # the total where no info file gives it
+    num_classes: int | None = None
+    label_key: str = "cls"
+    decode: Literal["cpu", "gpu"] = "cpu"  # where training batches are decoded
 
     def loader(
         self,
@@ -81,14 +86,19 @@ class ShardSource:
         num_workers: int | None = None,
         batch_size: int | None = None,
         dense: bool = False,
+        device: torch.device | None = None,
     ) -> data.ShardLoader:
-        """``train``: augmented, shuffled, the same number of whole batches on every rank.
+        """``train``: augmented, shuffled, the same number of whole batches on every rank, decoded
+        where ``decode`` says and delivered normalised on ``device`` (the CPU by default).
         Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
+        gpu = train and self.decode == "gpu" and not dense
         return data.loader(
             self.url, batch_size=batch_size or self.batch_size, image_size=self.image_size, train=train,
             seed=self.seed, num_workers=self.num_workers if num_workers is None else num_workers, rank=rank,
             world_size=world_size, drop_last=train, error_budget=self.error_budget, crop_scale=self.crop_scale,
-            dense=dense,
+            dense=dense, split=self.split, samples=self.samples, num_classes=self.num_classes,
+            label_key=self.label_key, decode="gpu" if gpu else "cpu", device=device,
+            pin_memory=device is not None and device.type == "cuda",
         )
 
 

@@ -25,7 +25,7 @@ from raptor.train.trainer import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints live in <stage key folder>/checkpoints
 
 
 def run_config(job: StageJob) -> ray.train.RunConfig:

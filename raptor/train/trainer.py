@@ -160,7 +160,7 @@ class Trainer:
         self.engine, self.hot = build_engine(job, self.teacher, self.student, self.device, world)
         self.checkpointer = Checkpointer(job.checkpoints, self.engine)
         self.resumed = self.checkpointer.restore()
-        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world)
+        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, device=self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,

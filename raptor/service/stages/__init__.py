@@ -10,7 +10,8 @@
     report     report.json, index.md, index.html, plots/ (copied into the run folder)
 
 Each declaration names the spec fields the stage reads; the ``ignores`` beside it say which of
-those cannot change its artifact and why (the rest of the spec is in ``graph.NOT_INPUTS``).
+those cannot change its artifact and why; :data:`NOT_INPUTS` says why the rest of the spec is read by
+no stage.
 """
 
 from __future__ import annotations
@@ -19,9 +20,33 @@ from raptor.service.graph import Stage
 from raptor.service.spec import JobSpec
 from raptor.service.stages import data, discovery, distill, probe, report, teacher
 
+# Spec fields that are an input of no stage, and why (a test checks that every field of the spec is
+# read by a stage, ignored by one with a reason, or listed here, so a new field forces the decision).
+NOT_INPUTS: dict[str, str] = {
+    "name": "a label: wandb runs and Kubernetes objects are named after it",
+    "runtime_env": "how `raptor submit` ships the code, not what it computes",
+    "cluster": "where Kubernetes runs the job, read only by `raptor k8s render`",
+    "logging": "what is reported and how often; the weights do not depend on it",
+    "storage.url": "where this run's index and report copy live, not what they hold",
+    "storage.store": "where artifacts are kept, not what they hold",
+    "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
+    "storage.keep": "how many checkpoints are kept",
+    "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
+    "scaling.resources_per_worker": "a resource request; the work per rank is the same",
+    "scaling.placement_strategy": "where the ranks are placed, not what they compute",
+    "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
+    "data.error_budget": "decides only whether bad data stops the run",
+}
+
+
+# the shards a stage reads, and how: the layout split, labels, counts, augmentation, decoding
+_TRAIN_DATA = ("data.train", "data.train_split", "data.train_samples", "data.label_key", "data.num_classes",
+               "data.seed", "data.crop_scale", "data.decode")
+_EVAL_DATA = ("data.val", "data.val_split", "data.train", "data.train_split", "data.label_key", "data.num_classes")
 # what every stage that trains the student on the shards reads (beside its own section)
-_TRAINING = ("student", "data.train", "data.batch_size", "data.num_workers", "data.seed", "data.crop_scale",
-             "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
+_TRAINING = ("student", *_TRAIN_DATA, "data.batch_size", "data.num_workers", "teacher.precision", "scaling.num_workers",
+             "scaling.use_gpu", "deepspeed")
 _TRAINING_IGNORES = {
     "deepspeed.zero_stage": "sharding reorders float sums only: ZeRO 0-3 agree to 1e-4 after training steps",
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
@@ -37,7 +62,7 @@ _TRAINING_VERSION = 2
 def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
     if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
         return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
-    return ("teacher", "data.train", "data.val", "data.generate", "data.seed", "data.crop_scale", "scaling.use_gpu")
+    return ("teacher", *_TRAIN_DATA, *_EVAL_DATA, "data.generate", "scaling.use_gpu")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -46,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", reads=_teacher_reads, upstream=("data",), run=teacher.run,
           given=lambda spec: spec.teacher.checkpoint is not None),
     Stage("distances",
-          reads=("discovery.metric", "discovery.num_images", "data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+          reads=("discovery.metric", "discovery.num_images", *_EVAL_DATA, "teacher.precision", "scaling.use_gpu"),
           upstream=("teacher",), run=discovery.run_distances,
           ignores={"data.batch_size": "batches only group the images; the average over them is the same"}),
     Stage("discovery", reads=("discovery.k", "discovery.method", "discovery.boundaries"),
@@ -55,9 +80,9 @@ STAGES: tuple[Stage, ...] = (
           run=distill.runner("stage1"), ignores=_TRAINING_IGNORES, version=_TRAINING_VERSION),
     Stage("stage2", reads=("stage2",) + _TRAINING, upstream=("stage1",),
           run=distill.runner("stage2"), ignores=_TRAINING_IGNORES, version=_TRAINING_VERSION),
-    Stage("probe", reads=("probe", "data.train", "data.val", "data.seed", "teacher.precision", "scaling.use_gpu"),
+    Stage("probe", reads=("probe", *_EVAL_DATA, "data.seed", "teacher.precision", "scaling.use_gpu"),
           upstream=("stage2",), run=probe.run),
-    Stage("report", reads=("data.val", "data.train", "teacher.precision", "scaling.use_gpu"),
+    Stage("report", reads=(*_EVAL_DATA, "teacher.precision", "scaling.use_gpu"),
           upstream=("distances", "discovery", "stage2", "probe"), run=report.run,
           ignores={"data.batch_size": "batches only group the analysed images"}),
 )

@@ -16,7 +16,7 @@ import torch
 
 from raptor import storage
 from raptor.discovery import bisection, layer_distances, plot_distances, segment, swap_distances
-from raptor.service.build import single_device, single_process, teacher_ref, val_source
+from raptor.service.build import shard_source, single_device, single_process, teacher_ref
 from raptor.service.graph import StageContext
 from raptor.service.spec import JobSpec
 from raptor.train.job import TeacherRef
@@ -33,7 +33,7 @@ def distance_matrix(spec: JobSpec, teacher: TeacherRef) -> np.ndarray:
 
     def images() -> Iterator[torch.Tensor]:
         seen = 0
-        for x, _ in val_source(spec).loader(train=False):
+        for x, _ in shard_source(spec, "val", num_workers=0).loader(train=False):
             yield x[: d.num_images - seen].to(device)
             seen += len(x)
             if seen >= d.num_images:

@@ -53,8 +53,8 @@ def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str,
     student, _ = load_student(student_url, teacher)
 
     splits = {}
-    for name, url in (("train", spec.data.train), ("val", spec.data.val)):
-        splits[name] = _features(teacher, student, shard_source(spec, url, num_workers=0).loader(train=False), device, amp)
+    for name in ("train", "val"):
+        splits[name] = _features(teacher, student, shard_source(spec, name, num_workers=0).loader(train=False), device, amp)
     (train_t, train_s, train_y), (val_t, val_s, val_y) = splits["train"], splits["val"]
     p = spec.probe
     num_classes = int(max(train_y.max(), val_y.max())) + 1

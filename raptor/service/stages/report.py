@@ -70,15 +70,15 @@ def _probe(layout: Layout) -> dict[str, Any] | None:
 
 def split_batches(spec: JobSpec, split: str = "val", dense: bool = False) -> ShardLoader:
     """A split's shards once (val falls back to train), with eval transforms, in file order."""
-    url = (spec.data.val or spec.data.train) if split == "val" else spec.data.train
-    return shard_source(spec, url, num_workers=0).loader(train=False, batch_size=min(spec.data.batch_size, 64), dense=dense)
+    source = shard_source(spec, "val" if split == "val" else "train", num_workers=0)
+    return source.loader(train=False, batch_size=min(spec.data.batch_size, 64), dense=dense)
 
 
 def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *, samples: int, amp: bool) -> dict[str, Any]:
     """Segmentation and depth probes for teacher and student, when the run's shards carry masks and depth."""
-    from raptor.data import read_info
+    from raptor.data import Shards
 
-    if not read_info(spec.data.train).get("dense"):
+    if not Shards.resolve(spec.data.train, split=spec.data.train_split).dense:
         raise UserError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
     log.info("dense probes on %d train / val images", samples)
     return dense_probes(teacher, student, split_batches(spec, "train", dense=True),

@@ -42,7 +42,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     device = device or single_device(spec)
     amp = autocast_dtype(tspec.precision, device)  # teacher.precision: the same rule as every stage's teacher
     torch.manual_seed(spec.data.seed)
-    train = shard_source(spec, spec.data.train, num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size)
+    train = shard_source(spec, "train", num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size, device=device)
     if not train.num_classes:
         raise UserError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
     model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
@@ -70,7 +70,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
                  step * tt.batch_size / (time.perf_counter() - t0))
     metrics: dict[str, Any] = {"train_loss": loss.item(), "steps": step, "seconds": time.perf_counter() - t0}
     if spec.data.val:
-        val = shard_source(spec, spec.data.val, num_workers=0).loader(train=False, batch_size=tt.batch_size)
+        val = shard_source(spec, "val", num_workers=0).loader(train=False, batch_size=tt.batch_size)
         model.eval()
         with autocast(device, amp):
             logits, labels = collect(model, val, device=device)
