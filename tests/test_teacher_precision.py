@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 
 from raptor.data import synthetic_source, write_shards
 from raptor.models import Raptor, Teacher, save_student
-from raptor.service.build import stage_config, teacher_ref, val_source
+from raptor.service.build import shard_source, stage_config, teacher_ref
 from raptor.service.layout import Layout
 from raptor.service.spec import parse_spec
 from raptor.service.stages.discovery import distance_matrix
@@ -93,7 +93,7 @@ def test_every_stage_runs_the_teacher_in_the_specs_precision(files, teacher_call
     student = Raptor.from_teacher(teacher, [2], seed=0)
     HotPath(teacher, student, stage_config(spec, "stage2"), teacher_amp=ref.amp(cpu),
             student_amp=False).trajectory(torch.randn(2, 3, 28, 28))
-    Validator(val_source(spec), teacher, student, 1, cpu, ref.amp(cpu), False)
+    Validator(shard_source(spec, "val", num_workers=0), teacher, student, 1, cpu, ref.amp(cpu), False)
     current["stage"] = "probe"
     probe(spec, ref, str(files / "student.safetensors"))
     current["stage"] = "report"

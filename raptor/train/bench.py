@@ -38,7 +38,7 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     optimizer = make_optimizer(student, cfg, fused=ds.fused_adamw(device))
     scheduler = lr_scheduler(optimizer, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = batches_from(job.train.loader(train=True, rank=0, world_size=job.scaling.num_workers), 0)
+    batches = batches_from(job.train.loader(train=True, rank=0, world_size=job.scaling.num_workers, device=device), 0)
     accum = ds.gradient_accumulation_steps
 
     def step(i: int) -> None:
