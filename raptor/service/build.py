@@ -53,12 +53,20 @@ def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
                       precision=t.precision)
 
 
-def shard_source(spec: JobSpec, url: str, *, num_workers: int | None = None) -> ShardSource:
+def shard_source(
+    spec: JobSpec, url: str, *, num_workers: int | None = None, seed: int | None = None, augment: bool = True
+) -> ShardSource:
     """``url``'s shards with the spec's data settings (seed, error budget, crop scale, image size)."""
     d = spec.data
-    return ShardSource(url=url, batch_size=d.batch_size, image_size=spec.teacher.img_size, seed=d.seed,
+    return ShardSource(url=url, batch_size=d.batch_size, image_size=spec.teacher.img_size,
+                       seed=d.seed if seed is None else seed,
                        num_workers=d.num_workers if num_workers is None else num_workers,
-                       error_budget=d.error_budget, crop_scale=tuple(d.crop_scale))
+                       error_budget=d.error_budget, crop_scale=tuple(d.crop_scale), augment=augment)
+
+
+def distill_source(spec: JobSpec) -> ShardSource:
+    """The distillation stages' training shards, with ``data.distill_transform`` (augmented or centre crops)."""
+    return shard_source(spec, spec.data.train, augment=spec.data.distill_transform == "augment")
 
 
 def val_source(spec: JobSpec, **kw: Any) -> ShardSource:
@@ -108,8 +116,14 @@ def wandb_dir(spec: JobSpec) -> str:
     return os.environ.get("WANDB_DIR") or os.path.join("/tmp", "raptor-wandb")
 
 
-def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any]) -> StageJob:
-    """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up."""
+def stage_job(
+    spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
+) -> StageJob:
+    """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up.
+
+    ``report_interval``: steps between metric reports to Ray Train while the stage trains (a sweep
+    trial's scheduler reads them); stage 2's steps are counted on from stage 1's.
+    """
     sc, ds, lg = spec.scaling, spec.deepspeed, spec.logging
     student = StudentPlan(
         boundaries=tuple(layout.boundaries()), mlp=spec.student.mlp, depth_scaling=spec.student.depth_scaling,
@@ -121,7 +135,7 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         config=stage_config(spec, stage),
         teacher=teacher_ref(spec, layout),
         student=student,
-        train=shard_source(spec, spec.data.train),
+        train=distill_source(spec),
         val=val_source(spec),
         scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
                             placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
@@ -131,8 +145,9 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         logging=LogPlan(
             run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", log_interval=lg.log_interval,
             val_interval=lg.val_interval, wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
-            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=spec.name,
+            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=lg.wandb_group or spec.name,
             config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
+            report_interval=report_interval, step_offset=spec.stage1.steps if stage == "stage2" else 0,
         ),
         out_url=layout.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},

@@ -44,6 +44,7 @@ NOT_INPUTS: dict[str, str] = {
     "scaling.placement_strategy": "where the ranks are placed, not what they compute",
     "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
     "data.error_budget": "decides only whether bad data stops the run",
+    "sweep": "which trials a sweep runs; each trial is a spec of its own, keyed by the fields it reads",
 }
 
 
@@ -135,6 +136,7 @@ class StageContext:
     spec: JobSpec
     layout: "Layout"
     step: Step
+    report_interval: int | None = None  # training stages report metrics this often (a sweep trial's scheduler)
 
     @property
     def folder(self) -> str:

@@ -56,6 +56,7 @@ class ShardSource:
     num_workers: int = 0
     error_budget: float = 0.01
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    augment: bool = True  # False: training batches get the eval transform (centre crop), still shuffled
 
     def loader(
         self,
@@ -67,13 +68,13 @@ class ShardSource:
         batch_size: int | None = None,
         dense: bool = False,
     ) -> data.ShardLoader:
-        """``train``: augmented, shuffled, the same number of whole batches on every rank.
-        Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
+        """``train``: shuffled, augmented unless ``augment`` is off, the same number of whole batches on every
+        rank. Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
         return data.loader(
-            self.url, batch_size=batch_size or self.batch_size, image_size=self.image_size, train=train,
-            seed=self.seed, num_workers=self.num_workers if num_workers is None else num_workers, rank=rank,
-            world_size=world_size, drop_last=train, error_budget=self.error_budget, crop_scale=self.crop_scale,
-            dense=dense,
+            self.url, batch_size=batch_size or self.batch_size, image_size=self.image_size,
+            train=train and self.augment, shuffle=train, seed=self.seed,
+            num_workers=self.num_workers if num_workers is None else num_workers, rank=rank, world_size=world_size,
+            drop_last=train, error_budget=self.error_budget, crop_scale=self.crop_scale, dense=dense,
         )
 
 
@@ -168,6 +169,11 @@ class LogPlan:
     wandb_dir: str = "wandb"
     wandb_group: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # what wandb records as the run's config
+    # a sweep's scheduler (Ray Tune's ASHA) needs metrics while a stage trains, not only at checkpoints:
+    # every ``report_interval`` steps the workers report them to Ray Train (forwarded to Tune), with
+    # ``global_step`` = ``step_offset`` + the stage's step, so a trial's steps rise across stage 1 and 2
+    report_interval: int | None = None
+    step_offset: int = 0
 
 
 @dataclass(frozen=True)

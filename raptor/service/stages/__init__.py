@@ -21,7 +21,7 @@ from raptor.service.stages import data, discovery, distill, probe, report, teach
 
 # what every stage that trains the student on the shards reads (beside its own section)
 _TRAINING = ("student", "data.train", "data.batch_size", "data.num_workers", "data.seed", "data.crop_scale",
-             "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
+             "data.distill_transform", "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
 _TRAINING_IGNORES = {
     "deepspeed.zero_stage": "sharding reorders float sums only: ZeRO 0-3 agree to 1e-4 after training steps",
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
@@ -33,7 +33,9 @@ _TRAINING_IGNORES = {
 def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
     if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
         return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
-    return ("teacher", "data.train", "data.val", "data.generate", "data.seed", "data.crop_scale", "scaling.use_gpu")
+    # data.seed seeds the teacher only while teacher.train.seed leaves it open (then a sweep over data.seed keeps one teacher)
+    seed = ("data.seed",) if spec.teacher.train is not None and spec.teacher.train.seed is None else ()
+    return ("teacher", "data.train", "data.val", "data.generate", *seed, "data.crop_scale", "scaling.use_gpu")
 
 
 STAGES: tuple[Stage, ...] = (
