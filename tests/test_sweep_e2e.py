@@ -116,6 +116,26 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
 
 
 @pytest.mark.slow
+def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
+    """`raptor analyze --sweep` over the first test's sweep (one rate, two teacher seeds): one row, two
+    teachers, finite z-scores for both distances, the student's numbers averaged over its 3 trials.
+    Catches a study that counts a shared teacher once per trial or loses a distance metric."""
+    import json
+
+    from raptor.cli import main
+
+    assert main(["analyze", "--sweep", str(root / "share"), "--samples", "32"]) == 0
+    study = json.loads((root / "share" / "sweep" / "study" / "study.json").read_text())
+    (row,) = study["table"]
+    assert row["drop_path_rate"] == 0.1 and row["teachers"] == 2 and row["trials"] == 3
+    for metric in ("cosine", "swap"):
+        mean, std = row[f"{metric}_z"]
+        assert mean == mean and std >= 0  # finite, over two teachers
+    assert "| 0.1 | 2 |" in (root / "share" / "sweep" / "study" / "study.md").read_text()
+    assert (root / "share" / "sweep" / "study" / "distances.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_asha_stops_a_trial_that_cannot_learn_mid_stage(cluster, root):
     """ASHA on update-R^2 from step 50 (stage 1 has 60): a trial at lr 1e-9 stays at its initial
     update-R^2 (about -0.3 here) while the trained one passes it (about 0 by step 30 of a 30-step
