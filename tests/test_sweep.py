@@ -210,3 +210,14 @@ def test_results_csv_is_read_back(tmp_path):
         load_results(str(tmp_path))
     storage.write_bytes(str(tmp_path / "sweep" / "results.csv"), b"trial,status\nabc,finished\n")
     assert load_results(str(tmp_path)) == [{"trial": "abc", "status": "finished"}]
+
+
+def test_a_failed_trials_row_names_the_error_not_the_traceback():
+    """Catches results.md rows that end in a traceback's trailing detail instead of the error itself."""
+    from raptor.service.sweep_results import _one_line
+
+    traceback = ("Failure # 1\nray.exceptions.RayTaskError(AssertionError): ray::run_trial()\n  File \"x.py\", line 3\n"
+                 "    assert dim % num_heads == 0\nAssertionError: dim should be divisible by num_heads\n")
+    assert _one_line(traceback) == "AssertionError: dim should be divisible by num_heads"
+    oom = "ray.exceptions.OutOfMemoryError: 3 worker(s) were killed\n- objects errored: 0\n- bytes errored: 0\n"
+    assert _one_line(oom) == "ray.exceptions.OutOfMemoryError: 3 worker(s) were killed"

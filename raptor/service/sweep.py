@@ -393,8 +393,6 @@ def _tuner(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]], locks_n
 
 def run_sweep(spec: JobSpec, source: str = "spec") -> dict[str, Any]:
     """Run (or resume) the sweep on the connected Ray cluster; returns the results' summary."""
-    from raptor.service.sweep_results import collect, write_results
-
     plan, specs = plan_sweep(spec, source)
     storage.makedirs(plan.folder)
     storage.write_bytes(storage.join(plan.folder, "spec.yaml"), plan.spec.to_yaml().encode())
@@ -409,11 +407,25 @@ def run_sweep(spec: JobSpec, source: str = "spec") -> dict[str, Any]:
     locks_name = f"raptor-sweep-locks-{uuid.uuid4().hex[:8]}"
     locks = ray.remote(num_cpus=0)(KeyLocks).options(name=locks_name).remote(LOCK_TTL_S)
     try:
-        results = _tuner(plan, specs, locks_name, max_concurrent).fit()
+        tuner = _tuner(plan, specs, locks_name, max_concurrent)
+        tuner.fit()
     finally:
         ray.kill(locks)
-    rows = collect(plan, [(r.config.get("params"), r.metrics or {}, r.error) for r in results])
-    return write_results(plan, rows)
+    # the results were written from Tune's trials as they ended, the last time when the sweep ended
+    return summarize(plan, load_results(plan.spec.storage.url))
+
+
+def summarize(plan: SweepPlan, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Counts by status and the best finished trial, from results.csv's rows."""
+    sweep = plan.spec.sweep
+    assert sweep is not None
+    summary: dict[str, Any] = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed")}
+    ranked = [r for r in rows if r["status"] == "finished" and r.get(sweep.metric)]
+    sign = 1 if sweep.mode == "max" else -1
+    top = max(ranked, key=lambda r: sign * float(r[sweep.metric]), default=None)
+    summary.update(trials=len(rows), folder=plan.folder, best=top and top["trial"],
+                   best_metric=top and float(top[sweep.metric]))
+    return summary
 
 
 def load_results(url: str) -> list[dict[str, Any]]:

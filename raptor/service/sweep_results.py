@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +46,26 @@ class Row:
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b")
+
+
 def _one_line(error: BaseException | str) -> str:
-    """The last line of an error's text (a Tune error carries the whole remote traceback)."""
+    """The error itself from an error's text (a Tune error carries the whole remote traceback): its
+    last ``SomeError: message`` line, else its last line."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(error).__name__
+    named = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return (named or lines or [type(error).__name__])[-1]
+
+
+def trial_error(trial: Any) -> str | None:
+    """A failed Tune trial's error text: the file Tune has just written beside the driver, else its stored copy."""
+    if trial.status != "ERROR":
+        return None
+    path = trial.error_file
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return trial.get_error() or "failed without an error message"
 
 
 def collect(plan: SweepPlan, items: list[tuple[dict[str, Any] | None, dict[str, Any], Any]], statuses: list[str] | None = None) -> list[Row]:
@@ -176,8 +194,8 @@ def json_label(value: Any) -> str:
     return str(value) if isinstance(value, (int, float, str)) else repr(value)
 
 
-def write_results(plan: SweepPlan, rows: list[Row]) -> dict[str, Any]:
-    """results.csv, results.md, best.yaml (when a trial finished) and the PNGs; returns a summary."""
+def write_results(plan: SweepPlan, rows: list[Row]) -> None:
+    """results.csv, results.md, best.yaml (when a trial finished) and the PNGs."""
     sweep = plan.spec.sweep
     assert sweep is not None
     storage.makedirs(plan.folder)
@@ -192,10 +210,6 @@ def write_results(plan: SweepPlan, rows: list[Row]) -> dict[str, Any]:
     if top is not None:
         storage.write_bytes(storage.join(plan.folder, "best.yaml"), dump_yaml(trial_spec(plan.spec, top.params).model_dump(mode="json")))
     storage.write_bytes(storage.join(plan.folder, "results.md"), to_markdown(plan, rows, top, plots).encode())
-    summary: dict[str, Any] = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "failed")}
-    summary.update(trials=len(rows), folder=plan.folder, best=top and top.trial,
-                   best_metric=top and top.metrics[sweep.metric])
-    return summary
 
 
 class ResultsCallback(tune.Callback):
@@ -210,7 +224,7 @@ class ResultsCallback(tune.Callback):
         return f"{trial_id(params)} ({describe(params)})"
 
     def _write(self, trials: list[Any]) -> None:
-        items = [(t.config.get("params"), t.last_result or {}, t.get_error() if t.status == "ERROR" else None) for t in trials]
+        items = [(t.config.get("params"), t.last_result or {}, trial_error(t)) for t in trials]
         write_results(self.plan, collect(self.plan, items, [t.status for t in trials]))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -225,5 +239,8 @@ class ResultsCallback(tune.Callback):
         self._write(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        log.warning("trial %s: failed: %s", self._name(trial), _one_line(trial.get_error() or "error"))
+        log.warning("trial %s: failed: %s", self._name(trial), _one_line(trial_error(trial) or ""))
+        self._write(trials)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._write(trials)
