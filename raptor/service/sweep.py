@@ -32,6 +32,7 @@ where its pipeline stopped (finished stages are done, a training stage resumes i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -364,13 +365,11 @@ def _tuner(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]], locks_n
             time_attr="global_step", max_t=max(total_steps(s) for _, s in specs), grace_period=sweep.grace_period,
             reduction_factor=sweep.reduction_factor, stop_last_trials=False)
     if sweep.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
+        if importlib.util.find_spec("optuna") is None:
+            raise SweepError("sweep.search: optuna is not installed (pip install optuna)")
+        from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(seed=sweep.seed)
-            searcher.set_search_properties(sweep.metric_key, sweep.mode, {})  # checks that optuna imports
-        except ImportError:
-            raise SweepError("sweep.search: optuna is not installed (pip install optuna)") from None
+        searcher = OptunaSearch(seed=sweep.seed)
         param_space = {"params": {p: tune_domain(sweep, p) for p in sweep.space}}
         num_samples = sweep.num_samples
     else:
