@@ -102,8 +102,8 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
     teachers = storage.listdir(str(root / "store" / "teacher"))
     assert len(teachers) == 2 and len({r["teacher"] for r in rows.values()}) == 2
     assert len(storage.listdir(str(root / "store" / "stage1"))) == 2  # stage 1 reads no stage-2 field: shared too
-    for r in rows.values():
-        assert float(r["update_r2"]) > -1 and r["status"] == "finished" and r["report"]
+    for r in rows.values():  # metrics from each trial's own artifacts, and where they are
+        assert r["update_r2"] and r["probe_top1"] and r["report"].startswith(str(root / "store" / "report"))
 
     best = load_spec(str(root / "share" / "sweep" / "best.yaml"))
     top = max(rows.values(), key=lambda r: float(r["update_r2"]))
