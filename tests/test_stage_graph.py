@@ -49,6 +49,9 @@ def _moved(tmp_path: Path, *overrides: str) -> list[str]:
         (["discovery.metric=cka"], ["distances", "discovery", "stage1", "stage2", "probe", "report"]),
         (["scaling.num_workers=4"], ["stage1", "stage2", "probe", "report"]),  # the effective batch; not the teacher
         (["probe.epochs=2"], ["probe", "report"]),
+        (["data.distill_transform=centre"], ["stage1", "stage2", "probe", "report"]),  # the teacher keeps its augmentation
+        (["teacher.train.seed=7"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),
+        (["data.seed=3"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),  # seeds the teacher too
         (["logging.log_interval=7", "logging.val_interval=9", "storage.keep=5", "storage.checkpoint_interval=3",
           "name=renamed", "deepspeed.zero_stage=3", "scaling.max_failures=0", "cluster.gpus_per_node=4"], []),
     ],
@@ -56,6 +59,13 @@ def _moved(tmp_path: Path, *overrides: str) -> list[str]:
 def test_a_change_moves_exactly_the_keys_of_the_stages_that_read_it(tmp_path, overrides, moved):
     """Catches a stage that misses an input (stale artifact reused) or reads one it should not (needless recompute)."""
     assert _moved(tmp_path, *overrides) == moved
+
+
+def test_a_teacher_with_its_own_seed_is_shared_across_data_seeds(tmp_path):
+    """Catches a teacher keyed on data.seed after teacher.train.seed took over its seeding (a sweep over
+    student seeds would retrain one identical teacher per seed)."""
+    before, after = _keys(_spec(tmp_path, "teacher.train.seed=0")), _keys(_spec(tmp_path, "teacher.train.seed=0", "data.seed=3"))
+    assert [n for n in ORDER if before[n] != after[n]] == ["stage1", "stage2", "probe", "report"]
 
 
 def test_explicit_defaults_and_implicit_ones_give_the_same_keys(tmp_path):

@@ -17,11 +17,13 @@ def plot_distances(
     *,
     title: str | None = None,
     cmap: str = "viridis",
+    ax=None,
 ):
     """Draw D (layers 1..L on both axes) and lines after each boundary layer.
 
     Saves a PNG (or any matplotlib format by extension) to ``path_or_url`` through
-    :mod:`raptor.storage` (s3:// works) when given; returns the matplotlib Figure.
+    :mod:`raptor.storage` (s3:// works) when given; returns the matplotlib Figure. ``ax``: draw
+    into this axis of a larger figure (several matrices side by side) instead of a new figure.
     """
     import matplotlib
 
@@ -30,7 +32,10 @@ def plot_distances(
 
     d = np.asarray(distances.detach().cpu() if hasattr(distances, "detach") else distances, dtype=float)
     L = d.shape[0]
-    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
+    else:
+        fig = ax.figure
     im = ax.imshow(d, cmap=cmap, origin="upper", extent=(0.5, L + 0.5, L + 0.5, 0.5))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="distance")
     for b in boundaries or []:

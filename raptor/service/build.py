@@ -53,21 +53,32 @@ def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
                       precision=t.precision)
 
 
-def shard_source(spec: JobSpec, split: Literal["train", "val"], *, num_workers: int | None = None) -> ShardSource:
+def shard_source(
+    spec: JobSpec, split: Literal["train", "val"], *, num_workers: int | None = None, seed: int | None = None,
+    augment: bool = True,
+) -> ShardSource:
     """The ``train`` or ``val`` shards with the spec's data settings (layout split, seed, error budget,
     crop scale, image size, labels, decoding). ``val`` falls back to the training shards when the spec
-    has no validation split; it is read by one process unless ``num_workers`` says otherwise."""
+    has no validation split; it is read by one process unless ``num_workers`` says otherwise.
+    ``augment=False``: training batches get the eval transform (centre crop), still shuffled."""
     d = spec.data
     if split == "val" and d.val is None:
         split = "train"
         num_workers = 0 if num_workers is None else num_workers
     train = split == "train"
     return ShardSource(
-        url=d.train if train else d.val, batch_size=d.batch_size, image_size=spec.teacher.img_size, seed=d.seed,
+        url=d.train if train else d.val, batch_size=d.batch_size, image_size=spec.teacher.img_size,
+        seed=d.seed if seed is None else seed,
         num_workers=d.num_workers if num_workers is None else num_workers, error_budget=d.error_budget,
         crop_scale=tuple(d.crop_scale), split=d.train_split if train else d.val_split,
         samples=d.train_samples if train else None, num_classes=d.num_classes, label_key=d.label_key, decode=d.decode,
+        augment=augment,
     )
+
+
+def distill_source(spec: JobSpec) -> ShardSource:
+    """The distillation stages' training shards, with ``data.distill_transform`` (augmented or centre crops)."""
+    return shard_source(spec, "train", augment=spec.data.distill_transform == "augment")
 
 
 def _weights(w: TokenWeights | None) -> tuple[float, float, float] | None:
@@ -120,8 +131,14 @@ def wandb_dir(spec: JobSpec) -> str:
     return os.environ.get("WANDB_DIR") or os.path.join("/tmp", "raptor-wandb")
 
 
-def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any]) -> StageJob:
-    """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up."""
+def stage_job(
+    spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
+) -> StageJob:
+    """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up.
+
+    ``report_interval``: steps between metric reports to Ray Train while the stage trains (a sweep
+    trial's scheduler reads them); stage 2's steps are counted on from stage 1's.
+    """
     sc, lg = spec.scaling, spec.logging
     student = StudentPlan(
         boundaries=tuple(layout.boundaries()), mlp=spec.student.mlp, depth_scaling=spec.student.depth_scaling,
@@ -133,7 +150,7 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         config=stage_config(spec, stage),
         teacher=teacher_ref(spec, layout),
         student=student,
-        train=shard_source(spec, "train"),
+        train=distill_source(spec),
         val=shard_source(spec, "val", num_workers=0),
         scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
                             placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
@@ -143,8 +160,10 @@ def stage_job(spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs:
         logging=LogPlan(
             run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", log_interval=lg.log_interval,
             val_interval=lg.val_interval, wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
-            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=spec.name, peak_tflops=lg.peak_tflops,
+            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=lg.wandb_group or spec.name,
+            peak_tflops=lg.peak_tflops,
             config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
+            report_interval=report_interval, step_offset=spec.stage1.steps if stage == "stage2" else 0,
         ),
         out_url=layout.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},

@@ -1,8 +1,9 @@
-"""The service's commands: ``raptor run``, ``plan``, ``submit``, ``teacher train``, ``analyze`` and ``k8s render``.
+"""The service's commands: ``raptor run``, ``plan``, ``sweep``, ``submit``, ``teacher train``, ``analyze`` and ``k8s render``.
 
-``run`` executes the pipeline here: on the Ray cluster in ``RAY_ADDRESS`` (set by ``ray job
-submit`` for its entrypoint) or on a local Ray it starts (the embedded default). ``submit`` sends
-that same ``raptor run`` to a cluster through Ray's job API (``raptor.service.submit``).
+``run`` executes the pipeline here and ``sweep`` a Ray Tune sweep of it: on the Ray cluster in
+``RAY_ADDRESS`` (set by ``ray job submit`` for its entrypoint) or on a local Ray it starts (the
+embedded default). ``submit`` sends that same ``raptor run`` (or ``raptor sweep``) to a cluster
+through Ray's job API (``raptor.service.submit``).
 """
 
 from __future__ import annotations
@@ -55,9 +56,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: discovery.boundaries, else an even split)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
-    p = subparsers.add_parser("submit", help="submit `raptor run SPEC` to a Ray cluster as a Ray job")
+    p = subparsers.add_parser(
+        "sweep", help="run the spec's sweep section as a Ray Tune sweep: one pipeline per trial, one shared store",
+        description="Validate every trial's spec (the base spec with the trial's values from sweep.space), then run "
+        "the trials with Ray Tune (search: grid, random or optuna; scheduler: fifo or asha, which stops trailing trials "
+        "mid-stage). Trials share every artifact whose inputs agree, and no two trials make one artifact at once. "
+        "Results go to STORAGE_URL/sweep/ (results.csv, results.md, best.yaml, one PNG per swept field); trials run in "
+        "STORAGE_URL/trials/<id>/. Re-running the same command resumes the sweep: finished trials are not redone.")
+    _spec_args(p, "job spec YAML with a sweep section (path or URL)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every trial and print it with the stages it would run; run nothing")
+    p.set_defaults(func=cmd_sweep)
+    p = subparsers.add_parser("submit", help="submit `raptor run SPEC` (or `raptor sweep SPEC`) to a Ray cluster as a Ray job")
     _spec_args(p, "job spec YAML (a path inside the working directory that is uploaded, or a URL)")
     p.add_argument("--address", default=None, help="Ray dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--sweep", action="store_true", help="submit `raptor sweep SPEC`: the spec's sweep section as a Ray Tune sweep")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.set_defaults(func=cmd_submit)
     teacher = subparsers.add_parser("teacher", help="teacher models (train)")
@@ -71,7 +84,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read a run's artifacts (its run.json names them: spec, teacher, boundaries, student, probes), "
         "analyse teacher and student on the val data (directional convergence, angular speed, patch-update rank and "
         "coherence, basin robustness, fidelity) and write report.json, index.md, index.html and plots/.")
-    p.add_argument("run", metavar="RUN_URL", help="the run's folder (the spec's storage.url)")
+    p.add_argument("run", metavar="RUN_URL", help="the run's folder (the spec's storage.url); with --sweep, the sweep's")
+    p.add_argument("--sweep", action="store_true",
+                   help="RUN_URL is a sweep: the stochastic-depth study over its trials (per drop-path rate: teacher "
+                   "blockiness z-scores for cosine and swap distances, the student's update-R^2 and probe share, mean +- std "
+                   "over seeds) to RUN_URL/sweep/study/")
     p.add_argument("--out", metavar="URL", help="report folder (default: RUN_URL/report)")
     p.add_argument("--samples", type=int, default=64, help="val images to analyse (default 64)")
     p.add_argument("--layer-swap", action="store_true", help="also run the layer-swap study (L(L+1)/2 partial teacher passes)")
@@ -96,8 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_k8s_render)
 
 
-def connect_ray(spec: JobSpec) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray big enough for the spec's workers."""
+def connect_ray(spec: JobSpec, trials: int = 0) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray big enough for the spec's workers.
+
+    ``trials``: a sweep runs this many trials at once, each with the spec's workers; the local Ray
+    gets one CPU more for the trials' drivers (0.01 CPU each), or a 2-core machine would deadlock.
+    """
     import ray
 
     from raptor import console
@@ -107,9 +128,9 @@ def connect_ray(spec: JobSpec) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
         else:
-            need = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+            need = spec.scaling.num_workers * spec.scaling.cpus_per_worker * max(trials, 1)
             # the workers' CPUs are Ray's bookkeeping, not threads: a smaller laptop still runs the default
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), logging_level=logging.WARNING)
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)) + (1 if trials else 0), logging_level=logging.WARNING)
         console.adopt_ray_loggers()
     console.route_worker_output()
 
@@ -119,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raptor.service.pipeline import run_pipeline
 
     spec = load_spec(args.spec, args.overrides)
+    if spec.sweep is not None:
+        log.info("%s has a sweep section; `raptor run` runs the base spec alone (`raptor sweep` runs the trials)", args.spec)
     if args.dry_run:
         run_pipeline(spec, dry_run=True)
         return 0
@@ -150,18 +173,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.fits else 3
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raptor import console
+    from raptor.service.sweep import plan_sweep, run_sweep
+
+    spec = load_spec(args.spec, args.overrides)
+    plan, specs = plan_sweep(spec, args.spec)  # every trial validated before anything starts
+    if args.dry_run:
+        from raptor.service.pipeline import plan as plan_stages
+
+        from raptor.service.sweep import describe, trial_id
+
+        for params, trial in specs:
+            todo = [s.name for s in plan_stages(trial)[0] if not s.done]
+            print(f"{trial_id(params)}  {describe(params)}  {'will run ' + ', '.join(todo) if todo else 'done'}")
+        return 0
+    path = console.log_file(spec.storage.url, spec.name)
+    log.info("raptor sweep %s: full log in %s", spec.name, path)
+    t0 = time.perf_counter()
+    assert plan.spec.sweep is not None
+    connect_ray(spec, trials=plan.spec.sweep.max_concurrent_trials or 1)
+    summary = run_sweep(spec, args.spec)
+    print(f"raptor sweep {spec.name}: {summary['trials']} trials in {time.perf_counter() - t0:.0f}s "
+          f"({summary['finished']} finished, {summary['stopped']} stopped, {summary['failed']} failed); "
+          f"best {summary['best'] or 'none'}; results {summary['folder']}/results.md")
+    return 0 if summary["finished"] else 1
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
     from raptor.service.submit import follow, submission, submit
 
     spec = load_spec(args.spec, args.overrides)  # fail here, not on the cluster, on a bad spec
+    if args.sweep:
+        from raptor.service.sweep import plan_sweep
+
+        plan_sweep(spec, args.spec)
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
         raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    job = submission(args.spec, spec, args.overrides)
+    job = submission(args.spec, spec, args.overrides, command="sweep" if args.sweep else "run")
     job_id = submit(client, job, spec.name, address)
     print(f"submitted {job_id} to {address}: {job['entrypoint']}")
     if args.no_wait:
@@ -188,6 +242,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1 (got {args.samples})")
+    if args.sweep:
+        from raptor.service.study import depth_study
+
+        for kind, url in depth_study(args.run, args.out, samples=args.samples, device=args.device, seed=args.seed).items():
+            print(f"{kind}: {url}")
+        return 0
     studies = Studies(layer_swap=args.layer_swap, partition=args.partition, ablation=args.ablation, dense=args.dense,
                       samples=args.study_samples, steps=args.study_steps)
     written = analyze(args.run, args.out, max_samples=args.samples, studies=studies, device=args.device, seed=args.seed)

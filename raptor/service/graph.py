@@ -116,6 +116,7 @@ class StageContext:
     spec: JobSpec
     layout: "Layout"
     step: Step
+    report_interval: int | None = None  # training stages report metrics this often (a sweep trial's scheduler)
 
     @property
     def folder(self) -> str:

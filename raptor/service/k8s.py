@@ -6,6 +6,11 @@ pods the spec's ``scaling`` section asks for, plus a NetworkPolicy that closes t
 but the job's own pods and the KubeRay operator. An overlay is a named set of ``--set`` overrides,
 and the RayJob's entrypoint carries the same overrides, so the job always asks Ray for the
 resources its cluster has.
+
+A spec with a ``sweep`` section renders as a RayJob whose entrypoint is ``raptor sweep``; its worker
+group holds ``sweep.max_concurrent_trials`` trials' worth of pods (each trial's ``scaling``), scaled
+by the autoscaler between none and all of them, and each worker pod carries one CPU more for the
+trial drivers Tune places there (0.01 CPU each), so they never take a worker's place.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class RenderError(UserError):
 
 @dataclass(frozen=True)
 class WorkerLayout:
-    """How the spec's Ray Train workers are packed onto identical worker pods."""
+    """How the spec's Ray Train workers (of every trial that runs at once, for a sweep) are packed onto identical pods."""
 
     pods: int
     workers_per_pod: int
@@ -51,8 +56,11 @@ class WorkerLayout:
     memory_gib: int
 
 
-def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec) -> WorkerLayout:
-    """Pack workers onto pods of ``cluster.gpus_per_node`` GPUs (one worker per pod on CPU)."""
+def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec, trials: int = 1) -> WorkerLayout:
+    """Pack workers onto pods of ``cluster.gpus_per_node`` GPUs (one worker per pod on CPU).
+
+    ``trials`` > 0 for a sweep: that many trials' pods, each pod with one extra CPU for trial drivers.
+    """
     workers_per_pod = 1
     if scaling.use_gpu:
         if scaling.gpus_per_worker <= 0:
@@ -70,13 +78,24 @@ def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec) -> WorkerLayout:
     gpus = workers_per_pod * scaling.gpus_per_worker if scaling.use_gpu else 0
     if gpus != int(gpus):
         raise RenderError(f"{workers_per_pod} workers x scaling.gpus_per_worker={scaling.gpus_per_worker:g} is not a whole number of GPUs per pod")
+    cpus = scaling.cpus_per_worker * workers_per_pod
     return WorkerLayout(
-        pods=scaling.num_workers // workers_per_pod,
+        pods=scaling.num_workers // workers_per_pod * max(trials, 1),
         workers_per_pod=workers_per_pod,
         gpus_per_pod=int(gpus),
-        cpus_per_pod=scaling.cpus_per_worker * workers_per_pod,
+        cpus_per_pod=cpus + (1 if trials else 0),  # Ray counts a pod's CPUs from its limit: room for trial drivers
         memory_gib=cluster.memory_per_worker_gib * workers_per_pod,
     )
+
+
+def sweep_trials(spec: JobSpec) -> int:
+    """Trials a sweep runs at once on Kubernetes: ``sweep.max_concurrent_trials`` (0 without a sweep)."""
+    if spec.sweep is None:
+        return 0
+    if spec.sweep.max_concurrent_trials is None:
+        raise RenderError("sweep.max_concurrent_trials: set it to render a sweep (the worker group is sized for that "
+                          "many trials at once)")
+    return spec.sweep.max_concurrent_trials
 
 
 def job_name(spec: JobSpec, overlay: str) -> str:
@@ -159,7 +178,7 @@ def _shm_volume(gib: int) -> list[dict[str, Any]]:
 def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     """The RayCluster spec: a CPU head with the dashboard and one worker group sized by ``spec.scaling``."""
     cluster, scaling = spec.cluster, spec.scaling
-    layout = worker_layout(scaling, cluster)
+    layout = worker_layout(scaling, cluster, sweep_trials(spec))
     raylet_ok = f"curl -fsS http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep -q success"
     head_ok = f"{raylet_ok} && curl -fsS http://localhost:{HEAD_PORTS['dashboard']}/api/gcs_healthz | grep -q success"
 
@@ -218,7 +237,7 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
 
 
 def ray_job(spec: JobSpec, name: str, entrypoint: str) -> dict[str, Any]:
-    """The RayJob: creates the cluster, submits ``raptor run``, deletes the cluster after a TTL."""
+    """The RayJob: creates the cluster, submits ``raptor run`` (or ``raptor sweep``), deletes the cluster after a TTL."""
     cluster = spec.cluster
     submitter = {
         "name": "submitter",
@@ -301,7 +320,7 @@ def render(spec_ref: str, overlay: str = "multinode", overrides: Sequence[str] =
         namespace(spec.cluster),
         service_account(spec.cluster),
         network_policy(spec, name),
-        ray_job(spec, name, entrypoint(spec_ref, applied)),
+        ray_job(spec, name, entrypoint(spec_ref, applied, command="run" if spec.sweep is None else "sweep")),
     ]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 from raptor import storage
@@ -29,6 +30,11 @@ from raptor.service.spec import JobSpec
 from raptor.train.snapshot import resume_step
 
 log = logging.getLogger(__name__)
+
+# Holds the right to make one artifact (a step's stage and key) while the pipeline makes it; runs that
+# share a store concurrently (sweep trials) pass one, so no artifact is ever made twice at once.
+Guard = Callable[[Step], AbstractContextManager[Any]]
+
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -119,11 +125,11 @@ def publish_report(layout: Layout) -> None:
     storage.copy_tree(layout.report, layout.run_report)
 
 
-def execute(spec: JobSpec, layout: Layout, step: Step) -> float:
+def execute(spec: JobSpec, layout: Layout, step: Step, report_interval: int | None = None) -> float:
     """Run one stage and mark its artifact done (``stage.json``, written last); returns seconds."""
     log.info("stage %s: running%s", step.name, f" ({step.why})" if step.why else "")
     t0 = time.perf_counter()
-    summary = step.stage.run(StageContext(spec, layout, step))
+    summary = step.stage.run(StageContext(spec, layout, step, report_interval))
     seconds = time.perf_counter() - t0
     if not step.stage.given(spec) and step.name != "data":
         storage.write_json(storage.join(step.url, "stage.json"), {
@@ -136,11 +142,21 @@ def execute(spec: JobSpec, layout: Layout, step: Step) -> float:
     return seconds
 
 
-def run_pipeline(spec: JobSpec, *, dry_run: bool = False, before_work: Callable[[], None] | None = None) -> dict[str, float]:
+def run_pipeline(
+    spec: JobSpec,
+    *,
+    dry_run: bool = False,
+    before_work: Callable[[], None] | None = None,
+    guard: Guard | None = None,
+    report_interval: int | None = None,
+) -> dict[str, float]:
     """Plan, print the plan, and run every stage that is not done; returns seconds per stage run.
 
     ``before_work`` is called once, before the first stage that runs (``raptor run`` connects to
-    Ray there, so a finished job re-runs without starting a cluster).
+    Ray there, so a finished job re-runs without starting a cluster). ``guard``: entered around each
+    stage that is not done; inside it the stage's status is checked again, so a stage another run
+    made while this one waited is not made twice. ``report_interval``: training stages report
+    metrics this often while they train (a sweep trial's scheduler reads them).
     """
     spec = absolute_paths(spec)
     steps, layout = plan(spec)
@@ -155,10 +171,18 @@ def run_pipeline(spec: JobSpec, *, dry_run: bool = False, before_work: Callable[
     write_index(spec, layout, steps)
     timings: dict[str, float] = {}
     for step in steps:
-        if not step.done:
-            if before_work is not None and not timings:
-                before_work()
-            timings[step.name] = execute(spec, layout, step)
-            write_index(spec, layout, steps)
+        if step.done:
+            continue
+        if before_work is not None:
+            before_work()
+            before_work = None
+        with guard(step) if guard is not None else nullcontext():
+            if guard is not None:
+                step.status, step.why = _status(step, spec, layout, None, set())
+            if not step.done:
+                timings[step.name] = execute(spec, layout, step, report_interval)
+            else:
+                log.info("stage %s: made meanwhile by another run (%s)", step.name, step.why or "this store")
+        write_index(spec, layout, steps)
     publish_report(layout)
     return timings

@@ -28,7 +28,9 @@ _BOUNDS = ((at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, 
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``X`` or ``X | None``, if any."""
+    """The pydantic model inside ``X`` or ``X | None``, if any (a ``dict[str, X]`` is a field, not a section)."""
+    if typing.get_origin(annotation) is dict:
+        return None
     for t in (annotation, *typing.get_args(annotation)):
         if isinstance(t, type) and issubclass(t, BaseModel):
             return t

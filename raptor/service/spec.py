@@ -58,6 +58,9 @@ class TeacherTrainSpec(_Section):
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps before the cosine decay")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
     num_workers: int = Field(1, ge=0, description="loader workers")
+    seed: int | None = Field(
+        None, description="seed of the teacher's initialisation, drop-path masks and data order; null = data.seed "
+        "(sweep it for replicate teachers)")
 
 
 class TeacherSpec(_Section):
@@ -117,6 +120,9 @@ class DataSpec(_Section):
     seed: int = Field(0, description="seed of shuffling and augmentation")
     error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range of the train transform (DINOv2: 0.08-1; raise the floor for tiny images)")
+    distill_transform: Literal["augment", "centre"] = Field(
+        "augment", description="images of the distillation stages: augment (RandomResizedCrop over crop_scale + flip, "
+        "shuffled) or centre (Resize 256/224 + CentreCrop, no augmentation, shuffled: the paper's fixed states)")
     generate: GenerateSpec | None = None
 
     @field_validator("train", "val")
@@ -310,6 +316,7 @@ class LoggingSpec(_Section):
     wandb_project: str = Field("raptor", description="wandb project")
     wandb_entity: str | None = Field(None, description="wandb team or user; null = the key's default")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline")
+    wandb_group: str | None = Field(None, description="wandb group of the stages' runs; null = the job's name (a sweep groups its trials under its own name)")
     log_interval: int = Field(50, gt=0, description="steps between metric logs (console and wandb)")
     val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
     peak_tflops: float | None = Field(
@@ -336,6 +343,114 @@ class ClusterSpec(_Section):
     backoff_limit: int = Field(1, ge=0, description="RayJob retries, each on a fresh Ray cluster; resumes from the last checkpoint")
 
 
+SWEEP_METRICS: dict[str, str] = {
+    # sweep.metric -> the key a trial reports it under (to Ray Tune, results.csv)
+    "update_r2": "val/all/update_r2/mean",  # rollout fidelity on the fixed validation batch, reported while training
+    "rollout_top1": "val/top1",  # the student's rollout through the teacher's own head, reported while training
+    "probe_top1": "probe/student_top1",  # the probe stage's linear probe on the student: only when a trial ends
+    "student_share": "probe/student_share",  # student top-1 / teacher top-1, same head init: only when a trial ends
+}
+# sections a trial may not vary: where the sweep keeps its trials, its own settings, and labels
+_NOT_SWEEPABLE = ("name", "sweep", "storage", "cluster", "runtime_env")
+
+
+def tied(key: str) -> list[str]:
+    """The fields of one ``sweep.space`` key: one dotted field, or several that vary together (comma-separated)."""
+    return [p.strip() for p in key.split(",")]
+
+
+class Domain(_Section):
+    """The values of one swept field: exactly one of grid, choice, uniform, loguniform or randint."""
+
+    grid: list[Any] | None = Field(None, min_length=1, description="every value, crossed with the other grid fields")
+    choice: list[Any] | None = Field(None, min_length=1, description="one value drawn per trial")
+    uniform: tuple[float, float] | None = Field(None, description="a float drawn uniformly from [lo, hi]")
+    loguniform: tuple[float, float] | None = Field(None, description="a float drawn log-uniformly from [lo, hi], lo > 0")
+    randint: tuple[int, int] | None = Field(None, description="an integer drawn from lo .. hi - 1")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Domain":
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        if kind in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind}: [lo, hi] needs lo < hi (got [{lo}, {hi}])")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform: lo must be > 0 (got {lo})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> Any:
+        return getattr(self, self.kind)
+
+
+class SweepSpec(_Section):
+    """A Ray Tune sweep over this spec (``raptor sweep``): one trial per point of ``space``, sharing the store."""
+
+    space: dict[str, Domain] = Field(
+        ..., min_length=1, description="dotted spec field -> its values, e.g. discovery.k: {grid: [2, 3, 4]}, "
+        "stage1.lr: {loguniform: [1.0e-4, 1.0e-2]}; kinds: grid, choice, uniform, loguniform, randint. Fields that "
+        "vary together share one key, comma-separated, with a list per value: 'stage1.lr,stage2.lr': {grid: [[1e-3, 5e-4], [2e-3, 1e-3]]}")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: the cross product of the grid fields (no sampled ones); random: grid fields crossed, "
+        "the others drawn per trial (Tune's BasicVariantGenerator); optuna: Tune's OptunaSearch (TPE)")
+    num_samples: int = Field(1, gt=0, description="grid/random: passes over the grid, each drawing the sampled fields "
+                             "anew; optuna: the number of trials")
+    seed: int = Field(0, description="seed of the sampled fields (random) and of Optuna's sampler")
+    metric: Literal["update_r2", "rollout_top1", "probe_top1", "student_share"] = Field(
+        "update_r2", description="what ranks trials: update_r2 (stage-2 validation update-R^2 mean), rollout_top1 "
+        "(the student's rollout through the teacher's head on the validation batch), probe_top1 or student_share "
+        "(the probe stage's; known only when a trial ends, so ASHA cannot use them)")
+    mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower metric is better")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo: every trial runs to the end; asha: "
+                                               "asynchronous successive halving stops trials that trail at a rung")
+    grace_period: int = Field(100, gt=0, description="asha: training steps (stage 1 + stage 2 counted on) a trial runs "
+                              "before it can be stopped; the first rung")
+    reduction_factor: float = Field(4.0, gt=1, description="asha: rungs at grace_period x factor^n; a trial continues "
+                                    "past a rung when it is in the top 1/factor there")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="trials at once; null = as many as the cluster's free CPUs and GPUs fit, each trial "
+        "taking its scaling section's workers (plus 0.01 CPU for its driver)")
+
+    @field_validator("space")
+    @classmethod
+    def _sweepable(cls, v: dict[str, Domain]) -> dict[str, Domain]:
+        for key, domain in v.items():
+            for path in tied(key):
+                if path.split(".")[0] in _NOT_SWEEPABLE:
+                    raise ValueError(f"{path}: not a field a trial can vary (the sweep owns {', '.join(_NOT_SWEEPABLE)})")
+            if len(tied(key)) > 1:
+                bad = [x for x in domain.values if not (isinstance(x, list) and len(x) == len(tied(key)))] \
+                    if domain.kind in ("grid", "choice") else [domain.kind]
+                if bad:
+                    raise ValueError(f"{key}: {len(tied(key))} tied fields take grid or choice values that are lists of "
+                                     f"{len(tied(key))} (got {bad[0]!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _search(self) -> "SweepSpec":
+        kinds = {path: d.kind for path, d in self.space.items()}
+        if self.search == "grid" and (sampled := [p for p, k in kinds.items() if k != "grid"]):
+            raise ValueError(f"search grid takes grid fields only; {sampled[0]} is {kinds[sampled[0]]} (use search: random)")
+        if self.search == "optuna" and (grids := [p for p, k in kinds.items() if k == "grid"]):
+            raise ValueError(f"search optuna samples every field; {grids[0]} is a grid (use choice)")
+        if self.scheduler == "asha" and self.metric in ("probe_top1", "student_share"):
+            raise ValueError(f"scheduler asha needs a metric reported while training; {self.metric} exists only when a "
+                             "trial ends (use update_r2 or rollout_top1)")
+        return self
+
+    @property
+    def metric_key(self) -> str:
+        return SWEEP_METRICS[self.metric]
+
+
 class JobSpec(_Section):
     """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
 
@@ -353,6 +468,7 @@ class JobSpec(_Section):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for `raptor submit`")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    sweep: SweepSpec | None = None
 
     @model_validator(mode="after")
     def _k_fits_teacher(self) -> "JobSpec":
@@ -376,20 +492,31 @@ class JobSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def set_field(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Set the dotted ``path`` of a raw spec dict to ``value``; missing sections are created."""
+    parts = path.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{path}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.field=value`` overrides to a raw spec dict; values are parsed as YAML."""
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected section.field=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            set_field(raw, key, yaml.safe_load(value))
+        except SpecError as e:
+            raise SpecError(f"--set {item!r}: {str(e).split(': ', 1)[1]}") from None
     return raw
 
 

@@ -1,4 +1,4 @@
-"""Sending ``raptor run SPEC`` to a Ray cluster: the entrypoint (built here only), runtime_env, the job API.
+"""Sending ``raptor run SPEC`` (or ``raptor sweep SPEC``) to a Ray cluster: the entrypoint (built here only), runtime_env, the job API.
 
 ``raptor submit`` and the KubeRay RayJob (``raptor k8s render``) run the same entrypoint; the
 spec's ``runtime_env`` ships the code (the working directory is uploaded unless the spec names its
@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def entrypoint(spec_ref: str, overrides: Sequence[str], command: str = "run") -> str:
-    """``raptor run SPEC --set ...``: the spec path as given (relative to the job's working directory, or a URL)."""
+    """``raptor COMMAND SPEC --set ...`` (run or sweep): the spec path as given (relative to the job's working
+    directory, or a URL)."""
     return shlex.join(["raptor", command, spec_ref, *(arg for o in overrides for arg in ("--set", o))])
 
 
 def submission(spec_path: str, spec: JobSpec, overrides: list[str], command: str = "run") -> dict[str, Any]:
-    """Entrypoint and runtime_env of the Ray job for ``raptor run SPEC --set ...``."""
+    """Entrypoint and runtime_env of the Ray job for ``raptor COMMAND SPEC --set ...`` (run or sweep)."""
     if "://" in spec_path or os.path.isabs(spec_path):
         path = spec_path
     else:

@@ -76,6 +76,7 @@ class ShardSource:
     num_classes: int | None = None
     label_key: str = "cls"
     decode: Literal["cpu", "gpu"] = "cpu"  # where training batches are decoded
+    augment: bool = True  # False: training batches get the eval transform (centre crop), still shuffled
 
     def loader(
         self,
@@ -88,15 +89,16 @@ class ShardSource:
         dense: bool = False,
         device: torch.device | None = None,
     ) -> data.ShardLoader:
-        """``train``: augmented, shuffled, the same number of whole batches on every rank, decoded
-        where ``decode`` says and delivered normalised on ``device`` (the CPU by default).
-        Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
+        """``train``: shuffled, augmented unless ``augment`` is off, the same number of whole batches on
+        every rank, decoded where ``decode`` says and delivered normalised on ``device`` (the CPU by
+        default). Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
         gpu = train and self.decode == "gpu" and not dense
         return data.loader(
-            self.url, batch_size=batch_size or self.batch_size, image_size=self.image_size, train=train,
-            seed=self.seed, num_workers=self.num_workers if num_workers is None else num_workers, rank=rank,
-            world_size=world_size, drop_last=train, error_budget=self.error_budget, crop_scale=self.crop_scale,
-            dense=dense, split=self.split, samples=self.samples, num_classes=self.num_classes,
+            self.url, batch_size=batch_size or self.batch_size, image_size=self.image_size,
+            train=train and self.augment, shuffle=train, seed=self.seed,
+            num_workers=self.num_workers if num_workers is None else num_workers, rank=rank, world_size=world_size,
+            drop_last=train, error_budget=self.error_budget, crop_scale=self.crop_scale, dense=dense,
+            split=self.split, samples=self.samples, num_classes=self.num_classes,
             label_key=self.label_key, decode="gpu" if gpu else "cpu", device=device,
             pin_memory=device is not None and device.type == "cuda",
         )
@@ -216,6 +218,11 @@ class LogPlan:
     wandb_group: str | None = None
     peak_tflops: float | None = None  # the device's peak for MFU; None = the table's (GPU) or no MFU (CPU)
     config: dict[str, Any] = field(default_factory=dict)  # what wandb records as the run's config
+    # a sweep's scheduler (Ray Tune's ASHA) needs metrics while a stage trains, not only at checkpoints:
+    # every ``report_interval`` steps the workers report them to Ray Train (forwarded to Tune), with
+    # ``global_step`` = ``step_offset`` + the stage's step, so a trial's steps rise across stage 1 and 2
+    report_interval: int | None = None
+    step_offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,31 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints live in <stage key folder>/checkpoints
 
 
-def run_config(job: StageJob) -> ray.train.RunConfig:
-    """RunConfig(name="checkpoints", storage_path=<the stage's key folder>): the same on every re-run, hence resume."""
-    folder = job.checkpoints.folder
-    fs_args: dict[str, Any] = {}
+def ray_storage(folder: str) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` for object stores) of a Ray Train or Tune RunConfig."""
     if storage.scheme(folder) == "file":
-        path = os.path.abspath(folder)
-    else:
-        fs, path = storage.filesystem(folder)
-        fs_args["storage_filesystem"] = PyFileSystem(FSSpecHandler(fs))
+        return {"storage_path": os.path.abspath(folder)}
+    fs, path = storage.filesystem(folder)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
+def run_config(job: StageJob) -> ray.train.RunConfig:
+    """RunConfig(name="checkpoints", storage_path=<the stage's key folder>): the same on every re-run, hence resume.
+
+    A stage that reports while it trains (``logging.report_interval``: a sweep trial) forwards its
+    reports to the Ray Tune trial it runs in, so Tune's scheduler sees them.
+    """
+    callbacks = []
+    if job.logging.report_interval:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     return ray.train.RunConfig(
         name=CHECKPOINTS,
-        storage_path=path,
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoints.keep),
-        **fs_args,
+        callbacks=callbacks,
+        **ray_storage(job.checkpoints.folder),
     )
 
 

@@ -69,18 +69,24 @@ class Validator:
     The batch is the first eval-transformed batch of the validation shards; its teacher trajectory
     is computed once (under the teacher's precision, fp32 states). The rollout runs under the
     student's autocast, as in training, and eager: compiled blocks would compile again for the
-    no-grad rollout.
+    no-grad rollout. Where the teacher has a linear head, the student's last state is also read
+    out through it (``val/top1``, the authors' check during training), beside the teacher's own
+    top-1 on the same batch (``val/teacher_top1``).
     """
 
     def __init__(self, source: ShardSource, teacher: Teacher, student: Raptor, interval: int, device: torch.device,
                  teacher_amp: torch.dtype | bool, student_amp: torch.dtype | bool):
-        images, _ = next(iter(source.loader(train=False)))
+        images, labels = next(iter(source.loader(train=False)))
         with torch.compiler.set_stance("force_eager"):
             self.trajectory = teacher.trajectory(images.to(device), amp=teacher_amp)
-        self.student, self.interval, self.amp = student, interval, student_amp
+        self.labels = labels.to(device)
+        self.teacher, self.student, self.interval, self.amp = teacher, student, interval, student_amp
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.interval == 0 or last
+
+    def top1(self, state: torch.Tensor) -> float:
+        return float((self.teacher.logits(state.float()).argmax(-1) == self.labels).float().mean())
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
@@ -92,11 +98,13 @@ class Validator:
         for name in ("update_r2", "rel_error"):
             for layer, v in enumerate(fid["all"][name].tolist(), start=1):
                 out[f"val/layer{layer}/{name}"] = float(v)
+        if self.teacher.head is not None:
+            out["val/top1"], out["val/teacher_top1"] = self.top1(states[:, -1]), self.top1(traj[:, -1])
         return out
 
 
 _HEADLINE = ("loss", "lambda", "lr", "grad_norm", "data/skipped", "val/all/update_r2/mean", "val/all/update_r2/min",
-             "val/all/rel_error/max")
+             "val/all/rel_error/max", "val/top1", "val/teacher_top1")
 
 
 def _headline(row: dict[str, float]) -> dict[str, float]:
@@ -201,9 +209,11 @@ class Trainer:
             if row:
                 history.append({"step": done, **row})
                 latest.update(row)
+            reported = {**_headline(latest), "global_step": lg.step_offset + done}
             if self.checkpointer.due(done, last):
-                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
-                                       _headline(latest), state)
+                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum, reported, state)
+            elif lg.report_interval and done % lg.report_interval == 0:
+                ray.train.report(reported)  # every rank: a Ray Train report is collective
         if self.resumed.step >= cfg.steps and self.rank == 0:
             log.info("%s already complete at step %d; exporting the checkpointed student", job.stage, self.resumed.step)
         self.export(history)

@@ -37,6 +37,7 @@ NOT_INPUTS: dict[str, str] = {
     "scaling.placement_strategy": "where the ranks are placed, not what they compute",
     "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
     "data.error_budget": "decides only whether bad data stops the run",
+    "sweep": "which trials a sweep runs; each trial is a spec of its own, keyed by the fields it reads",
 }
 
 
@@ -45,8 +46,8 @@ _TRAIN_DATA = ("data.train", "data.train_split", "data.train_samples", "data.lab
                "data.seed", "data.crop_scale", "data.decode")
 _EVAL_DATA = ("data.val", "data.val_split", "data.train", "data.train_split", "data.label_key", "data.num_classes")
 # what every stage that trains the student on the shards reads (beside its own section)
-_TRAINING = ("student", *_TRAIN_DATA, "data.batch_size", "data.num_workers", "teacher.precision", "scaling.num_workers",
-             "scaling.use_gpu", "deepspeed")
+_TRAINING = ("student", *_TRAIN_DATA, "data.distill_transform", "data.batch_size", "data.num_workers",
+             "teacher.precision", "scaling.num_workers", "scaling.use_gpu", "deepspeed")
 _TRAINING_IGNORES = {
     "deepspeed.zero_stage": "sharding reorders float sums only: ZeRO 0-3 agree to 1e-4 after training steps",
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
@@ -62,7 +63,10 @@ _TRAINING_VERSION = 2
 def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
     if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
         return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
-    return ("teacher", *_TRAIN_DATA, *_EVAL_DATA, "data.generate", "scaling.use_gpu")
+    # data.seed seeds the teacher only while teacher.train.seed leaves it open (then a sweep over data.seed keeps one teacher)
+    seed = ("data.seed",) if spec.teacher.train is not None and spec.teacher.train.seed is None else ()
+    return ("teacher", *(f for f in _TRAIN_DATA if f != "data.seed"), *_EVAL_DATA, "data.generate", *seed,
+            "scaling.use_gpu")
 
 
 STAGES: tuple[Stage, ...] = (

@@ -41,8 +41,10 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
         raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
     device = device or single_device(spec)
     amp = autocast_dtype(tspec.precision, device)  # teacher.precision: the same rule as every stage's teacher
-    torch.manual_seed(spec.data.seed)
-    train = shard_source(spec, "train", num_workers=tt.num_workers).loader(train=True, batch_size=tt.batch_size, device=device)
+    seed = spec.data.seed if tt.seed is None else tt.seed
+    torch.manual_seed(seed)
+    train = shard_source(spec, "train", num_workers=tt.num_workers, seed=seed).loader(
+        train=True, batch_size=tt.batch_size, device=device)
     if not train.num_classes:
         raise UserError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
     model = timm.create_model(tspec.name, img_size=tspec.img_size, num_classes=train.num_classes,
@@ -50,8 +52,8 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     opt = torch.optim.AdamW(model.parameters(), lr=tt.lr, weight_decay=tt.weight_decay)
     total = tt.epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, tt.warmup_steps))
-    log.info("training teacher %s %s (drop_path %.2f) for %d epochs x %d steps on %s",
-             tspec.name, tspec.model_kwargs, tspec.drop_path_rate, tt.epochs, len(train), device)
+    log.info("training teacher %s %s (drop_path %.2f, seed %d) for %d epochs x %d steps on %s",
+             tspec.name, tspec.model_kwargs, tspec.drop_path_rate, seed, tt.epochs, len(train), device)
     t0, step = time.perf_counter(), 0
     for epoch in range(tt.epochs):
         model.train()
@@ -77,7 +79,7 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
         metrics["val_top1"] = topk_accuracy(logits, labels, ks=(1,))["top1"]
         log.info("teacher val top-1 %.3f", metrics["val_top1"])
     teacher = Teacher.from_model(model.cpu(), name=tspec.name, img_size=tspec.img_size, model_kwargs=tspec.model_kwargs)
-    teacher.save(out_url, metadata={"trained": metrics, "drop_path_rate": tspec.drop_path_rate})
+    teacher.save(out_url, metadata={"trained": metrics, "drop_path_rate": tspec.drop_path_rate, "seed": seed})
     return metrics
 
 

@@ -1,0 +1,213 @@
+"""Sweeps end to end: real Ray Tune trials running real pipelines (Ray Train V2, DeepSpeed over gloo).
+
+One local Ray cluster with 3 logical CPUs serves the module: two 1-worker trials at once plus their
+drivers' 0.01 CPU (2 CPUs would not fit a trial's worker and its driver twice). All sweeps here
+share one store and one generated dataset, so each test trains only what it is about: the teacher
+(seed 0) is trained by the first test and reused by the others, as a user's sweeps would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raptor import storage
+from raptor.service.layout import Layout
+from raptor.service.pipeline import run_pipeline
+from raptor.service.spec import JobSpec, load_spec, parse_spec
+from raptor.service.sweep import load_results, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+RAPTOR = str(Path(sys.executable).with_name("raptor"))
+
+
+def sweep_spec(root: Path, name: str, sweep: dict, **sections) -> JobSpec:
+    """A 6-layer width-32 DINOv2-architecture pipeline at test size, 1 worker per trial, with ``sweep``."""
+    spec = {
+        "name": name,
+        "teacher": {
+            "name": "vit_small_patch14_reg4_dinov2", "img_size": 28, "precision": "fp32", "drop_path_rate": 0.1,
+            "model_kwargs": {"embed_dim": 32, "depth": 6, "num_heads": 2},
+            "train": {"epochs": 6, "batch_size": 32, "lr": 2e-3, "warmup_steps": 4, "num_workers": 0, "seed": 0},
+        },
+        "data": {
+            "train": str(root / "data" / "train"), "val": str(root / "data" / "val"), "batch_size": 16, "num_workers": 0,
+            "generate": {"train_samples": 512, "val_samples": 64, "num_classes": 4, "image_size": 32},
+        },
+        "discovery": {"k": 3, "num_images": 64},
+        "stage1": {"steps": 60, "lr": 2e-3, "warmup_steps": 1},
+        "stage2": {"steps": 20, "lr": 1e-3, "warmup_steps": 1},
+        "probe": {"epochs": 3, "batch_size": 64, "lrs": [1e-2], "warmup_steps": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+        "storage": {"url": str(root / name), "store": str(root / "store"), "checkpoint_interval": 20},
+        "logging": {"wandb_mode": "disabled", "log_interval": 5, "val_interval": 10},
+        "sweep": sweep,
+    }
+    for section, values in sections.items():
+        spec[section] = {**spec[section], **values}
+    return parse_spec(spec)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    ctx = ray.init(num_cpus=3, include_dashboard=True, logging_level="WARNING")  # the state API finds workers to kill
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def _rows(spec: JobSpec) -> dict[str, dict[str, str]]:
+    return {r["trial"]: r for r in load_results(spec.storage.url)}
+
+
+def _made(run_url: str) -> dict[str, str]:
+    """stage -> when its artifact was made (stage.json), for a trial's finished stages."""
+    layout = Layout.from_index(run_url)
+    return {s: storage.read_json(layout.marker(s))["finished"] for s in layout.folders if s != "data"}
+
+
+@pytest.mark.slow
+def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, root):
+    """Random search, 3 trials drawing teacher seeds 0, 0, 1 and a stage-2 lr, two at once: the two seed-0
+    trials share one teacher (trained once, though both wanted it at the same moment), the store holds
+    exactly 2 teachers, results.csv has 3 finished rows, and best.yaml is a complete spec whose
+    `raptor run` does nothing. Catches trials training the same teacher twice, a results table that
+    misses trials, and a best.yaml that points at other artifacts than the trial's."""
+    spec = sweep_spec(root, "share", {"search": "random", "num_samples": 3, "seed": 0, "max_concurrent_trials": 2,
+                                      "space": {"teacher.train.seed": {"choice": [0, 1]},
+                                                "stage2.lr": {"loguniform": [3e-4, 3e-3]}}})
+    summary = run_sweep(spec)
+    assert summary["trials"] == 3 and summary["finished"] == 3, summary
+    rows = _rows(spec)
+    seeds = sorted(int(r["teacher.train.seed"]) for r in rows.values())
+    assert seeds == [0, 0, 1]
+    teachers = storage.listdir(str(root / "store" / "teacher"))
+    assert len(teachers) == 2 and len({r["teacher"] for r in rows.values()}) == 2
+    assert len(storage.listdir(str(root / "store" / "stage1"))) == 2  # stage 1 reads no stage-2 field: shared too
+    for r in rows.values():  # metrics from each trial's own artifacts, and where they are
+        assert r["update_r2"] and r["probe_top1"] and r["report"].startswith(str(root / "store" / "report"))
+
+    best = load_spec(str(root / "share" / "sweep" / "best.yaml"))
+    top = max(rows.values(), key=lambda r: float(r["update_r2"]))
+    assert best.storage.url == top["run"] and best.sweep is None and best.storage.store == str(root / "store")
+    before = _made(top["run"])
+    assert run_pipeline(best) == {}
+    assert _made(top["run"]) == before
+    assert (root / "share" / "sweep" / "stage2.lr.png").stat().st_size > 1000
+    assert "Best: trial" in (root / "share" / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
+    """`raptor analyze --sweep` over the first test's sweep (one rate, two teacher seeds): one row, two
+    teachers, finite z-scores for both distances, the student's numbers averaged over its 3 trials.
+    Catches a study that counts a shared teacher once per trial or loses a distance metric."""
+    import json
+
+    from raptor.cli import main
+
+    assert main(["analyze", "--sweep", str(root / "share"), "--samples", "32"]) == 0
+    study = json.loads((root / "share" / "sweep" / "study" / "study.json").read_text())
+    (row,) = study["table"]
+    assert row["drop_path_rate"] == 0.1 and row["teachers"] == 2 and row["trials"] == 3
+    for metric in ("cosine", "swap"):
+        mean, std = row[f"{metric}_z"]
+        assert mean == mean and std >= 0  # finite, over two teachers
+    assert "| 0.1 | 2 |" in (root / "share" / "sweep" / "study" / "study.md").read_text()
+    assert (root / "share" / "sweep" / "study" / "distances.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_that_cannot_learn_mid_stage(cluster, root):
+    """ASHA on update-R^2 from step 50 (stage 1 has 60): a trial at lr 1e-9 stays at its initial
+    update-R^2 (about -0.3 here) while the trained one passes it (about 0 by step 30 of a 30-step
+    stage 1), so ASHA stops it in the middle of stage 1: its last reported step is below 60, and its
+    stage 1 never finished.
+    Catches metrics that reach Tune only at the end of a stage (nothing to stop on) and a step counter
+    that restarts in stage 2."""
+    spec = sweep_spec(root, "asha", {"space": {"stage1.lr": {"grid": [2.5e-3, 1e-9]}}, "scheduler": "asha",
+                                     "grace_period": 50, "reduction_factor": 4, "max_concurrent_trials": 1})
+    summary = run_sweep(spec)
+    rows = {float(r["stage1.lr"]): r for r in _rows(spec).values()}
+    assert rows[2.5e-3]["status"] == "finished" and summary["stopped"] == 1, rows
+    stopped = rows[1e-9]
+    assert stopped["status"] == "stopped" and int(stopped["steps"]) < 60, stopped
+    layout = Layout.from_index(stopped["run"])
+    assert "stage1" not in layout.folders  # run.json: stage 1 never finished
+    index = storage.read_json(storage.join(stopped["run"], "run.json"))["stages"]["stage1"]
+    assert not storage.exists(storage.join(index["url"], "stage.json"))
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_is_a_row_with_its_error_and_the_others_finish(cluster, root):
+    """A teacher with 3 heads on width 32 cannot be built (timm raises at run time, no spec check
+    can know): that trial is a failed row naming the error; the other one finishes (its artifacts
+    are the earlier tests', so it only re-reads them). Catches one failing trial ending the sweep."""
+    spec = sweep_spec(root, "fail", {"space": {"teacher.model_kwargs.num_heads": {"grid": [3, 2]}}, "max_concurrent_trials": 1})
+    summary = run_sweep(spec)
+    assert summary == {**summary, "trials": 2, "finished": 1, "failed": 1}
+    rows = {r["teacher.model_kwargs.num_heads"]: r for r in _rows(spec).values()}
+    assert rows["3"]["status"] == "failed" and rows["3"]["error"] and "\n" not in rows["3"]["error"]
+    assert rows["2"]["status"] == "finished" and not rows["2"]["error"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_trials(cluster, root, tmp_path):
+    """`raptor sweep` SIGKILLed (with its trials' workers) once its first trial finished; the same
+    command again finishes the rest, and the first trial's artifacts keep their stage.json times
+    (nothing of it was made again). Catches a resume that re-runs finished trials, or one that
+    cannot continue a Tune experiment whose driver died."""
+    from tests.test_service import _kill_when
+
+    spec = sweep_spec(root, "resume", {"space": {"probe.epochs": {"grid": [2, 4]}}, "max_concurrent_trials": 1})
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": cluster}
+    first_run = storage.join(spec.storage.url, "trials")
+
+    def first_finished() -> bool:
+        return any(storage.exists(storage.join(first_run, t, "report", "index.md")) for t in storage.listdir(first_run))
+
+    proc = subprocess.Popen([RAPTOR, "sweep", str(path)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _kill_when(proc, first_finished, "the first trial's report")
+    (done,) = [t for t in storage.listdir(first_run) if storage.exists(storage.join(first_run, t, "report", "index.md"))]
+    before = _made(storage.join(first_run, done))
+    time.sleep(2)
+    again = subprocess.run([RAPTOR, "sweep", str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = _rows(spec)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows.values()), rows
+    assert _made(storage.join(first_run, done)) == before
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_through_tune(cluster, root):
+    """Optuna draws 2 trials over a field no stage reads (logging.log_interval), so both reuse every
+    artifact: catches the Optuna integration (categorical choices as indices, the metric to optimise)
+    breaking, at the price of two no-op pipelines."""
+    pytest.importorskip("optuna")
+    spec = sweep_spec(root, "optuna", {"search": "optuna", "num_samples": 2, "space": {"logging.log_interval": {"choice": [5, 10]}},
+                                       "max_concurrent_trials": 1})
+    teachers = storage.listdir(str(root / "store" / "teacher"))
+    summary = run_sweep(spec)
+    assert summary["trials"] == 2 and summary["finished"] == 2, summary
+    assert storage.listdir(str(root / "store" / "teacher")) == teachers
