@@ -171,6 +171,14 @@ class LogPlan:
 
 
 @dataclass(frozen=True)
+class FaultPlan:
+    """What the workers tolerate before they stop the stage with a resumable state."""
+
+    storage_patience_s: float = 600.0  # an unreachable object store is retried this long (raptor.storage.retry)
+    max_nonfinite_steps: int = 10  # optimizer steps in a row skipped for a NaN/Inf loss or gradient
+
+
+@dataclass(frozen=True)
 class StageJob:
     """One distillation stage for the runner: hyperparameters, models, data, resources, outputs."""
 
@@ -186,6 +194,7 @@ class StageJob:
     logging: LogPlan
     out_url: str  # the export: student.safetensors + manifest.json + history.json
     manifest: dict[str, Any] = field(default_factory=dict)  # provenance the export carries (key, inputs)
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     @property
     def effective_batch(self) -> int:
