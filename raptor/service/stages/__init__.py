@@ -31,6 +31,7 @@ NOT_INPUTS: dict[str, str] = {
     "storage.store": "where artifacts are kept, not what they hold",
     "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
     "storage.keep": "how many checkpoints are kept",
+    "storage.patience": "decides only how long an unreachable object store is waited for before the run stops",
     "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
     "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
     "scaling.resources_per_worker": "a resource request; the work per rank is the same",
@@ -48,6 +49,8 @@ _TRAINING_IGNORES = {
     "deepspeed.offload_optimizer": "where optimizer states live, not their values",
     "deepspeed.offload_param": "where parameters live, not their values",
     "deepspeed.activation_checkpointing": "recomputation gives the same activations",
+    "stage1.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
+    "stage2.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
 }
 
 
