@@ -91,16 +91,36 @@ def cluster(relay, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
-    for _ in range(2):
-        c.add_node(num_cpus=1, resources={"worker_node": 1})
-    c.wait_for_nodes()
+    # a busy 2-core machine can starve a raylet of its heartbeats for a while: only 10 missed checks
+    # (30 s) make a node dead, so a killed node is still noticed within half a minute
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                      "_system_config": {"health_check_failure_threshold": 10}})
     ray.init(address=c.address, logging_level="WARNING")
+    _ensure_worker_nodes(c)
     try:
         yield c
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+def _ensure_worker_nodes(cluster, count: int = 2) -> None:
+    """Replace the worker nodes the cluster lost (killed by a test, or dead on its own) until ``count`` live."""
+    import ray
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    for node in list(cluster.worker_nodes):
+        if node.node_id not in alive or not node.any_processes_alive():
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+            cluster.worker_nodes.discard(node)
+    while len(cluster.worker_nodes) < count:
+        cluster.add_node(num_cpus=1, resources={"worker_node": 1})
+    cluster.wait_for_nodes()
+
+
+@pytest.fixture(autouse=True)
+def _two_worker_nodes(cluster):
+    _ensure_worker_nodes(cluster)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +239,7 @@ def test_worker_nodes_killed_in_stage1_and_stage2_resume_to_the_same_student(ref
             node = next(n for n in list(cluster.worker_nodes) if n.node_id in workers - controller)
             cluster.remove_node(node, allow_graceful=False)
             killed.append((stage, 20))
-            cluster.add_node(num_cpus=1, resources={"worker_node": 1})  # the replacement node
+            _ensure_worker_nodes(cluster)  # the replacement node joins
 
     killer = threading.Thread(target=kill_nodes, daemon=True)
     killer.start()

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,16 @@ def scratch(tmp_path_factory) -> dict[str, Any]:
 def _cli(argv: list[str], cwd: Path) -> tuple[int, str]:
     """``raptor ARGV`` in this process: (exit code, everything it printed)."""
     out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main() installs the console on the root logger
     with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 2
+        finally:
+            root.handlers[:], root.level = handlers, level
+            logging.captureWarnings(False)
     return code, out.getvalue() + err.getvalue()
 
 

@@ -137,7 +137,8 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
 
 def test_the_plan_remakes_an_artifact_that_fails_its_checksum(tmp_path):
     """Catches a corrupt upstream artifact that a stage would load because its stage.json says done."""
-    from raptor.service.pipeline import corrupt_file, plan
+    from raptor.service.layout import corrupt_file
+    from raptor.service.pipeline import plan
     from tests.test_stage_graph import _finish, _spec
 
     spec = _spec(tmp_path)
@@ -154,3 +155,28 @@ def test_the_plan_remakes_an_artifact_that_fails_its_checksum(tmp_path):
     status = {s.name: (s.status, s.why) for s in plan(spec)[0]}
     assert status["distances"][0] == "will run" and status["distances"][1].startswith("corrupt: ")
     assert status["teacher"][0] == "done"  # verified and intact
+
+
+def test_ray_trains_checkpoint_filesystem_waits_out_an_outage(relayed, tmp_path):
+    """Catches checkpoint uploads and downloads (pyarrow.fs.copy_files, as Ray Train makes them) that
+    fail, or leave a torn object, when the object store drops out in the middle of them."""
+    import pyarrow.fs
+
+    from raptor.train import objectstore
+
+    relay, bucket = relayed
+    local = tmp_path / "checkpoint"
+    (local / "step").mkdir(parents=True)
+    files = {"step/shard.pt": os.urandom(300_000), "latest": b"step"}
+    for name, data in files.items():
+        (local / name).write_bytes(data)
+    fs, path = objectstore.filesystem(f"{bucket}/checkpoints/checkpoint_step00000020", patience_s=120)
+    relay.down()
+    threading.Timer(3.0, relay.up).start()
+    pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
+    relay.down()
+    threading.Timer(3.0, relay.up).start()
+    back = tmp_path / "back"
+    pyarrow.fs.copy_files(path, str(back), source_filesystem=fs)
+    assert {name: (back / name).read_bytes() for name in files} == files
+    assert len(relay.outages) == 2

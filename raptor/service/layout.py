@@ -120,3 +120,22 @@ class Layout:
             )
         except (AttributeError, KeyError, TypeError) as e:
             raise CorruptArtifact(f"{url}: not a raptor run index ({type(e).__name__}: {e})") from None
+
+
+def corrupt_file(folder: str) -> str | None:
+    """The first file of a finished artifact that does not match the checksum its ``stage.json`` recorded.
+
+    ``None`` when every file matches, and for folders without a marker or without checksums (a
+    given artifact such as ``teacher.checkpoint`` or the data folders, or one made by an earlier
+    raptor): those are not ours to check.
+    """
+    marker = storage.join(folder, MARKER_FILE)
+    if not storage.exists(marker):
+        return None
+    for name, digest in sorted(storage.read_json(marker).get("files", {}).items()):
+        url = storage.join(folder, name)
+        if not storage.exists(url):
+            return f"{url} is missing"
+        if storage.checksum(url) != digest:
+            return f"{url} does not match the sha256 recorded when it was written (truncated, corrupted or replaced)"
+    return None

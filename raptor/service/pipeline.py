@@ -31,7 +31,7 @@ from raptor.errors import UserError
 from raptor.service import stages as stage_defs
 from raptor.service.build import absolute_paths, check_teacher
 from raptor.service.graph import Step, StageContext, content_key, explain, inputs, render_table
-from raptor.service.layout import MARKER_FILE, Layout
+from raptor.service.layout import MARKER_FILE, Layout, corrupt_file
 from raptor.service.spec import JobSpec
 from raptor.train.export import MANIFEST_FILE
 
@@ -102,20 +102,6 @@ def plan(spec: JobSpec) -> tuple[list[Step], Layout]:
         steps.append(step)
     check_inputs(steps)
     return steps, layout
-
-
-def corrupt_file(folder: str) -> str | None:
-    """The first file of a finished artifact that does not match the checksum its ``stage.json`` recorded."""
-    marker = storage.join(folder, MARKER_FILE)
-    if not storage.exists(marker):
-        return None  # a given artifact (teacher.checkpoint, the data folders): not ours to check
-    for name, digest in sorted(storage.read_json(marker).get("files", {}).items()):
-        url = storage.join(folder, name)
-        if not storage.exists(url):
-            return f"{url} is missing"
-        if storage.checksum(url) != digest:
-            return f"{url} does not match the sha256 recorded when it was written (truncated, corrupted or replaced)"
-    return None
 
 
 def check_inputs(steps: list[Step]) -> None:

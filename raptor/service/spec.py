@@ -365,7 +365,9 @@ class JobSpec(_Section):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     storage: StorageSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for `raptor submit`")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env for `raptor submit`; entries named like a credential are "
+        "redacted in the saved spec and refused by `raptor k8s render`")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @model_validator(mode="after")

@@ -43,8 +43,8 @@ def auth_error(address: str, error: BaseException) -> UserError:
     if "invalid" in text.lower() or "forbidden" in text.lower():
         return UserError(f"the Ray cluster at {address} rejected the token this client sent: set RAY_AUTH_TOKEN to "
                          "the cluster's token (`ray get-auth-token` on its head node prints it)")
-    return UserError(f"the Ray cluster at {address} needs its token (Missing authentication token): set "
-                     "RAY_AUTH_MODE=token, and for a cluster on another machine also RAY_AUTH_TOKEN=<its token> "
+    return UserError(f"the Ray cluster at {address} has token authentication on and this client sent no token: "
+                     "set RAY_AUTH_MODE=token, and for a cluster on another machine also RAY_AUTH_TOKEN=<its token> "
                      "(`ray get-auth-token` on its head node prints it)")
 
 

@@ -154,6 +154,12 @@ class Checkpointer:
 
     def _load(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
         """(state, None) after loading ``checkpoint``, or (None, what is wrong with it)."""
+        try:
+            return self._load_from(checkpoint)
+        except FileNotFoundError as e:  # deleted from storage since Ray registered it
+            return None, f"it is gone from storage ({e})"
+
+    def _load_from(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
         with checkpoint.as_directory() as folder:
             problem = integrity.verify(folder)
             if problem is not None:

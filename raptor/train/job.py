@@ -16,7 +16,9 @@ import torch
 
 from raptor import data
 from raptor.distill import StageConfig
+from raptor.errors import CorruptArtifact
 from raptor.models import Teacher
+from raptor.models.checkpoints import CheckpointError
 
 StageName = Literal["stage1", "stage2"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -38,7 +40,12 @@ class TeacherRef:
     precision: Precision = "auto"
 
     def load(self, device: torch.device | str = "cpu") -> Teacher:
-        return Teacher.from_timm(self.name, img_size=self.img_size, checkpoint=self.checkpoint, **self.model_kwargs).to(device)
+        """The frozen teacher; a checkpoint that cannot be read or does not fit is a one-line error naming it."""
+        try:
+            teacher = Teacher.from_timm(self.name, img_size=self.img_size, checkpoint=self.checkpoint, **self.model_kwargs)
+        except CheckpointError as e:
+            raise CorruptArtifact(f"teacher checkpoint: {' '.join(str(e).split())}") from e
+        return teacher.to(device)
 
     def amp(self, device: torch.device) -> torch.dtype | bool:
         """The autocast dtype of the teacher's forward passes on ``device`` (False: fp32)."""

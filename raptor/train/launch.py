@@ -8,7 +8,7 @@ Object-store folders (``s3://...``) are handed to Ray as a pyarrow filesystem ov
 filesystem every other artifact uses, so the AWS variables (endpoint, credentials) mean the same
 thing to checkpoints as to shards and exports, and with the same retries
 (``raptor.train.objectstore``). A stage that stops on purpose comes back as one of raptor's own
-errors (:func:`stopped`), not as Ray's wrapped traceback.
+errors (:func:`raptor_error`), not as Ray's wrapped traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raptor import storage
-from raptor.errors import RunStopped, TrainingDiverged
+from raptor.errors import RunStopped, TrainingDiverged, UserError
 from raptor.train import objectstore
 from raptor.train.job import ShardSource, StageJob
 from raptor.train.trainer import train_loop_per_worker
@@ -88,8 +88,8 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        if (cause := stopped(e)) is not None:
-            raise type(cause)(str(cause)) from None
+        if (cause := raptor_error(e)) is not None:
+            raise cause from None  # one line on the console, not Ray's wrapped remote traceback
         raise
     metrics = dict(result.metrics or {})
     if metrics.get("stopped"):
@@ -97,8 +97,8 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     return metrics
 
 
-def stopped(error: BaseException) -> RunStopped | None:
-    """The :class:`RunStopped` a worker or the controller raised, found inside Ray's wrappers."""
+def raptor_error(error: BaseException) -> RunStopped | UserError | None:
+    """The :class:`RunStopped` or :class:`UserError` a worker or the controller raised, inside Ray's wrappers."""
     seen: set[int] = set()
     todo: list[Any] = [error]
     while todo:
@@ -106,7 +106,7 @@ def stopped(error: BaseException) -> RunStopped | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RunStopped) and not isinstance(getattr(e, "cause", None), BaseException):
+        if isinstance(e, (RunStopped, UserError)) and not isinstance(getattr(e, "cause", None), BaseException):
             return e  # the error itself, not Ray's wrapper of it (whose message holds the remote traceback)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__, getattr(e, "controller_failure", None),
                  *(getattr(e, "worker_failures", None) or {}).values()]
