@@ -40,7 +40,7 @@ from raptor.service.spec import JobSpec, parse_spec
 from tests.s3proxy import S3Relay
 from tests.test_service import RAPTOR, REPO, _job, _wait_for, kill_job, layout_of, tiny_spec, variant
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # `make test-faults`
 
 # dummy credentials: every artifact and log of the reference run is searched for them
 SECRETS = {
@@ -49,7 +49,14 @@ SECRETS = {
     "WANDB_API_KEY": "0123456789abcdef0123456789abcdefdeadbeef",
 }
 SPEC_SECRETS = {"WANDB_API_KEY": "spec-wandb-key-4b1d0c9e", "MY_SERVICE_TOKEN": "spec-token-93a7e5f2c1"}
-COUNTS: dict[str, Any] = {"faults": [], "outages": [], "corrupt": [], "secret_hits": None}
+COUNTS: dict[str, Any] = {"faults": [], "outages": [], "corrupt": [], "secret_hits": None}  # the README's table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    """Print what the module injected and what survived (``pytest -s``), for the README's table."""
+    yield
+    print(f"fault summary: {json.dumps(COUNTS)}")
 
 
 # ---------------------------------------------------------------------------------------------- setup

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,7 +208,8 @@ def _short_stage2(tiny_run: JobSpec, folder: str, *overrides: str) -> tuple[torc
     """Three optimizer steps of stage 2 from the tiny run's stage-1 student: (losses, exported weights)."""
     spec = variant(tiny_run, "stage2.steps=3", "logging.log_interval=1", "logging.val_interval=100",
                    "storage.checkpoint_interval=100", *overrides)
-    run_stage(_job(spec, "stage2", folder))
+    job = _job(spec, "stage2", folder)  # from the tiny run's stage-1 student, whatever the overrides do to its key
+    run_stage(replace(job, student=replace(job.student, init_url=layout_of(tiny_run).student("stage1"))))
     losses = torch.tensor([row["loss"] for row in storage.read_json(storage.join(folder, "history.json"))],
                           dtype=torch.float64)
     student, _ = load_student(storage.join(folder, "student.safetensors"))
