@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install quickstart test test-faults test-fast clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,11 @@ quickstart: install
 	$(BIN)/raptor run jobs/quickstart.yaml
 
 test: install
-	bash scripts/test.sh
+	bash scripts/test.sh -m "not faults"
+
+# faults injected into real runs on a 3-node local cluster (tests/test_faults.py); CI runs both
+test-faults: install
+	bash scripts/test.sh -m faults tests/test_faults.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,18 +2,24 @@
 
 Each concern registers its own subcommands (``register(subparsers)`` in the module named below),
 so this file only wires them together, sets up the console, and turns the user's errors
-(:class:`raptor.errors.UserError`) into one line with exit code 2. Anything else is a bug or an
-outage: its traceback is printed and the exit code is 1.
+(:class:`raptor.errors.UserError`, bad arguments included) into one line with exit code 2, and a
+run that stopped with a resumable state (:class:`raptor.errors.RunStopped`: storage unreachable past
+its patience, a diverged stage) into one line with exit code 3. Anything else is a bug: its
+traceback is printed and the exit code is 1. ``-v`` prints the traceback in every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from typing import NoReturn
 
 from raptor import console
-from raptor.errors import UserError
+from raptor.errors import RunStopped, UserError
+
+log = logging.getLogger(__name__)
 
 # command -> (module whose ``register(subparsers)`` defines it, one-line help). Only the module of
 # the command being run is imported, so ``raptor k8s render`` or ``--help`` never pays for torch.
@@ -31,9 +37,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the errors of every raptor command: one line naming the argument, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser of ``command`` (its module registers it); the others as help-only stubs."""
-    parser = argparse.ArgumentParser(prog="raptor", description=__doc__.splitlines()[0])
+    parser = Parser(prog="raptor", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything on the console: debug logging, Ray's and DeepSpeed's own messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"raptor {args.command}: error: {e}", file=sys.stderr)
+        log.debug("the error's traceback", exc_info=True)
+        print(f"raptor {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        log.debug("the stop's traceback", exc_info=True)
+        print(f"raptor {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"raptor {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -347,3 +347,21 @@ def test_every_container_runs_as_non_root(overlay):
         for c in template["spec"]["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_ray_token_auth_is_on_with_the_token_from_a_secret(overlay):
+    """Catches a cluster that any pod the NetworkPolicy admits can drive without a token: KubeRay's
+    authOptions must ask for token mode and name the Secret (a generated per-cluster Secret when null)."""
+    cluster = _job(overlay)["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "raptor-ray-token"}
+    generated = _job(overlay, ("cluster.ray_token_secret=null",))["spec"]["rayClusterSpec"]
+    assert generated["authOptions"] == {"mode": "token"}
+
+
+def test_a_spec_with_credentials_in_its_runtime_env_is_refused():
+    """Catches a credential from runtime_env.env_vars written into runtimeEnvYAML in plain text."""
+    with pytest.raises(RenderError, match=r"^runtime_env\.env_vars\.HF_TOKEN: a credential"):
+        render(DISTILL, "dev", ("runtime_env.env_vars.HF_TOKEN=hf_abc", "runtime_env.env_vars.OMP_NUM_THREADS=4"))
+    job = _job("dev", ("runtime_env.env_vars.OMP_NUM_THREADS=4",))
+    assert "OMP_NUM_THREADS" in job["spec"]["runtimeEnvYAML"]

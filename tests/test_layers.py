@@ -98,6 +98,6 @@ def test_library_imports_are_core_dependencies():
     third_party -= set(sys.stdlib_module_names) | {"raptor"}
     missing = {m: dists.get(m) for m in third_party if not {d.lower() for d in dists.get(m, [m])} & core}
     # packages that arrive with a core dependency (torch brings typing_extensions, pydantic annotated_types,
-    # webdataset braceexpand, s3fs botocore and aiohttp, ...)
+    # webdataset braceexpand, s3fs botocore and aiohttp, whose connection errors raptor.storage retries, ...)
     transitive = {"typing_extensions", "annotated_types", "braceexpand", "packaging", "botocore", "aiohttp"}
     assert {m: d for m, d in missing.items() if m not in transitive} == {}

@@ -53,7 +53,8 @@ def _moved(tmp_path: Path, *overrides: str) -> list[str]:
         (["teacher.train.seed=7"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),
         (["data.seed=3"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),  # seeds the teacher too
         (["logging.log_interval=7", "logging.val_interval=9", "storage.keep=5", "storage.checkpoint_interval=3",
-          "name=renamed", "deepspeed.zero_stage=3", "scaling.max_failures=0", "cluster.gpus_per_node=4"], []),
+          "name=renamed", "deepspeed.zero_stage=3", "scaling.max_failures=0", "cluster.gpus_per_node=4",
+          "storage.patience=30", "stage1.max_nonfinite_steps=0", "stage2.max_nonfinite_steps=3"], []),
     ],
 )
 def test_a_change_moves_exactly_the_keys_of_the_stages_that_read_it(tmp_path, overrides, moved):

@@ -18,10 +18,11 @@ import torch
 from raptor import storage
 from raptor.distill import StageConfig
 from raptor.service.layout import Layout
-from raptor.service.spec import JobSpec, Stage1Spec, Stage2Spec, TokenWeights
+from raptor.service.spec import JobSpec, SpecError, Stage1Spec, Stage2Spec, TokenWeights
 from raptor.train.job import (
     CheckpointPlan,
     DeepSpeedPlan,
+    FaultPlan,
     LogPlan,
     ScalingPlan,
     ShardSource,
@@ -45,6 +46,22 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         if raw[section][name] is not None:
             raw[section][name] = absolute(raw[section][name])
     return JobSpec.model_validate(raw)
+
+
+def check_teacher(spec: JobSpec) -> None:
+    """Build the spec's teacher architecture on the meta device (no memory, no weights): a model name
+    timm does not know or ``model_kwargs`` it cannot take fail here, in one line, before any stage runs."""
+    from raptor.models import Teacher
+
+    t = spec.teacher
+    try:
+        with torch.device("meta"):
+            Teacher.from_timm(t.name, img_size=t.img_size, **t.model_kwargs)
+    except Exception as e:  # timm's constructors check their arguments with any exception type (even 0-division)
+        fields = [f"teacher.name={t.name!r}", f"teacher.img_size={t.img_size}",
+                  *(f"teacher.model_kwargs.{k}={v!r}" for k, v in t.model_kwargs.items())]
+        raise SpecError(f"{', '.join(fields)}: timm cannot build this teacher "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
@@ -167,6 +184,8 @@ def stage_job(
         ),
         out_url=layout.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},
+        faults=FaultPlan(storage_patience_s=spec.storage.patience,
+                         max_nonfinite_steps=getattr(spec, stage).max_nonfinite_steps),
     )
 
 
@@ -192,5 +211,14 @@ def single_process(spec: JobSpec, fn: Callable[..., Any], *args: Any, **kwargs: 
             torch.set_num_threads(threads)
     import ray
 
-    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1)(fn)
-    return ray.get(task.remote(*args, **kwargs))
+    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1)(_recorded)
+    result, written = ray.get(task.remote(fn, *args, **kwargs))
+    storage.record(written)  # the checksums of what the task wrote, for the stage's stage.json
+    return result
+
+
+def _recorded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, dict[str, str]]:
+    """``fn``'s result and the checksums of the files it wrote (in a Ray task, another process)."""
+    with storage.recording() as written:
+        result = fn(*args, **kwargs)
+    return result, written

@@ -201,9 +201,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from raptor.service.submit import follow, submission, submit
+    from raptor.service.submit import auth_error, follow, redacted_entrypoint, submission, submit
 
     spec = load_spec(args.spec, args.overrides)  # fail here, not on the cluster, on a bad spec
     if args.sweep:
@@ -213,14 +214,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     try:
         client = JobSubmissionClient(address)
+        job = submission(args.spec, spec, args.overrides, command="sweep" if args.sweep else "run")
+        job_id = submit(client, job, spec.name, address)
+        print(f"submitted {job_id} to {address}: {redacted_entrypoint(job['entrypoint'])}")
+        if args.no_wait:
+            return 0
+        return 0 if follow(client, job_id) else 1
+    except AuthenticationError as e:
+        raise auth_error(address, e) from None
     except (ConnectionError, RuntimeError) as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    job = submission(args.spec, spec, args.overrides, command="sweep" if args.sweep else "run")
-    job_id = submit(client, job, spec.name, address)
-    print(f"submitted {job_id} to {address}: {job['entrypoint']}")
-    if args.no_wait:
-        return 0
-    return 0 if follow(client, job_id) else 1
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:

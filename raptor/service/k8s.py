@@ -3,9 +3,12 @@
 ``render`` turns a spec into the objects ``kubectl apply`` needs: the namespace and ServiceAccount
 (shared, the kustomize base) and, per overlay, a RayJob whose embedded RayCluster has exactly the
 pods the spec's ``scaling`` section asks for, plus a NetworkPolicy that closes the head to everyone
-but the job's own pods and the KubeRay operator. An overlay is a named set of ``--set`` overrides,
-and the RayJob's entrypoint carries the same overrides, so the job always asks Ray for the
-resources its cluster has.
+but the job's own pods and the KubeRay operator. Ray's token authentication is on (``authOptions``,
+the token from the ``cluster.ray_token_secret`` Secret; KubeRay hands it to every Ray container and
+the submitter), so even a pod the NetworkPolicy admits needs the token. An overlay is a named set of
+``--set`` overrides, and the RayJob's entrypoint carries the same overrides, so the job always asks
+Ray for the resources its cluster has. Credentials reach the pods only through ``secretKeyRef``: a
+spec that carries one in ``runtime_env`` is refused rather than written into a manifest.
 
 A spec with a ``sweep`` section renders as a RayJob whose entrypoint is ``raptor sweep``; its worker
 group holds ``sweep.max_concurrent_trials`` trials' worth of pods (each trial's ``scaling``), scaled
@@ -24,7 +27,7 @@ from typing import Any, Sequence
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.spec import ClusterSpec, JobSpec, ScalingSpec, load_spec
+from raptor.service.spec import ClusterSpec, JobSpec, ScalingSpec, load_spec, secrets_in
 from raptor.service.submit import entrypoint
 
 # overlay -> the --set overrides it applies on top of the spec
@@ -222,8 +225,12 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
             ),
         },
     }
+    auth: dict[str, Any] = {"mode": "token"}
+    if cluster.ray_token_secret:
+        auth["secretName"] = cluster.ray_token_secret
     return {
         "rayVersion": metadata.version("ray"),
+        "authOptions": auth,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
             "upscalingMode": "Default",
@@ -315,6 +322,9 @@ def render(spec_ref: str, overlay: str = "multinode", overrides: Sequence[str] =
         raise RenderError(f"unknown overlay {overlay!r} (use one of {', '.join(OVERLAYS)})")
     applied = [*OVERLAYS[overlay], *overrides]
     spec = load_spec(spec_ref, applied)
+    if leaked := secrets_in(spec.runtime_env, "runtime_env"):
+        raise RenderError(f"{leaked[0]}: a credential would be written into the manifest in plain text; give it to "
+                          "the pods through a Secret (cluster.wandb_secret, cluster.s3_secret) instead")
     name = job_name(spec, overlay)
     return [
         namespace(spec.cluster),

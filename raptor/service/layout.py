@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raptor import storage
-from raptor.errors import UserError
+from raptor.errors import CorruptArtifact, MissingInput, UserError
 
 SPEC_FILE = "spec.yaml"
 INDEX_FILE = "run.json"
@@ -47,7 +47,7 @@ class Layout:
         try:
             return self.folders[stage]
         except KeyError:
-            raise FileNotFoundError(f"{self.run_url}: the run has no {stage} artifact yet") from None
+            raise MissingInput(f"{self.run_url}: the run has no {stage} artifact yet") from None
 
     def marker(self, stage: str) -> str:
         return storage.join(self.folder(stage), MARKER_FILE)
@@ -110,10 +110,32 @@ class Layout:
         if not storage.exists(url):
             raise UserError(f"{run_url} is not a raptor run (no {INDEX_FILE})")
         index: dict[str, Any] = storage.read_json(url)
-        stages = index.get("stages", {})
-        return cls(
-            run_url=run_url,
-            store_url=index["store"],
-            folders={name: s["url"] for name, s in stages.items() if s.get("status") == "done"},
-            teacher_checkpoint=index.get("teacher_checkpoint"),
-        )
+        try:
+            stages = index.get("stages", {})
+            return cls(
+                run_url=run_url,
+                store_url=index["store"],
+                folders={name: s["url"] for name, s in stages.items() if s.get("status") == "done"},
+                teacher_checkpoint=index.get("teacher_checkpoint"),
+            )
+        except (AttributeError, KeyError, TypeError) as e:
+            raise CorruptArtifact(f"{url}: not a raptor run index ({type(e).__name__}: {e})") from None
+
+
+def corrupt_file(folder: str) -> str | None:
+    """The first file of a finished artifact that does not match the checksum its ``stage.json`` recorded.
+
+    ``None`` when every file matches, and for folders without a marker or without checksums (a
+    given artifact such as ``teacher.checkpoint`` or the data folders, or one made by an earlier
+    raptor): those are not ours to check.
+    """
+    marker = storage.join(folder, MARKER_FILE)
+    if not storage.exists(marker):
+        return None
+    for name, digest in sorted(storage.read_json(marker).get("files", {}).items()):
+        url = storage.join(folder, name)
+        if not storage.exists(url):
+            return f"{url} is missing"
+        if storage.checksum(url) != digest:
+            return f"{url} does not match the sha256 recorded when it was written (truncated, corrupted or replaced)"
+    return None

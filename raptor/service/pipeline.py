@@ -8,12 +8,18 @@ not there). The run then executes the stages that are not done, in order; each w
 into its folder and the pipeline writes the folder's ``stage.json`` last, so a folder with a marker
 holds a complete artifact and a crash leaves no half-artifact that counts as done.
 
+Every file a stage writes is hashed as it is written (``raptor.storage.recording``; the training
+stages' exports hash theirs in the worker) and ``stage.json`` lists the checksums. Before a stage
+runs, the artifacts it reads are checked against them: one that was truncated, bit-flipped or
+replaced is never loaded; the plan says so (``will run  corrupt: ...``) and the run makes it again.
+
 The run folder keeps what a person opens: ``spec.yaml``, ``run.json`` (stage -> key -> URL, the
-inputs, with the spec that ran) and a copy of the report in ``report/``.
+inputs, with the spec that ran; secrets redacted) and a copy of the report in ``report/``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -23,10 +29,11 @@ from raptor import storage
 from raptor.data.shards import dataset_folder
 from raptor.errors import UserError
 from raptor.service import stages as stage_defs
-from raptor.service.build import absolute_paths
+from raptor.service.build import absolute_paths, check_teacher
 from raptor.service.graph import Step, StageContext, content_key, explain, inputs, render_table
-from raptor.service.layout import Layout
+from raptor.service.layout import MARKER_FILE, Layout, corrupt_file
 from raptor.service.spec import JobSpec
+from raptor.train.export import MANIFEST_FILE
 from raptor.train.snapshot import resume_step
 
 log = logging.getLogger(__name__)
@@ -90,7 +97,41 @@ def plan(spec: JobSpec) -> tuple[list[Step], Layout]:
         if not step.done:
             rebuilt.add(stage.name)
         steps.append(step)
+    check_inputs(steps)
     return steps, layout
+
+
+def check_inputs(steps: list[Step]) -> None:
+    """Verify the finished artifacts that the stages about to run will read (their upstream, transitively).
+
+    A corrupt one is never loaded: it is marked to be made again (a training stage re-exports from
+    its last checkpoint), with a warning naming the file. Artifacts nothing will read are not read.
+    """
+    by_name = {s.name: s for s in steps}
+    checked: set[str] = set()
+    pending = [s for s in steps if not s.done]
+    while pending:
+        todo = [u for s in pending for u in _upstream_closure(s, by_name) if u.done and u.name not in checked]
+        pending = []
+        for up in todo:
+            if up.name in checked:
+                continue
+            checked.add(up.name)
+            if (problem := corrupt_file(up.url)) is not None:
+                log.warning("stage %s: %s; it is made again", up.name, problem)
+                up.status, up.why = "will run", f"corrupt: {problem}"
+                pending.append(up)
+
+
+def _upstream_closure(step: Step, by_name: dict[str, Step]) -> list[Step]:
+    out: list[Step] = []
+    todo = list(step.stage.upstream)
+    while todo:
+        name = todo.pop()
+        if name not in {s.name for s in out}:
+            out.append(by_name[name])
+            todo += by_name[name].stage.upstream
+    return out
 
 
 def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:
@@ -100,15 +141,16 @@ def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:
         "updated": _now(),
         "store": layout.store_url,
         "teacher_checkpoint": spec.teacher.checkpoint,
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.public_dump(),
         "stages": {s.name: {"key": s.key, "url": s.url, "status": "done" if s.done else "pending",
                             "inputs": s.inputs, "upstream": s.upstream} for s in steps},
     })
 
 
 def save_spec(spec: JobSpec, layout: Layout) -> None:
-    """``spec.yaml`` beside the index. A changed spec replaces it; the old one is kept as ``spec.<UTC time>.yaml``."""
-    url, text = layout.spec_file, spec.to_yaml()
+    """``spec.yaml`` beside the index (secrets redacted). A changed spec replaces it; the old one is kept as
+    ``spec.<UTC time>.yaml``."""
+    url, text = layout.spec_file, spec.to_yaml(public=True)
     if storage.exists(url):
         old = storage.read_bytes(url)
         if old.decode() == text:
@@ -125,17 +167,33 @@ def publish_report(layout: Layout) -> None:
     storage.copy_tree(layout.report, layout.run_report)
 
 
+def _checksums(folder: str, written: dict[str, str]) -> dict[str, str]:
+    """name -> sha256 of the artifact's files: those written here, and those a training stage's export
+    wrote in its worker (listed in its manifest, which is hashed here)."""
+    prefix = folder.rstrip("/") + "/"
+    files = {url[len(prefix):]: digest for url, digest in written.items() if url.startswith(prefix)}
+    manifest = storage.join(folder, MANIFEST_FILE)
+    if MANIFEST_FILE not in files and storage.exists(manifest):
+        data = storage.read_bytes(manifest)
+        files |= {**json.loads(data).get("files", {}), MANIFEST_FILE: storage.sha256(data)}
+    return dict(sorted(files.items()))
+
+
 def execute(spec: JobSpec, layout: Layout, step: Step, report_interval: int | None = None) -> float:
-    """Run one stage and mark its artifact done (``stage.json``, written last); returns seconds."""
+    """Run one stage and mark its artifact done (``stage.json``, written last, with its files' checksums); returns seconds."""
     log.info("stage %s: running%s", step.name, f" ({step.why})" if step.why else "")
+    marked = not step.stage.given(spec) and step.name != "data"
+    if marked:
+        storage.remove(storage.join(step.url, MARKER_FILE))  # a corrupt artifact being made again is not done meanwhile
     t0 = time.perf_counter()
-    summary = step.stage.run(StageContext(spec, layout, step, report_interval))
+    with storage.recording() as written:
+        summary = step.stage.run(StageContext(spec, layout, step, report_interval))
     seconds = time.perf_counter() - t0
-    if not step.stage.given(spec) and step.name != "data":
-        storage.write_json(storage.join(step.url, "stage.json"), {
+    if marked:
+        storage.write_json(storage.join(step.url, MARKER_FILE), {
             "stage": step.name, "key": step.key, "version": step.stage.version, "inputs": step.inputs,
             "upstream": step.upstream, "summary": summary, "seconds": round(seconds, 1), "finished": _now(),
-            "made_by": {"name": spec.name, "run": spec.storage.url},
+            "made_by": {"name": spec.name, "run": spec.storage.url}, "files": _checksums(step.url, written),
         })
     step.status, step.why = "done", ""
     log.info("stage %s: done in %.0fs", step.name, seconds)
@@ -159,6 +217,8 @@ def run_pipeline(
     metrics this often while they train (a sweep trial's scheduler reads them).
     """
     spec = absolute_paths(spec)
+    storage.set_patience(spec.storage.patience)
+    check_teacher(spec)
     steps, layout = plan(spec)
     log.info("plan for %s (store %s):\n%s", spec.name, layout.store_url, render_table(steps))
     missing = [s for s in steps if s.status == "missing"]

@@ -29,6 +29,11 @@ from raptor.errors import UserError
 READ_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf"}
 WRITE_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 
+# Environment variables whose values are credentials: never written into a saved spec, run.json or a manifest.
+SECRET_NAME = re.compile(r"secret|token|passw|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth", re.IGNORECASE)
+REDACTED = "<redacted>"
+_URL_PASSWORD = re.compile(r"^[\w+.-]+://[^/@]*:[^/@]*@")
+
 # Depths of the DINOv2 family, so ``k > L`` fails when the spec is loaded, before any model is built.
 _DINOV2_DEPTHS = {"small": 12, "base": 12, "large": 24, "giant": 40}
 
@@ -38,14 +43,36 @@ class SpecError(UserError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a setting: `lr: .inf` would pass `gt=0` and diverge at step 1
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_url(url: str, allowed: set[str], field: str) -> str:
     scheme = storage.scheme(url)
     if scheme not in allowed:
         raise ValueError(f"unsupported URL scheme {scheme!r} for {field} (use one of {', '.join(sorted(allowed))})")
+    if _URL_PASSWORD.match(url):  # it would be saved with the run, keyed, logged and sent to wandb
+        raise ValueError(f"{field} holds a password; give credentials through the environment (AWS_ACCESS_KEY_ID, ...)")
     return url
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every mapping entry whose key names a credential (``SECRET_NAME``) replaced by ``<redacted>``."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def secrets_in(value: Any, prefix: str) -> list[str]:
+    """Dotted names of the entries :func:`redact` would hide."""
+    if isinstance(value, dict):
+        return [name for k, v in value.items()
+                for name in ([f"{prefix}.{k}"] if isinstance(k, str) and SECRET_NAME.search(k) else secrets_in(v, f"{prefix}.{k}"))]
+    if isinstance(value, list):
+        return [name for i, v in enumerate(value) for name in secrets_in(v, f"{prefix}.{i}")]
+    return []
 
 
 class TeacherTrainSpec(_Section):
@@ -78,6 +105,14 @@ class TeacherSpec(_Section):
     @classmethod
     def _checkpoint_scheme(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READ_SCHEMES, "teacher.checkpoint")
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _depth(cls, v: dict[str, Any]) -> dict[str, Any]:
+        depth = v.get("depth", 1)
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 0 < depth <= 1000:
+            raise ValueError(f"depth must be a whole number of layers in 1..1000 (got {depth!r})")
+        return v
 
     @model_validator(mode="after")
     def _source(self) -> "TeacherSpec":
@@ -193,6 +228,9 @@ class StageSpec(_Section):
         "mse", description="mse over all tokens, token (cls/reg/patch MSE weighted by token_weights) or cosine")
     token_weights: TokenWeights = Field(default_factory=TokenWeights)
     sigma: float = Field(0.0, ge=0, description="input noise on teacher states")
+    max_nonfinite_steps: int = Field(
+        10, ge=0, description="optimizer steps in a row that may be skipped for a NaN/Inf loss or gradient; one more "
+        "stops the stage with a checkpoint (a diverged stage is never exported)")
 
     @model_validator(mode="after")
     def _warmup(self) -> "StageSpec":
@@ -301,6 +339,9 @@ class StorageSpec(_Section):
         None, description="content-addressed artifact store, shared by runs and sweep trials; null = <url>/store")
     checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
     keep: int = Field(2, gt=0, description="checkpoints kept per stage")
+    patience: float = Field(
+        600.0, gt=0, le=86_400, description="seconds an unreachable object store is retried (with backoff) before "
+        "the run stops, resumable; checkpoint, artifact and index writes and reads wait this long")
 
     @field_validator("url", "store")
     @classmethod
@@ -338,6 +379,9 @@ class ClusterSpec(_Section):
     head_memory_gib: int = Field(32, gt=0, description="memory of the head pod")
     wandb_secret: str | None = Field("raptor-wandb", description="Secret with key api-key -> WANDB_API_KEY; None = no wandb credentials")
     s3_secret: str | None = Field("raptor-s3", description="Secret with keys access-key-id, secret-access-key; optional where workload identity is used")
+    ray_token_secret: str | None = Field(
+        "raptor-ray-token", description="Secret with key auth_token: the token of Ray's token authentication "
+        "(authOptions mode token, KubeRay >= 1.5.1); None = KubeRay generates one per cluster")
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="the job's Ray cluster is deleted this long after the job ends")
     active_deadline_seconds: int | None = Field(172_800, gt=0, description="the RayJob fails after running this long")
     backoff_limit: int = Field(1, ge=0, description="RayJob retries, each on a fresh Ray cluster; resumes from the last checkpoint")
@@ -466,7 +510,9 @@ class JobSpec(_Section):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     storage: StorageSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for `raptor submit`")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env for `raptor submit`; entries named like a credential are "
+        "redacted in the saved spec and refused by `raptor k8s render`")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     sweep: SweepSpec | None = None
 
@@ -488,13 +534,22 @@ class JobSpec(_Section):
     def effective_batch(self) -> int:
         return self.data.batch_size * self.scaling.num_workers * self.deepspeed.gradient_accumulation_steps
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def public_dump(self) -> dict[str, Any]:
+        """The spec as saved with a run (``spec.yaml``, ``run.json``): credentials in ``runtime_env`` redacted."""
+        raw = self.model_dump(mode="json")
+        raw["runtime_env"] = redact(raw["runtime_env"])
+        return raw
+
+    def to_yaml(self, public: bool = False) -> str:
+        """YAML of the spec; ``public``: as saved with a run, credentials redacted."""
+        return yaml.safe_dump(self.public_dump() if public else self.model_dump(mode="json"), sort_keys=False)
 
 
 def set_field(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """Set the dotted ``path`` of a raw spec dict to ``value``; missing sections are created."""
     parts = path.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"{path}: expected section.field=value (an empty name in {path.strip()!r})")
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -514,7 +569,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise SpecError(f"--set {item!r}: expected section.field=value")
         key, value = item.split("=", 1)
         try:
-            set_field(raw, key, yaml.safe_load(value))
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        try:
+            set_field(raw, key, value)
         except SpecError as e:
             raise SpecError(f"--set {item!r}: {str(e).split(': ', 1)[1]}") from None
     return raw
@@ -526,11 +585,14 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: unknown field"
     if err["type"] == "missing":
         return f"{loc}: required field is missing"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
     bad = err.get("input")
     if isinstance(bad, dict):  # a whole section failed a cross-field check; msg names the values
         return f"{loc}: {msg}" if loc else msg
-    return f"{loc}: {msg} (got {bad!r})"
+    if isinstance(bad, str) and _URL_PASSWORD.match(bad):
+        return f"{loc}: {msg}"  # never echo a password
+    shown = repr(bad)
+    return f"{loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 
 def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
@@ -549,8 +611,12 @@ def load_spec(url: str, overrides: list[str] | None = None) -> JobSpec:
         raw = yaml.safe_load(storage.read_bytes(url).decode())
     except FileNotFoundError:
         raise SpecError(f"{url}: no such spec file") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise SpecError(f"{url}: cannot read the spec ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{url}: not a text file (a YAML spec is UTF-8 text)") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{url}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{url}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{url}: a job spec is a YAML mapping of sections")
     return parse_spec(apply_overrides(raw, overrides or []), source=url)

@@ -38,6 +38,29 @@ def submission(spec_path: str, spec: JobSpec, overrides: list[str], command: str
     return {"entrypoint": entrypoint(path, overrides, command), "runtime_env": runtime_env}
 
 
+def auth_error(address: str, error: BaseException) -> UserError:
+    """The one-line fix for Ray's token authentication (on by default for local clusters since Ray 2.52)."""
+    text = " ".join(str(getattr(error, "message", error)).split())
+    if "invalid" in text.lower() or "forbidden" in text.lower():
+        return UserError(f"the Ray cluster at {address} rejected the token this client sent: set RAY_AUTH_TOKEN to "
+                         "the cluster's token (`ray get-auth-token` on its head node prints it)")
+    return UserError(f"the Ray cluster at {address} has token authentication on and this client sent no token: "
+                     "set RAY_AUTH_MODE=token, and for a cluster on another machine also RAY_AUTH_TOKEN=<its token> "
+                     "(`ray get-auth-token` on its head node prints it)")
+
+
+def redacted_entrypoint(entry: str) -> str:
+    """The entrypoint as printed: the values of ``--set`` overrides that name a credential hidden."""
+    from raptor.service.spec import REDACTED, SECRET_NAME
+
+    parts = shlex.split(entry)
+    for i, part in enumerate(parts):
+        key, eq, _ = part.partition("=")
+        if i and parts[i - 1] == "--set" and eq and key.startswith("runtime_env") and SECRET_NAME.search(part):
+            parts[i] = f"{key}={REDACTED}"
+    return shlex.join(parts)
+
+
 def submit(client: Any, job: dict[str, Any], name: str, address: str, wait_s: float = 90.0) -> str:
     """Submit, retrying while the head has no job agent yet (seconds after a cluster starts or scales)."""
     deadline = time.monotonic() + wait_s

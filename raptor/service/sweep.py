@@ -353,7 +353,7 @@ def _tuner(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]], locks_n
     assert sweep is not None
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.model_dump(mode="json"), locks_name=locks_name),
                                     {"cpu": TRIAL_DRIVER_CPUS})
-    where = ray_storage(plan.tune_root)
+    where = ray_storage(plan.tune_root, spec.storage.patience)
     fs = where.get("storage_filesystem")
     path = posixpath.join(where["storage_path"], plan.experiment)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):

@@ -11,13 +11,20 @@ key: Ray Train V2 finds its snapshot there and hands the newest checkpoint back 
 Client state: the optimizer step (which fixes the LR and lambda schedules, both pure functions of
 the step) and the number of micro-batches consumed (the data position; the loader's order is a
 pure function of (seed, epoch, rank), so (epoch, offset) is enough to continue the same stream).
+
+Nothing is trusted unverified (``raptor.train.integrity``): each rank records the checksums of the
+files it saved, and a restore that finds a checkpoint truncated, bit-flipped, half-uploaded or
+holding a pickle that is not plain weights warns naming the file and falls back to the previous
+checkpoint, all ranks together.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +32,15 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
+from pyarrow.fs import FileSelector, FileType
 
+from raptor.train import integrity
 from raptor.train.job import CheckpointPlan
 
 log = logging.getLogger(__name__)
 
 _RNG_FILE = "rng_rank{rank}.pt"
+_DIR = re.compile(r"checkpoint_step(\d+)$")
 
 
 @dataclass
@@ -41,10 +51,31 @@ class Resumed:
     micro_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # raptor.train.numerics.NonFiniteGuard's counters
 
 
 def tag(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _older(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The checkpoints beside ``latest`` with an earlier step, newest first (the fallbacks)."""
+    parent, name = os.path.split(latest.path.rstrip("/"))
+    newest = int(m.group(1)) if (m := _DIR.match(name)) else None
+    infos = latest.filesystem.get_file_info(FileSelector(parent, allow_not_found=True))
+    steps = sorted((int(m.group(1)), info.path) for info in infos
+                   if info.type == FileType.Directory and (m := _DIR.match(os.path.basename(info.path))))
+    return [ray.train.Checkpoint(path, filesystem=latest.filesystem) for step, path in reversed(steps)
+            if newest is None or step < newest]
+
+
+def _everyone(ok: bool) -> bool:
+    """True on every rank when ``ok`` holds on every rank (a checkpoint is used by all ranks or by none)."""
+    if not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) == 0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -74,7 +105,9 @@ class Checkpointer:
 
     def __init__(self, plan: CheckpointPlan, engine: Any):
         self.plan, self.engine = plan, engine
-        self.rank = ray.train.get_context().get_world_rank()
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        integrity.weights_only_loads(engine)
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.plan.interval == 0 or last
@@ -84,10 +117,12 @@ class Checkpointer:
 
         ``resumed`` carries rank 0's history and the steps it resumed at so far.
         """
-        client = {"step": step, "micro_batches": micro_batches, "history": resumed.history, "resumed_at": resumed.resumed_at}
+        client = {"step": step, "micro_batches": micro_batches, "history": resumed.history, "resumed_at": resumed.resumed_at,
+                  "nonfinite": resumed.nonfinite}
         with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=tag(step), client_state=client)
             torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=self.rank)))
+            integrity.write_checksums(tmp, rank=self.rank, world_size=self.world_size, step=step)
             ray.train.report(
                 {**metrics, "step": step},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -97,23 +132,52 @@ class Checkpointer:
             log.debug("checkpoint at step %d saved", step)
 
     def restore(self) -> Resumed:
-        """Load the newest checkpoint of this stage into the engine (and this rank's RNG); step 0 if none."""
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Load the newest usable checkpoint of this stage into the engine (and this rank's RNG); step 0 if none.
+
+        A checkpoint that fails verification or a weights-only load on any rank is skipped by all
+        ranks, with a warning naming the file, and the previous one is tried.
+        """
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return Resumed()
+        for checkpoint in [latest, *_older(latest)]:
+            resumed, problem = self._load(checkpoint)
+            if _everyone(problem is None):
+                assert resumed is not None
+                if self.rank == 0:
+                    log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
+                return resumed
+            if problem is not None:
+                log.warning("checkpoint %s not used (rank %d): %s; trying the previous one", checkpoint.path, self.rank, problem)
+        log.warning("no usable checkpoint under %s; the stage starts from step 0", os.path.dirname(latest.path.rstrip("/")))
+        return Resumed()
+
+    def _load(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
+        """(state, None) after loading ``checkpoint``, or (None, what is wrong with it)."""
+        try:
+            return self._load_from(checkpoint)
+        except FileNotFoundError as e:  # deleted from storage since Ray registered it
+            return None, f"it is gone from storage ({e})"
+
+    def _load_from(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
         with checkpoint.as_directory() as folder:
+            problem = integrity.verify(folder)
+            if problem is not None:
+                return None, problem
             with open(os.path.join(folder, "latest")) as f:
                 latest = f.read().strip()
-            _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True, load_lr_scheduler_states=True)
+            try:
+                _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+                rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
+                rng_state = integrity.load_weights_only(rng) if os.path.exists(rng) else None
+            except (pickle.UnpicklingError, RuntimeError) as e:
+                return None, str(e).splitlines()[0]
             if client is None:
-                raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {latest!r}")
-            rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
-            if os.path.exists(rng):
-                _set_rng_state(torch.load(rng, weights_only=True))
+                return None, f"no DeepSpeed state under tag {latest!r}"
+            if rng_state is not None:
+                _set_rng_state(rng_state)
             else:  # the world size grew: this rank starts from the seeded RNG
                 log.warning("checkpoint %s has no RNG state for rank %d", checkpoint.path, self.rank)
-        resumed = Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
-                          [*client.get("resumed_at", []), int(client["step"])])
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
-        return resumed
+        return Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
+                       [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {}))), None

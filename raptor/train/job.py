@@ -16,7 +16,9 @@ import torch
 
 from raptor import data
 from raptor.distill import StageConfig
+from raptor.errors import CorruptArtifact
 from raptor.models import Teacher
+from raptor.models.checkpoints import CheckpointError
 
 StageName = Literal["stage1", "stage2"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -53,7 +55,12 @@ class TeacherRef:
     precision: Precision = "auto"
 
     def load(self, device: torch.device | str = "cpu") -> Teacher:
-        return Teacher.from_timm(self.name, img_size=self.img_size, checkpoint=self.checkpoint, **self.model_kwargs).to(device)
+        """The frozen teacher; a checkpoint that cannot be read or does not fit is a one-line error naming it."""
+        try:
+            teacher = Teacher.from_timm(self.name, img_size=self.img_size, checkpoint=self.checkpoint, **self.model_kwargs)
+        except CheckpointError as e:
+            raise CorruptArtifact(f"teacher checkpoint: {' '.join(str(e).split())}") from e
+        return teacher.to(device)
 
     def amp(self, device: torch.device) -> torch.dtype | bool:
         """The autocast dtype of the teacher's forward passes on ``device`` (False: fp32)."""
@@ -226,6 +233,14 @@ class LogPlan:
 
 
 @dataclass(frozen=True)
+class FaultPlan:
+    """What the workers tolerate before they stop the stage with a resumable state."""
+
+    storage_patience_s: float = 600.0  # an unreachable object store is retried this long (raptor.storage.retry)
+    max_nonfinite_steps: int = 10  # optimizer steps in a row skipped for a NaN/Inf loss or gradient
+
+
+@dataclass(frozen=True)
 class StageJob:
     """One distillation stage for the runner: hyperparameters, models, data, resources, outputs."""
 
@@ -241,6 +256,7 @@ class StageJob:
     logging: LogPlan
     out_url: str  # the export: student.safetensors + manifest.json + history.json
     manifest: dict[str, Any] = field(default_factory=dict)  # provenance the export carries (key, inputs)
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     @property
     def effective_batch(self) -> int:

@@ -6,7 +6,9 @@ checkpoint, and a stage with other inputs starts afresh in its own folder. Worke
 run are retried up to ``max_failures`` times from the newest checkpoint (``FailureConfig``).
 Object-store folders (``s3://...``) are handed to Ray as a pyarrow filesystem over the same fsspec
 filesystem every other artifact uses, so the AWS variables (endpoint, credentials) mean the same
-thing to checkpoints as to shards and exports.
+thing to checkpoints as to shards and exports, and with the same retries
+(``raptor.train.objectstore``). A stage that stops on purpose comes back as one of raptor's own
+errors (:func:`raptor_error`), not as Ray's wrapped traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 from typing import Any
 
 import ray.train
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raptor import storage
+from raptor.errors import RunStopped, TrainingDiverged, UserError
+from raptor.train import objectstore
 from raptor.train.job import ShardSource, StageJob
 from raptor.train.trainer import train_loop_per_worker
 
@@ -28,12 +31,13 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints live in <stage key folder>/checkpoints
 
 
-def ray_storage(folder: str) -> dict[str, Any]:
-    """``storage_path`` (and ``storage_filesystem`` for object stores) of a Ray Train or Tune RunConfig."""
+def ray_storage(folder: str, patience_s: float) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` for object stores) of a Ray Train or Tune RunConfig;
+    an object store is retried through outages for up to ``patience_s`` (:mod:`raptor.train.objectstore`)."""
     if storage.scheme(folder) == "file":
         return {"storage_path": os.path.abspath(folder)}
-    fs, path = storage.filesystem(folder)
-    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+    fs, path = objectstore.filesystem(folder, patience_s)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def run_config(job: StageJob) -> ray.train.RunConfig:
@@ -52,7 +56,7 @@ def run_config(job: StageJob) -> ray.train.RunConfig:
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoints.keep),
         callbacks=callbacks,
-        **ray_storage(job.checkpoints.folder),
+        **ray_storage(job.checkpoints.folder, job.faults.storage_patience_s),
     )
 
 
@@ -78,8 +82,10 @@ def preflight(train: ShardSource, world_size: int) -> None:
 def run_stage(job: StageJob) -> dict[str, Any]:
     """Train ``job`` on the connected Ray cluster; the student is exported to ``job.out_url``.
 
-    Returns the metrics rank 0 reported last. Raises ``ray.train.TrainingFailedError`` when the
-    workers failed more than ``max_failures`` times.
+    Returns the metrics rank 0 reported last. Raises :class:`~raptor.errors.TrainingDiverged` when
+    the stage stopped on non-finite steps, :class:`~raptor.errors.StorageUnavailable` when object
+    storage stayed unreachable past the patience, and ``ray.train.TrainingFailedError`` when the
+    workers failed more than ``max_failures`` times for another reason.
     """
     preflight(job.train, job.scaling.num_workers)
     trainer = TorchTrainer(
@@ -91,5 +97,29 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     )
     log.info("%s: %d Ray Train workers, ZeRO-%d, effective batch %d, %d steps", job.stage, job.scaling.num_workers,
              job.deepspeed.zero_stage, job.effective_batch, job.config.steps)
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        if (cause := raptor_error(e)) is not None:
+            raise cause from None  # one line on the console, not Ray's wrapped remote traceback
+        raise
+    metrics = dict(result.metrics or {})
+    if metrics.get("stopped"):
+        raise TrainingDiverged(metrics["stopped"])
+    return metrics
+
+
+def raptor_error(error: BaseException) -> RunStopped | UserError | None:
+    """The :class:`RunStopped` or :class:`UserError` a worker or the controller raised, inside Ray's wrappers."""
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (RunStopped, UserError)) and not isinstance(getattr(e, "cause", None), BaseException):
+            return e  # the error itself, not Ray's wrapper of it (whose message holds the remote traceback)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__, getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None

@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raptor import data
+from raptor import data, storage
 from raptor.distill import fidelity, lr_scheduler, make_optimizer, summarize
 from raptor.models import Raptor, Teacher, load_student
 from raptor.models.teacher import autocast
@@ -35,6 +35,7 @@ from raptor.train.hotpath import HotPath
 from raptor.train.job import ShardSource, StageJob, StudentPlan
 from raptor.train.logs import quiet_worker
 from raptor.train.metrics import Progress, Utilisation, device_peak
+from raptor.train.numerics import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Trainer:
     validator: Validator
     checkpointer: Checkpointer
     logger: Progress
+    guard: NonFiniteGuard  # skips and counts non-finite steps; stops a diverged stage
 
     def __init__(self, job: StageJob):
         import deepspeed  # here, not at import: the driver that launches the stage never loads it
@@ -176,12 +178,15 @@ class Trainer:
                                                           job.logging.peak_tflops)) if self.rank == 0 else None
         self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
+        self.guard = NonFiniteGuard(job.stage, self.engine, self.student, job.faults.max_nonfinite_steps,
+                                    self.resumed.nonfinite, report=self.rank == 0)
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
         for _ in range(self.job.deepspeed.gradient_accumulation_steps):
             loss, metrics = self.engine(self.hot.trajectory(next(batches).to(self.device)), step)
             self.engine.backward(loss)
+            self.guard.before_update()
             self.engine.step()
         return metrics
 
@@ -193,11 +198,13 @@ class Trainer:
         batches = batches_from(self.loader, self.resumed.micro_batches)
         for step in range(self.resumed.step, cfg.steps):
             metrics = self.step(batches, step)
-            done, last = step + 1, step + 1 == cfg.steps
+            self.guard.after_update(step + 1, metrics)
+            done, last = step + 1, step + 1 == cfg.steps or self.guard.stopped is not None
             row: dict[str, float] = {}
             if done % lg.log_interval == 0 or last:
                 row = {**{k: float(v) for k, v in metrics.items()}, "lr": self.engine.get_lr()[0],
-                       **_data_counters(self.loader, self.device), **self.hot.counters()}
+                       "nonfinite_steps": self.guard.total, **_data_counters(self.loader, self.device),
+                       **self.hot.counters()}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
@@ -211,9 +218,15 @@ class Trainer:
                 latest.update(row)
             reported = {**_headline(latest), "global_step": lg.step_offset + done}
             if self.checkpointer.due(done, last):
-                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum, reported, state)
+                state.nonfinite = self.guard.counters()
+                stop = {"stopped": self.guard.stopped} if self.guard.stopped else {}
+                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
+                                       {**reported, **stop}, state)
             elif lg.report_interval and done % lg.report_interval == 0:
                 ray.train.report(reported)  # every rank: a Ray Train report is collective
+            if self.guard.stopped:  # diverged: the checkpoint holds the state, the driver raises TrainingDiverged
+                self.logger.finish(latest)
+                return
         if self.resumed.step >= cfg.steps and self.rank == 0:
             log.info("%s already complete at step %d; exporting the checkpointed student", job.stage, self.resumed.step)
         self.export(history)
@@ -225,9 +238,13 @@ class Trainer:
         final = {k: v for row in history for k, v in row.items() if k != "step"}  # the newest value of each metric
         params = list(self.student.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.job.deepspeed.zero_stage == 3):
-            if self.rank == 0:
-                url = export_student(self.student, self.job, final, history, resumed_at=self.resumed.resumed_at)
+            self.guard.check_weights(max(self.resumed.step, self.job.config.steps))
+            if self.rank == 0 and self.guard.stopped is None:
+                url = export_student(self.student, self.job, final, history, resumed_at=self.resumed.resumed_at,
+                                     nonfinite_steps=self.guard.total)
                 log.info("%s exported to %s", self.job.stage, url)
+        if self.guard.stopped is not None:  # never export weights that are not finite
+            ray.train.report({"stopped": self.guard.stopped})
         self.logger.finish(final)
         torch.distributed.barrier()
 
@@ -235,4 +252,5 @@ class Trainer:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config = {"job": StageJob}``."""
     quiet_worker()
+    storage.set_patience(config["job"].faults.storage_patience_s)
     Trainer(config["job"]).train()

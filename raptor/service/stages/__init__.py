@@ -31,6 +31,7 @@ NOT_INPUTS: dict[str, str] = {
     "storage.store": "where artifacts are kept, not what they hold",
     "storage.checkpoint_interval": "a resumed stage continues bit for bit from any checkpoint",
     "storage.keep": "how many checkpoints are kept",
+    "storage.patience": "decides only how long an unreachable object store is waited for before the run stops",
     "scaling.cpus_per_worker": "a resource request; the work per rank is the same",
     "scaling.gpus_per_worker": "a resource request; the work per rank is the same",
     "scaling.resources_per_worker": "a resource request; the work per rank is the same",
@@ -54,6 +55,8 @@ _TRAINING_IGNORES = {
     "deepspeed.offload_param": "where parameters live, not their values",
     "deepspeed.activation_checkpointing": "recomputation gives the same activations",
     "deepspeed.compile": "inductor reorders and fuses float ops only: compiled and eager losses agree to 1e-4",
+    "stage1.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
+    "stage2.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
 }
 # version 2: deepspeed.precision bf16 means bf16 autocast in an fp32 engine with fp32 targets
 # (version 1: DeepSpeed's bf16 mode, bf16 weights and trajectories)

@@ -24,13 +24,13 @@ from raptor.analysis.analyze import analyze_models, collect_trajectories
 from raptor.analysis.report import build_report, write_report
 from raptor.data import ShardLoader
 from raptor.distill import StageConfig
-from raptor.errors import UserError
+from raptor.errors import CorruptArtifact, UserError
 from raptor.eval.dense import dense_probes
 from raptor.eval.studies import ablation_study, layer_swap_study, partition_study
 from raptor.models import Raptor, Teacher, load_student
 from raptor.service.build import shard_source, single_process, stage_config, teacher_ref
 from raptor.service.graph import StageContext
-from raptor.service.layout import Layout
+from raptor.service.layout import Layout, corrupt_file
 from raptor.service.spec import JobSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,9 @@ def analyze_run(
 def analyze(run_url: str, out_url: str | None = None, **kwargs: Any) -> dict[str, str]:
     """``raptor analyze``: the report of the run at ``run_url`` (its spec and artifacts from ``run.json``)."""
     layout = Layout.from_index(run_url)
+    for folder in layout.folders.values():  # never analyse a file that is not the one its stage wrote
+        if (problem := corrupt_file(folder)) is not None:
+            raise CorruptArtifact(f"{problem}; `raptor run` on the run's spec makes it again")
     spec = load_spec(layout.spec_file)
     return analyze_run(spec, layout, out_url or layout.run_report, **kwargs)
 
