@@ -219,23 +219,23 @@ def teacher_forward(check: Check, name: str, batch: int) -> None:
 
 
 def decode(check: Check, tmp: str) -> None:
-    """JPEG decode + train augmentation, CPU vs GPU, through ``raptor data bench``.
-
-    LEAD: the data helper is building ``data.decode: cpu | gpu``; adjust the ``--decode`` flag
-    below to its final CLI. Until it exists this prints ``unavailable`` for both."""
+    """JPEG decode + train augmentation through ``raptor data bench``: loader workers decoding on the
+    CPU (per worker, against a bare PIL loop) vs the training process decoding batches on this device."""
     shards = os.path.join(tmp, "shards")
     n, size = (64, 64) if check.args.smoke else (2048, 320)
     gen = [sys.executable, "-m", "raptor.cli", "shards", "generate", shards, "--samples", str(n),
            "--size", str(size), "--workers", str(min(8, os.cpu_count() or 1)), "--max-samples", "512"]
     subprocess.run(gen, check=True, capture_output=True, cwd=ROOT)
     batches = 2 if check.args.smoke else 20
-    for where in ("cpu", "gpu"):
-        cmd = [sys.executable, "-m", "raptor.cli", "data", "bench", shards, "--workers", "0",
-               "--size", "28" if check.args.smoke else "224", "--batches", str(batches), "--decode", where]
+    workers = 0 if check.args.smoke else max(1, min(8, (os.cpu_count() or 2) - 2))
+    for where, extra in (("cpu", ["--workers", "1", "--bare"]),
+                         ("gpu", ["--workers", str(workers), "--device", str(check.device)])):
+        cmd = [sys.executable, "-m", "raptor.cli", "data", "bench", shards, "--size", "28" if check.args.smoke else "224",
+               "--batches", str(batches), "--decode", where, *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode == 0 and rows:
-            emit({"bench": "decode", "decode": where, "img_per_s": rows[-1].get("samples_per_s"), "workers": 0})
+            emit({"bench": "decode", "decode": where, **rows[-1]})
         else:
             emit({"bench": "decode", "decode": where, "unavailable": (out.stderr.strip().splitlines() or ["?"])[-1]})
 
