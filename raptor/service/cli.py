@@ -16,9 +16,22 @@ import os
 import time
 
 from raptor.errors import UserError
-from raptor.service.spec import JobSpec, load_spec
+from raptor.service.spec import JobSpec, SpecError, load_spec
 
 log = logging.getLogger(__name__)
+
+
+def _load(args: argparse.Namespace) -> JobSpec:
+    """``args.spec`` with its ``--set`` overrides, validated, and its teacher architecture built on the
+    meta device: a spec timm cannot build fails here, in one line naming the file."""
+    from raptor.service.build import check_teacher
+
+    spec = load_spec(args.spec, args.overrides)
+    try:
+        check_teacher(spec)
+    except SpecError as e:
+        raise SpecError(f"{args.spec}: {e}") from None
+    return spec
 
 
 def _spec_args(p: argparse.ArgumentParser, what: str = "job spec YAML (path or URL)") -> None:
@@ -139,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raptor import console
     from raptor.service.pipeline import run_pipeline
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = _load(args)
     if spec.sweep is not None:
         log.info("%s has a sweep section; `raptor run` runs the base spec alone (`raptor sweep` runs the trials)", args.spec)
     if args.dry_run:
@@ -159,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from raptor.service.sizing import plan_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = _load(args)
     try:
         boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
     except ValueError:
@@ -177,7 +190,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raptor import console
     from raptor.service.sweep import plan_sweep, run_sweep
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = _load(args)
     plan, specs = plan_sweep(spec, args.spec)  # every trial validated before anything starts
     if args.dry_run:
         from raptor.service.pipeline import plan as plan_stages
@@ -206,7 +219,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from raptor.service.submit import auth_error, follow, redacted_entrypoint, submission, submit
 
-    spec = load_spec(args.spec, args.overrides)  # fail here, not on the cluster, on a bad spec
+    spec = _load(args)  # fail here, not on the cluster, on a bad spec
     if args.sweep:
         from raptor.service.sweep import plan_sweep
 
@@ -231,7 +244,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     from raptor.service.pipeline import plan
     from raptor.service.stages.teacher import train_teacher
 
-    spec = absolute_paths(load_spec(args.spec, args.overrides))
+    spec = absolute_paths(_load(args))
     if spec.teacher.train is None:
         raise UserError("teacher.train: missing (the spec gives no recipe to train the teacher with)")
     out = args.out or plan(spec)[1].teacher
