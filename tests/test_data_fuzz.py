@@ -26,7 +26,7 @@ from raptor.errors import UserError
 
 SIZE = 16
 NUM_CLASSES = 4
-FUZZ = settings(max_examples=200, deadline=3000, database=None,
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -39,6 +39,7 @@ class NonFiniteGuard:
         self.stopped: str | None = None
         self._seen = engine.skipped_steps
         self._zero0 = engine.zero_optimization_stage() == 0
+        self._clip = engine.gradient_clipping()
 
     def counters(self) -> dict[str, int]:
         """What a checkpoint keeps, so a resumed stage continues the count."""
@@ -47,7 +48,8 @@ class NonFiniteGuard:
     def before_update(self) -> None:
         """Call before ``engine.step()``: under ZeRO-0, refuse non-finite gradients as ZeRO 1-3 do.
 
-        The gradients are dropped (the torch optimizer skips parameters without one) and the
+        The gradients are dropped (the torch optimizer skips parameters without one), clipping is
+        off for that step (there is nothing to clip, and DeepSpeed's clip needs a gradient), and the
         optimizer is flagged as overflowed, which is how DeepSpeed counts a skipped step and holds
         the LR schedule. The gradients are already all-reduced, so every rank decides alike.
         """
@@ -58,6 +60,7 @@ class NonFiniteGuard:
         if not finite:
             for p in params:
                 p.grad = None
+        self.engine._config.gradient_clipping = self._clip if finite else 0.0
         self.engine.optimizer.overflow = not finite
 
     def after_update(self, step: int, metrics: dict[str, torch.Tensor]) -> bool:
