@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
+import time
 
 import pytest
 
@@ -67,7 +69,11 @@ def test_progress_rewrites_one_line_on_a_terminal():
             handler.emit(logging.LogRecord("raptor.train.metrics", logging.INFO, "", 0, f"stage2 step {step}/150 loss 0.1", None, None))
         handler.emit(logging.LogRecord("raptor.service.pipeline", logging.INFO, "", 0, "stage stage2: done in 79s", None, None))
         tty.flush()
-        out = os.read(master, 4096).decode()
+        out = ""
+        deadline = time.monotonic() + 10
+        while "done in 79s" not in out and time.monotonic() < deadline:  # a pty hands over what it has so far
+            if select.select([master], [], [], 0.5)[0]:
+                out += os.read(master, 4096).decode()
     os.close(master)
     lines = out.replace("\r\n", "\n").split("\n")
     assert lines[0].startswith("\r") and "step 10/150" in lines[0] and "\rstep" not in lines[0]
