@@ -95,7 +95,8 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         scaling_config=scaling_config(job),
         run_config=run_config(job),
     )
-    log.info("%s: %d Ray Train workers, ZeRO-%d, effective batch %d, %d steps", job.stage, job.scaling.num_workers,
+    n = job.scaling.num_workers
+    log.info("%s: %d Ray Train worker%s, ZeRO-%d, effective batch %d, %d steps", job.stage, n, "" if n == 1 else "s",
              job.deepspeed.zero_stage, job.effective_batch, job.config.steps)
     try:
         result = trainer.fit()
