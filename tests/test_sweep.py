@@ -22,16 +22,22 @@ from raptor.service.sweep import SweepError, concurrency, plan_sweep, trial_id, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _spec(tmp_path: Path, job: str = "sweep_quick", *overrides: str) -> JobSpec:
+def _job(tmp_path: Path, job: str) -> dict:
+    """A job spec of jobs/ with its run, store and generated data in ``tmp_path`` (a user's runs/ never counts)."""
     raw = yaml.safe_load((ROOT / "jobs" / f"{job}.yaml").read_text())
     raw["storage"] = {**raw["storage"], "url": str(tmp_path / "run")}
     raw["storage"].pop("store", None)
-    return parse_spec(apply_overrides(raw, list(overrides)))
+    if raw["data"].get("generate"):
+        raw["data"].update(train=str(tmp_path / "data" / "train"), val=str(tmp_path / "data" / "val"))
+    return raw
+
+
+def _spec(tmp_path: Path, job: str = "sweep_quick", *overrides: str) -> JobSpec:
+    return parse_spec(apply_overrides(_job(tmp_path, job), list(overrides)))
 
 
 def _sweep_file(tmp_path: Path, sweep: dict) -> Path:
-    raw = yaml.safe_load((ROOT / "jobs" / "sweep_quick.yaml").read_text())
-    raw["storage"]["url"] = str(tmp_path / "run")
+    raw = _job(tmp_path, "sweep_quick")
     raw["sweep"] = sweep
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
