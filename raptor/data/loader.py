@@ -105,9 +105,6 @@ class ShardStream(IterableDataset):
     label_key: LabelKey = LabelKey("cls")
     decode: str = "cpu"
 
-    def __post_init__(self) -> None:
-        super().__init__()
-
     def assignment(self, worker: int, num_workers: int) -> tuple[list[int], int | None]:
         """(shard indices, sample quota) of one reader this epoch; quota None: one exact pass."""
         n = len(self.shards.urls)
@@ -162,8 +159,9 @@ class ShardStream(IterableDataset):
                           random.Random(_seed(slot_seed, "augment")))
         if self.decode == "gpu":
             make: Any = partial(gpu_item, augment=augment)
+            collate: Any = partial(EncodedBatch.collate, size=self.image_size)
         else:
-            make = partial(cpu_item, augment=augment, dense=self.dense)
+            make, collate = partial(cpu_item, augment=augment, dense=self.dense), _stack
         sent = DataStats()
         remaining = quota
         while remaining is None or remaining > 0:
@@ -177,10 +175,7 @@ class ShardStream(IterableDataset):
                 return
             if remaining is not None:
                 remaining -= len(items)
-            if self.decode == "gpu":
-                yield EncodedBatch.collate(items, self.image_size), delta
-            else:
-                yield _stack(items), delta
+            yield collate(items), delta
 
     def _take(self, reader: Reader, raw: Iterator[dict[str, Any]], want: int, make: Any) -> list[Any]:
         items: list[Any] = []

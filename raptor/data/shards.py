@@ -16,7 +16,6 @@ error rather than a silent mix of two datasets.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from PIL import Image
 from raptor import storage
 from raptor.data.errors import DatasetError
 from raptor.data.sources import IMAGE_EXTS, Source, digest
-from raptor.errors import MissingInput, UserError
+from raptor.errors import CorruptArtifact, MissingInput, UserError
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +252,11 @@ def read_info_file(folder: str) -> dict[str, Any] | None:
     :class:`DatasetError` naming the file."""
     path = storage.join(folder, INFO)
     try:
-        raw = storage.read_bytes(path)
+        info = storage.read_json(path)
     except FileNotFoundError:
         return None
-    try:
-        info = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except CorruptArtifact as e:
+        raise DatasetError(str(e)) from None
     if not isinstance(info, dict):
         raise DatasetError(f"{path}: expected a JSON object, got {type(info).__name__}")
     return info

@@ -188,7 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raptor import console
-    from raptor.service.sweep import plan_sweep, run_sweep
+    from raptor.service.sweep import plan_sweep, run_planned
 
     spec = _load(args)
     plan, specs = plan_sweep(spec, args.spec)  # every trial validated before anything starts
@@ -206,7 +206,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     assert plan.spec.sweep is not None
     connect_ray(spec, trials=plan.spec.sweep.max_concurrent_trials or 1)
-    summary = run_sweep(spec, args.spec)
+    summary = run_planned(plan, specs)
     print(f"raptor sweep {spec.name}: {summary['trials']} trials in {time.perf_counter() - t0:.0f}s "
           f"({summary['finished']} finished, {summary['stopped']} stopped, {summary['failed']} failed); "
           f"best {summary['best'] or 'none'}; results {summary['folder']}/results.md")
@@ -261,7 +261,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.sweep:
         from raptor.service.study import depth_study
 
-        for kind, url in depth_study(args.run, args.out, samples=args.samples, device=args.device, seed=args.seed).items():
+        for kind, url in depth_study(args.run, args.out, samples=args.samples, seed=args.seed).items():
             print(f"{kind}: {url}")
         return 0
     studies = Studies(layer_swap=args.layer_swap, partition=args.partition, ablation=args.ablation, dense=args.dense,

@@ -108,30 +108,22 @@ def check_inputs(steps: list[Step]) -> None:
     its last checkpoint), with a warning naming the file. Artifacts nothing will read are not read.
     """
     by_name = {s.name: s for s in steps}
-    checked: set[str] = set()
-    pending = [s for s in steps if not s.done]
-    while pending:
-        todo = [u for s in pending for u in _upstream_closure(s, by_name) if u.done and u.name not in checked]
-        pending = []
-        for up in todo:
-            if up.name in checked:
-                continue
-            checked.add(up.name)
-            if (problem := corrupt_file(up.url)) is not None:
-                log.warning("stage %s: %s; it is made again", up.name, problem)
-                up.status, up.why = "will run", f"corrupt: {problem}"
-                pending.append(up)
+    read = {u.name for s in steps if not s.done for u in _upstream_closure(s, by_name)}  # transitive already
+    for up in steps:
+        if up.name in read and up.done and (problem := corrupt_file(up.url)) is not None:
+            log.warning("stage %s: %s; it is made again", up.name, problem)
+            up.status, up.why = "will run", f"corrupt: {problem}"
 
 
 def _upstream_closure(step: Step, by_name: dict[str, Step]) -> list[Step]:
-    out: list[Step] = []
+    seen: set[str] = set()
     todo = list(step.stage.upstream)
     while todo:
         name = todo.pop()
-        if name not in {s.name for s in out}:
-            out.append(by_name[name])
+        if name not in seen:
+            seen.add(name)
             todo += by_name[name].stage.upstream
-    return out
+    return [by_name[name] for name in seen]
 
 
 def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:

@@ -340,7 +340,7 @@ class StorageSpec(_Section):
     checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
     keep: int = Field(2, gt=0, description="checkpoints kept per stage")
     patience: float = Field(
-        600.0, gt=0, le=86_400, description="seconds an unreachable object store is retried (with backoff) before "
+        storage.DEFAULT_PATIENCE_S, gt=0, le=86_400, description="seconds an unreachable object store is retried (with backoff) before "
         "the run stops, resumable; checkpoint, artifact and index writes and reads wait this long")
 
     @field_validator("url", "store")

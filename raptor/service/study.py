@@ -71,9 +71,9 @@ def _pm(stat: tuple[float, float], digits: int = 3) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
-def depth_study(url: str, out: str | None = None, *, samples: int = 256, device: str | None = None, seed: int = 0) -> dict[str, str]:
-    """The study over the finished trials of the sweep at ``url`` (its storage.url); returns the URLs written."""
-    del device  # the distances run where the trial's spec says (scaling.use_gpu), like the discovery stage
+def depth_study(url: str, out: str | None = None, *, samples: int = 256, seed: int = 0) -> dict[str, str]:
+    """The study over the finished trials of the sweep at ``url`` (its storage.url); returns the URLs written.
+    The distances run where each trial's spec says (``scaling.use_gpu``), like the discovery stage."""
     rows = [r for r in load_results(url) if r["status"] == "finished"]
     if not rows:
         raise UserError(f"{url}: the sweep has no finished trial to study")

@@ -49,7 +49,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray
-import yaml
 
 from raptor import storage
 from raptor.console import MARK
@@ -136,6 +135,11 @@ def corner_points(sweep: SweepSpec) -> list[dict[str, Any]]:
     return points
 
 
+def trial_url(base: JobSpec, tid: str) -> str:
+    """The run folder of trial ``tid`` of the sweep ``base``."""
+    return storage.join(base.storage.url, TRIALS_FOLDER, tid)
+
+
 def trial_spec(base: JobSpec, params: dict[str, Any], source: str = "spec") -> JobSpec:
     """The spec of the trial with ``params``: its own run folder and name, the sweep's store, no sweep section."""
     tid = trial_id(params)
@@ -149,7 +153,7 @@ def trial_spec(base: JobSpec, params: dict[str, Any], source: str = "spec") -> J
     except SpecError as e:
         raise SweepError(f"{where}: {e}") from None
     raw["name"] = f"{base.name}-{tid}"
-    raw["storage"].update(url=storage.join(base.storage.url, TRIALS_FOLDER, tid), store=base.storage.store_url)
+    raw["storage"].update(url=trial_url(base, tid), store=base.storage.store_url)
     raw["logging"]["wandb_group"] = base.logging.wandb_group or base.name
     try:
         return parse_spec(raw, source=where)
@@ -239,9 +243,8 @@ def holding(locks: Any, holder: str, step: Step) -> Iterator[None]:
 # ---------------------------------------------------------------- one trial
 
 
-def trial_metrics(spec: JobSpec) -> dict[str, float]:
+def trial_metrics(layout: Layout) -> dict[str, float]:
     """A finished trial's metrics, read from its artifacts (stage 2's stage.json, the probe's results)."""
-    layout = Layout.from_index(spec.storage.url)
     out: dict[str, float] = {}
     if "stage2" in layout.folders:
         out.update(storage.read_json(layout.marker("stage2")).get("summary", {}))
@@ -282,7 +285,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], locks_name: str) 
     locks = ray.get_actor(locks_name)
     holder = f"{tid}-{uuid.uuid4().hex[:8]}"
     run_pipeline(spec, guard=partial(holding, locks, holder), report_interval=spec.logging.log_interval)
-    tune.report({**trial_metrics(spec), "global_step": total_steps(spec)})
+    tune.report({**trial_metrics(Layout.from_index(spec.storage.url)), "global_step": total_steps(spec)})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -391,8 +394,12 @@ def _tuner(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]], locks_n
 
 
 def run_sweep(spec: JobSpec, source: str = "spec") -> dict[str, Any]:
-    """Run (or resume) the sweep on the connected Ray cluster; returns the results' summary."""
-    plan, specs = plan_sweep(spec, source)
+    """Plan, then run (or resume) the sweep on the connected Ray cluster; returns the results' summary."""
+    return run_planned(*plan_sweep(spec, source))
+
+
+def run_planned(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]]) -> dict[str, Any]:
+    """Run (or resume) the sweep ``plan_sweep`` planned (its trials validated) on the connected Ray cluster."""
     storage.makedirs(plan.folder)
     storage.write_bytes(storage.join(plan.folder, "spec.yaml"), plan.spec.to_yaml().encode())
     max_concurrent = concurrency(plan.spec, ray.available_resources())
@@ -438,6 +445,3 @@ def load_results(url: str) -> list[dict[str, Any]]:
         raise UserError(f"{url}: no sweep results ({csv_url} does not exist)")
     return list(csv.DictReader(io.StringIO(storage.read_bytes(csv_url).decode())))
 
-
-def dump_yaml(data: Any) -> bytes:
-    return yaml.safe_dump(data, sort_keys=False).encode()

@@ -22,12 +22,12 @@ from ray import tune
 from raptor import storage
 from raptor.service.layout import Layout
 from raptor.service.spec import SWEEP_METRICS
-from raptor.service.sweep import SweepPlan, decode, describe, dump_yaml, trial_id, trial_metrics, trial_spec
+from raptor.service.sweep import SweepPlan, decode, describe, trial_id, trial_metrics, trial_spec, trial_url
 
 log = logging.getLogger(__name__)
 
 # results.csv column -> the metric key a trial reports (SWEEP_METRICS, plus the teacher's numbers beside them)
-COLUMNS = {**{k: v for k, v in SWEEP_METRICS.items()}, "teacher_top1": "probe/teacher_top1",
+COLUMNS = {**SWEEP_METRICS, "teacher_top1": "probe/teacher_top1",
            "val_teacher_top1": "val/teacher_top1", "steps": "global_step"}
 ARTIFACTS = ("teacher", "discovery", "stage2", "probe", "report")
 
@@ -77,15 +77,15 @@ def collect(plan: SweepPlan, items: list[tuple[dict[str, Any] | None, dict[str, 
         if encoded is None:
             continue
         params = decode(sweep, encoded)
-        spec = trial_spec(plan.spec, params)
-        row = Row(trial_id(params), params, "pending", run=spec.storage.url, seconds=reported.get("time_total_s"))
+        tid = trial_id(params)
+        row = Row(tid, params, "pending", run=trial_url(plan.spec, tid), seconds=reported.get("time_total_s"))
         row.metrics = {name: reported[key] for name, key in COLUMNS.items() if isinstance(reported.get(key), (int, float))}
-        if storage.exists(storage.join(spec.storage.url, "run.json")):
-            layout = Layout.from_index(spec.storage.url)
+        if storage.exists(storage.join(row.run, "run.json")):
+            layout = Layout.from_index(row.run)
             row.artifacts = {s: layout.folders[s] for s in ARTIFACTS if s in layout.folders}
             if "report" in layout.folders:
                 row.status = "finished"
-                done = trial_metrics(spec)
+                done = trial_metrics(layout)
                 row.metrics.update({name: done[key] for name, key in COLUMNS.items() if key in done})
         if error is not None:
             row.status, row.error = "failed", _one_line(error)
@@ -208,7 +208,7 @@ def write_results(plan: SweepPlan, rows: list[Row]) -> None:
             plots.append(f"{path}.png")
     top = best(plan, rows)
     if top is not None:
-        storage.write_bytes(storage.join(plan.folder, "best.yaml"), dump_yaml(trial_spec(plan.spec, top.params).model_dump(mode="json")))
+        storage.write_bytes(storage.join(plan.folder, "best.yaml"), trial_spec(plan.spec, top.params).to_yaml().encode())
     storage.write_bytes(storage.join(plan.folder, "results.md"), to_markdown(plan, rows, top, plots).encode())
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +35,11 @@ from pyarrow.fs import FileSelector, FileType
 
 from raptor.train import integrity
 from raptor.train.job import CheckpointPlan
+from raptor.train.snapshot import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
 _RNG_FILE = "rng_rank{rank}.pt"
-_DIR = re.compile(r"checkpoint_step(\d+)$")
 
 
 @dataclass
@@ -61,19 +60,20 @@ def tag(step: int) -> str:
 def _older(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
     """The checkpoints beside ``latest`` with an earlier step, newest first (the fallbacks)."""
     parent, name = os.path.split(latest.path.rstrip("/"))
-    newest = int(m.group(1)) if (m := _DIR.match(name)) else None
+    newest = int(m.group(1)) if (m := CHECKPOINT_DIR.match(name)) else None
     infos = latest.filesystem.get_file_info(FileSelector(parent, allow_not_found=True))
     steps = sorted((int(m.group(1)), info.path) for info in infos
-                   if info.type == FileType.Directory and (m := _DIR.match(os.path.basename(info.path))))
+                   if info.type == FileType.Directory and (m := CHECKPOINT_DIR.match(os.path.basename(info.path))))
     return [ray.train.Checkpoint(path, filesystem=latest.filesystem) for step, path in reversed(steps)
             if newest is None or step < newest]
 
 
-def _everyone(ok: bool) -> bool:
-    """True on every rank when ``ok`` holds on every rank (a checkpoint is used by all ranks or by none)."""
+def _everyone(ok: bool, device: torch.device) -> bool:
+    """True on every rank when ``ok`` holds on every rank (a checkpoint is used by all ranks or by none).
+    The flag lives on the training ``device``: NCCL reduces only CUDA tensors."""
     if not torch.distributed.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1])
+    flag = torch.tensor([0 if ok else 1], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item()) == 0
 
@@ -142,7 +142,7 @@ class Checkpointer:
             return Resumed()
         for checkpoint in [latest, *_older(latest)]:
             resumed, problem = self._load(checkpoint)
-            if _everyone(problem is None):
+            if _everyone(problem is None, self.engine.device):
                 assert resumed is not None
                 if self.rank == 0:
                     log.info("resumed from %s at step %d", checkpoint.path, resumed.step)

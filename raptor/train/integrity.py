@@ -15,7 +15,6 @@ planted pickle is refused instead of executed, even when its checksum was forged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -23,16 +22,10 @@ from typing import Any
 
 import torch
 
+from raptor import storage
+
 CHECKSUMS = "checksums_rank{rank}.json"
 _CHECKSUMS_PREFIX = "checksums_rank"
-
-
-def _sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -48,21 +41,21 @@ def _files(folder: str) -> list[str]:
 def write_checksums(folder: str, *, rank: int, world_size: int, step: int) -> None:
     """Record the sha256 of every file this rank wrote into ``folder`` (call it last, before reporting)."""
     record = {"step": step, "rank": rank, "world_size": world_size,
-              "files": {rel: _sha256_file(os.path.join(folder, rel)) for rel in _files(folder)}}
+              "files": {rel: storage.checksum(os.path.join(folder, rel)) for rel in _files(folder)}}
     with open(os.path.join(folder, CHECKSUMS.format(rank=rank)), "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
 
 
 def verify(folder: str) -> str | None:
     """``None`` when the checkpoint in ``folder`` is whole; else what is wrong, naming the file."""
-    records = []
-    first = os.path.join(folder, CHECKSUMS.format(rank=0))
-    if not os.path.exists(first):
-        return f"{CHECKSUMS.format(rank=0)} is missing (a checkpoint from an older raptor, or a half-finished upload)"
+    first = CHECKSUMS.format(rank=0)
+    if not os.path.exists(os.path.join(folder, first)):
+        return f"{first} is missing (a checkpoint from an older raptor, or a half-finished upload)"
     try:
-        with open(first) as f:
-            world = int(json.load(f)["world_size"])
-        for rank in range(world):
+        with open(os.path.join(folder, first)) as f:
+            records = [(first, json.load(f))]
+        world = int(records[0][1]["world_size"])
+        for rank in range(1, world):
             name = CHECKSUMS.format(rank=rank)
             path = os.path.join(folder, name)
             if not os.path.exists(path):
@@ -79,7 +72,7 @@ def verify(folder: str) -> str | None:
             path = os.path.join(folder, rel)
             if not os.path.exists(path):
                 return f"{rel} is missing (listed in {name})"
-            if _sha256_file(path) != digest:
+            if storage.checksum(path) != digest:
                 return f"{rel} fails its sha256 from {name} (truncated, corrupted or replaced)"
     return None
 

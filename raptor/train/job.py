@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from raptor import data
+from raptor import data, storage
 from raptor.distill import StageConfig
 from raptor.errors import CorruptArtifact
 from raptor.models import Teacher
@@ -236,7 +236,7 @@ class LogPlan:
 class FaultPlan:
     """What the workers tolerate before they stop the stage with a resumable state."""
 
-    storage_patience_s: float = 600.0  # an unreachable object store is retried this long (raptor.storage.retry)
+    storage_patience_s: float = storage.DEFAULT_PATIENCE_S  # an unreachable object store is retried this long (raptor.storage.retry)
     max_nonfinite_steps: int = 10  # optimizer steps in a row skipped for a NaN/Inf loss or gradient
 
 

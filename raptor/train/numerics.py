@@ -63,13 +63,13 @@ class NonFiniteGuard:
         self.engine._config.gradient_clipping = self._clip if finite else 0.0
         self.engine.optimizer.overflow = not finite
 
-    def after_update(self, step: int, metrics: dict[str, torch.Tensor]) -> bool:
-        """Call after the optimizer step ``step`` (1-based); True when it was skipped."""
+    def after_update(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """Call after the optimizer step ``step`` (1-based): count it if it was skipped, stop past the limit."""
         skipped = self.engine.skipped_steps > self._seen
         self._seen = self.engine.skipped_steps
         if not skipped:
             self.in_a_row = 0
-            return False
+            return
         self.total += 1
         self.in_a_row += 1
         where = self.locate(metrics)
@@ -80,7 +80,6 @@ class NonFiniteGuard:
                             f"loss or gradient (the last one: {where}), more than {self.stage}.max_nonfinite_steps="
                             f"{self.limit}; lower {self.stage}.lr or check the teacher and data. Its checkpoint at step "
                             f"{step} is kept")
-        return True
 
     def locate(self, metrics: dict[str, torch.Tensor]) -> str:
         """Which block's loss was not finite (stage 1: per block; stage 2: the first bad layer's block)."""

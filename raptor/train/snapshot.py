@@ -7,13 +7,12 @@ is never resumed. So the plan asks the snapshot, not the folder listing.
 
 from __future__ import annotations
 
-import json
 import re
 
 from raptor import storage
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-_STEP = re.compile(r"checkpoint_step(\d+)$")
+CHECKPOINT_DIR = re.compile(r"checkpoint_step(\d+)$")  # a checkpoint folder's name, with its step
 
 
 def resume_step(checkpoints: str) -> int | None:
@@ -21,6 +20,6 @@ def resume_step(checkpoints: str) -> int | None:
     url = storage.join(checkpoints, SNAPSHOT_FILE)
     if not storage.exists(url):
         return None
-    latest = json.loads(storage.read_bytes(url)).get("latest_checkpoint_result") or {}
-    m = _STEP.match(str(latest.get("checkpoint_dir_name", "")))
+    latest = storage.read_json(url).get("latest_checkpoint_result") or {}
+    m = CHECKPOINT_DIR.match(str(latest.get("checkpoint_dir_name", "")))
     return int(m.group(1)) if m else None
