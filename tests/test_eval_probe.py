@@ -1,7 +1,10 @@
-"""Linear probe: separable features reach ~100%, chance features stay at chance, teacher-head init, the LR schedule, bad input."""
+"""Linear probe: separable features reach ~100%, chance features stay at chance, teacher-head init, the same initial
+heads for teacher and student (and their fingerprints in the probe stage's results.json), the LR schedule, bad input."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 
 import numpy as np
@@ -13,6 +16,7 @@ from raptor.eval.probe import (
     evaluate_head,
     extract_features,
     fit_heads,
+    head_fingerprint,
     new_heads,
     student_share,
     topk_accuracy,
@@ -56,6 +60,88 @@ def test_init_from_teacher_head_starts_at_its_accuracy() -> None:
     tuned = train_linear_probe(xtr, ytr, xva, yva, num_classes=5, lrs=[1e-9], epochs=1, batch_size=32, warmup_steps=0, init=(trained.weight, trained.bias))
     assert tuned.top1 == pytest.approx(trained.top1)
     assert torch.allclose(tuned.weight, trained.weight, atol=1e-5)
+
+
+def test_same_seed_and_width_give_the_same_initial_heads() -> None:
+    """Catches teacher and student probes starting from different heads (a draw that depends on the features'
+    values, the device or a global RNG), and a fingerprint blind to the weights: another seed must change it."""
+    cfg = ProbeConfig(lrs=(1e-3, 1e-2), seed=3)
+    teacher_heads, student_heads = (new_heads(cfg, 16, 5, None, torch.device("cpu")) for _ in range(2))
+    for t, s in zip(teacher_heads, student_heads, strict=True):
+        assert torch.equal(t.weight, s.weight) and torch.equal(t.bias, s.bias)
+        assert head_fingerprint(t.weight, t.bias) == head_fingerprint(s.weight, s.bias)
+    other = new_heads(ProbeConfig(lrs=(1e-3, 1e-2), seed=4), 16, 5, None, torch.device("cpu"))
+    assert not torch.equal(other[0].weight, teacher_heads[0].weight)
+    assert head_fingerprint(other[0].weight, other[0].bias) != head_fingerprint(teacher_heads[0].weight, teacher_heads[0].bias)
+
+    # train_linear_probe records the initial heads, not the trained ones, for every lr of the grid
+    xtr, ytr = _blobs(64, 5, 16, sep=3.0, seed=0)
+    xva, yva = _blobs(32, 5, 16, sep=3.0, seed=1)
+    kw = dict(num_classes=5, lrs=cfg.lrs, epochs=2, batch_size=16, warmup_steps=1, seed=3)
+    res_t = train_linear_probe(xtr, ytr, xva, yva, **kw)
+    res_s = train_linear_probe(xtr * 2 + 1, ytr, xva * 2 + 1, yva, **kw)  # other features, same width
+    expected = {lr: head_fingerprint(h.weight, h.bias) for lr, h in zip(cfg.lrs, teacher_heads)}
+    assert res_t.init_fingerprints == res_s.init_fingerprints == expected
+    assert head_fingerprint(res_t.weight, res_t.bias) not in expected.values()
+    assert train_linear_probe(xtr, ytr, xva, yva, **{**kw, "seed": 4}).init_fingerprints != expected
+
+
+@pytest.fixture(scope="module")
+def probe_stage_inputs(tmp_path_factory) -> tuple:
+    """(spec, teacher ref, student URL) for the probe stage's own function, in-process on CPU (no Ray):
+    a 4-layer width-32 teacher, a k=2 student, 32 training and 16 validation images of 3 classes."""
+    from raptor.data import synthetic_source, write_shards
+    from raptor.models import Raptor, Teacher, save_student
+    from raptor.service.spec import parse_spec
+    from raptor.train.job import TeacherRef
+
+    root = tmp_path_factory.mktemp("probe_stage")
+    write_shards(synthetic_source(32, num_classes=3, size=32), str(root / "train"), prefix="train", max_samples=32)
+    write_shards(synthetic_source(16, num_classes=3, size=32, seed=1), str(root / "val"), prefix="val", max_samples=16)
+    arch = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+    teacher = Teacher.from_timm("vit_small_patch14_reg4_dinov2", img_size=28, **arch)
+    teacher.save(str(root / "teacher.safetensors"))
+    save_student(Raptor.from_teacher(teacher, [2]), str(root / "student.safetensors"))
+    spec = parse_spec({
+        "name": "probe-only",
+        "teacher": {"name": "vit_small_patch14_reg4_dinov2", "img_size": 28, "precision": "fp32", "model_kwargs": arch,
+                    "checkpoint": str(root / "teacher.safetensors")},
+        "data": {"train": str(root / "train"), "val": str(root / "val"), "batch_size": 16, "num_workers": 0},
+        "discovery": {"k": 2},
+        "stage1": {"steps": 1}, "stage2": {"steps": 1},
+        "probe": {"epochs": 2, "batch_size": 16, "lrs": [1e-3, 1e-2], "warmup_steps": 1},
+        "storage": {"url": str(root / "run")},
+    })
+    ref = TeacherRef(name=spec.teacher.name, img_size=28, checkpoint=spec.teacher.checkpoint, model_kwargs=arch, precision="fp32")
+    return spec, ref, str(root / "student.safetensors")
+
+
+def test_probe_stage_records_equal_head_fingerprints(probe_stage_inputs, monkeypatch) -> None:
+    """Catches results.json stating the teacher's and the student's head init instead of recording it, and a
+    fine-tuned row that did not start from the teacher's trained head."""
+    from raptor.service.stages import probe as probe_stage
+
+    results = []  # the teacher's, the student's and the fine-tuned probe, in the stage's order
+    monkeypatch.setattr(probe_stage, "train_linear_probe", lambda *a, **kw: results.append(train_linear_probe(*a, **kw)) or results[-1])
+    result = probe_stage.probe(*probe_stage_inputs)
+
+    init = json.loads(json.dumps(result))["head_init"]  # as results.json holds it
+    assert set(init) == {"teacher", "student", "student_finetuned"}
+    assert list(init["teacher"]) == ["0.001", "0.01"]
+    assert init["teacher"] == init["student"]
+    assert len(set(init["teacher"].values())) == 2  # each lr's head is its own draw
+    trained_teacher = head_fingerprint(results[0].weight, results[0].bias)
+    assert set(init["student_finetuned"].values()) == {trained_teacher}
+
+
+def test_probe_stage_fails_when_the_heads_start_differently(probe_stage_inputs, monkeypatch) -> None:
+    """Catches a probe stage that would report a student share over probes started from different heads."""
+    from raptor.service.stages import probe as probe_stage
+
+    seeds = itertools.chain([0], itertools.repeat(1))  # the student's probe gets another seed, as a bug in the stage would give it
+    monkeypatch.setattr(probe_stage, "train_linear_probe", lambda *a, **kw: train_linear_probe(*a, **{**kw, "seed": next(seeds)}))
+    with pytest.raises(RuntimeError, match="started from different weights"):
+        probe_stage.probe(*probe_stage_inputs)
 
 
 def test_heads_follow_the_dinov2_lr_schedule() -> None:

@@ -12,6 +12,7 @@ Pure torch: no Ray, no DeepSpeed, so it runs in a notebook and inside any pipeli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -48,9 +49,26 @@ class ProbeConfig:
             )
 
 
+def head_fingerprint(weight: Tensor, bias: Tensor) -> str:
+    """First 16 hex digits of the sha256 of a head's float32 weight and bias bytes.
+
+    Two probes compared like for like must start from the same head; the fingerprint makes that a
+    recorded, checkable fact instead of a claim.
+    """
+    digest = hashlib.sha256()
+    for t in (weight, bias):
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class ProbeResult:
-    """The best head of the learning-rate grid, its validation accuracy, and the whole grid."""
+    """The best head of the learning-rate grid, its validation accuracy, and the whole grid.
+
+    ``init_fingerprints`` holds every head of the grid (not only the selected one): each learning
+    rate's head has its own initial draw, and two probes may select different learning rates, so
+    only the whole grid says whether they started alike.
+    """
 
     top1: float
     top5: float
@@ -58,9 +76,11 @@ class ProbeResult:
     weight: Tensor  # [C, F]
     bias: Tensor  # [C]
     per_lr: dict[float, dict[str, float]] = field(default_factory=dict)  # lr -> {"top1", "top5"}
+    init_fingerprints: dict[float, str] = field(default_factory=dict)  # lr -> head_fingerprint of its initial head
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (the head's tensors are saved separately, e.g. as safetensors)."""
+        """JSON-ready summary (the head's tensors are saved separately, e.g. as safetensors, and
+        ``init_fingerprints`` where the caller compares them with another probe's)."""
         return {
             "top1": self.top1,
             "top5": self.top5,
@@ -260,6 +280,7 @@ def train_linear_probe(
     cfg = ProbeConfig(tuple(lrs), epochs, batch_size, weight_decay, warmup_steps, seed)
     device = torch.device(device) if device is not None else train_feats.device
     heads = new_heads(cfg, dim, num_classes, init, device)
+    init_fingerprints = {lr: head_fingerprint(h.weight, h.bias) for lr, h in zip(cfg.lrs, heads)}
     x_all, y_all = train_feats.float(), train_labels.long()
 
     def batch_loss(idx: Tensor) -> Tensor:
@@ -271,7 +292,8 @@ def train_linear_probe(
     i, weight, bias = best_head(heads, [(a["top1"], a["top5"]) for a in accs])
     log.debug("linear probe: top-1 %.4f top-5 %.4f at lr %g (grid %s)", accs[i]["top1"], accs[i]["top5"], cfg.lrs[i], list(cfg.lrs))
     return ProbeResult(
-        top1=accs[i]["top1"], top5=accs[i]["top5"], best_lr=cfg.lrs[i], weight=weight, bias=bias, per_lr=dict(zip(cfg.lrs, accs))
+        top1=accs[i]["top1"], top5=accs[i]["top5"], best_lr=cfg.lrs[i], weight=weight, bias=bias,
+        per_lr=dict(zip(cfg.lrs, accs)), init_fingerprints=init_fingerprints,
     )
 
 

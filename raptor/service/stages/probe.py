@@ -7,6 +7,10 @@ learning-rate grid). Like is compared with like: the teacher's and the student's
 the same (DINOv2) initialisation, and the student's share of the teacher's accuracy is theirs. The
 paper's variant, the student's head fine-tuned from the teacher's trained probe head (METHOD.md
 section 5, +0.6 points), is its own row, ``student_finetuned``.
+
+``results.json`` records the fingerprint of every initial head (``head_init``: row -> lr ->
+:func:`~raptor.eval.probe.head_fingerprint`), and the stage fails if the teacher's and the
+student's differ: the share would then compare two different starts.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from raptor import data, storage
 from raptor.errors import UserError
-from raptor.eval import extract_features, student_share, train_linear_probe
+from raptor.eval import ProbeResult, extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
 from raptor.service.build import shard_source, single_device, single_process, teacher_ref
 from raptor.service.graph import StageContext
@@ -43,6 +47,11 @@ def _features(
     return teacher_feats, student_feats, labels
 
 
+def _head_init(res: ProbeResult) -> dict[str, str]:
+    """lr -> fingerprint of the head that lr's probe started from (JSON keys are strings)."""
+    return {str(lr): fp for lr, fp in sorted(res.init_fingerprints.items())}
+
+
 def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str, Any]:
     """Teacher, student and fine-tuned student linear probes (train split -> val split)."""
     if not spec.data.val:
@@ -62,17 +71,21 @@ def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str,
               weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, seed=spec.data.seed)
     res_t = train_linear_probe(train_t, train_y, val_t, val_y, **kw)
     res_s = train_linear_probe(train_s, train_y, val_s, val_y, **kw)
+    if res_t.init_fingerprints != res_s.init_fingerprints:  # a bug (the features' widths or the seeds differ), not bad input
+        raise RuntimeError(f"the teacher's and the student's probe heads started from different weights "
+                           f"({_head_init(res_t)} vs {_head_init(res_s)}): the student's share would not compare like with like")
     result: dict[str, Any] = {
         "teacher": res_t.to_dict(),
         "student": res_s.to_dict(),
         "student_share": student_share(res_s.top1, res_t.top1) if res_t.top1 > 0 else None,
-        "head_init": "dinov2 default (the same for teacher and student)",
+        "head_init": {"teacher": _head_init(res_t), "student": _head_init(res_s)},
         "num_train": len(train_y),
         "num_val": len(val_y),
     }
     if p.init_from_teacher_head:
         res_f = train_linear_probe(train_s, train_y, val_s, val_y, init=(res_t.weight, res_t.bias), **kw)
         result["student_finetuned"] = {**res_f.to_dict(), "init": "the teacher's probe head"}
+        result["head_init"]["student_finetuned"] = _head_init(res_f)
     return result
 
 
