@@ -38,6 +38,7 @@ from raptor.service.layout import Layout
 from raptor.service.pipeline import run_pipeline
 from raptor.service.spec import JobSpec, parse_spec
 from tests.s3proxy import S3Relay
+from tests.secrets_scan import Scan
 from tests.test_service import RAPTOR, REPO, _job, _wait_for, kill_job, layout_of, tiny_spec, variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]  # `make test-faults`
@@ -533,35 +534,59 @@ def test_no_secret_reaches_an_artifact_a_log_or_a_manifest(reference, cluster, d
     """The reference run had dummy AWS keys and WANDB_API_KEY in its environment and two credentials
     in its spec's runtime_env.env_vars. None of them appears in its console output, its log file, its
     wandb files, Ray's session logs, any object it wrote to S3 (spec.yaml, run.json, stage.json,
-    manifests, checkpoints), nor in the k8s manifests rendered from it (which refuses the spec)."""
-    values = [v.encode() for v in (*SECRETS.values(), *SPEC_SECRETS.values())]
-    hits: list[str] = []
-    searched = 0
+    manifests, checkpoints), nor in the k8s manifests rendered from it (which refuses the spec).
 
-    def search(name: str, data: bytes) -> None:
-        nonlocal searched
-        searched += 1
-        hits.extend(f"{name}: {v.decode()}" for v in values if v in data)
-
-    search("console", reference["console"].encode())
-    for root in (os.environ["RAPTOR_LOG_DIR"], os.environ["WANDB_DIR"], cluster.head_node.get_session_dir_path()):
-        for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                search(str(path), path.read_bytes())
-    spec = reference["spec"]
-    for path in direct.find(_key_path(spec.storage.url)):
-        search(path, direct.cat_file(path))
-    saved = yaml.safe_load(direct.cat_file(f"{_key_path(spec.storage.url)}/spec.yaml"))
+    Catches a scan that cannot fail: two planted controls (a file in the log folder, an object in the
+    run's S3 folder, each holding a dummy value) must each be found exactly once, and the scan must have
+    read what a run must write (every stage's marker, spec.yaml, run.json, the log file) and at least
+    ``search_floor`` things in all."""
+    spec, layout = reference["spec"], reference["layout"]
+    run_key = _key_path(spec.storage.url)
+    stages = ("teacher", "distances", "discovery", "stage1", "stage2", "probe", "report")  # the keyed store stages
+    # console 1 + the log file 1 + Ray's head session >= 4 (gcs_server and raylet .out/.err are always made)
+    # + S3 >= 16 (each store stage's stage.json and >= 1 artifact file, spec.yaml, run.json) + 2 k8s renders
+    search_floor = 1 + 1 + 4 + (2 * len(stages) + 2) + 2
+    scan = Scan((*SECRETS.values(), *SPEC_SECRETS.values()))
+    log_dir = Path(os.environ["RAPTOR_LOG_DIR"])
+    planted_file = log_dir / "control" / "planted.txt"  # the file-tree search must find it
+    planted_file.parent.mkdir()
+    planted_file.write_text(f"control: {SECRETS['AWS_SECRET_ACCESS_KEY']}\n")
+    planted_object = f"{run_key}/control/planted.txt"  # so must the S3 search
+    direct.pipe_file(planted_object, f"control: {SPEC_SECRETS['MY_SERVICE_TOKEN']}\n".encode())
+    try:
+        scan.search("console", reference["console"])
+        assert scan.walk(log_dir) >= 1 + 1, "the run's log file was not searched"
+        scan.walk(os.environ["WANDB_DIR"])
+        assert scan.walk(cluster.head_node.get_session_dir_path()) >= 4, "Ray's session logs were not searched"
+        s3 = scan.objects((path, direct.cat_file(path)) for path in direct.find(run_key))
+        assert s3 >= 2 * len(stages) + 2 + 1, f"only {s3} objects under {spec.storage.url} (with the control)"
+    finally:
+        planted_file.unlink()
+        planted_file.parent.rmdir()
+        direct.rm_file(planted_object)
+    searched = set(scan.searched)
+    must = {f"{run_key}/spec.yaml", f"{run_key}/run.json", *(_key_path(layout.marker(s)) for s in stages)}
+    assert must <= searched, f"never searched: {sorted(must - searched)}"
+    assert any(Path(p).match("raptor-*.log") for p in searched), "no raptor-*.log was searched"
+    saved = yaml.safe_load(direct.cat_file(f"{run_key}/spec.yaml"))
     assert saved["runtime_env"]["env_vars"] == {k: "<redacted>" for k in SPEC_SECRETS}
     render = subprocess.run([RAPTOR, "k8s", "render", str(reference["spec_file"])], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert render.returncode == 2 and "runtime_env.env_vars." in render.stderr, render.stderr
-    search("k8s render", (render.stdout + render.stderr).encode())
+    scan.search("k8s render", render.stdout + render.stderr)
     clean = tmp_path / "clean.yaml"
     clean.write_text(variant(spec, "runtime_env={}").to_yaml())
     render = subprocess.run([RAPTOR, "k8s", "render", str(clean)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert render.returncode == 0 and "secretKeyRef" in render.stdout
-    search("k8s manifests", render.stdout.encode())
-    COUNTS["secret_hits"] = (len(hits), searched)
-    print(f"secrets: {len(hits)} found in {searched} files and outputs searched")
-    assert hits == []
+    scan.search("k8s manifests", render.stdout)
+
+    controls = {str(planted_file), planted_object}
+    assert sorted((h.where, h.value) for h in scan.hits if h.where in controls) == sorted([
+        (str(planted_file), SECRETS["AWS_SECRET_ACCESS_KEY"]), (planted_object, SPEC_SECRETS["MY_SERVICE_TOKEN"])])
+    leaks = [f"{h.where}: {h.value}" for h in scan.hits if h.where not in controls]
+    searched_real = len(scan.searched) - len(controls)
+    COUNTS["secret_hits"] = (len(leaks), searched_real)
+    print(f"secrets: {len(leaks)} found in {searched_real} files and outputs searched (floor {search_floor}); "
+          f"both planted controls found")
+    assert searched_real >= search_floor
+    assert leaks == []

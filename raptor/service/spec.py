@@ -32,7 +32,8 @@ WRITE_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 # Environment variables whose values are credentials: never written into a saved spec, run.json or a manifest.
 SECRET_NAME = re.compile(r"secret|token|passw|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth", re.IGNORECASE)
 REDACTED = "<redacted>"
-_URL_PASSWORD = re.compile(r"^[\w+.-]+://[^/@]*:[^/@]*@")
+# user:password@ after the scheme; the password may hold "/" (AWS secret keys do), a port ("host:8080/") is no password
+_URL_PASSWORD = re.compile(r"(?P<scheme>[\w+.-]+://)[^/@:]*:(?!\d+/)[^@]*@")
 
 # Depths of the DINOv2 family, so ``k > L`` fails when the spec is loaded, before any model is built.
 _DINOV2_DEPTHS = {"small": 12, "base": 12, "large": 24, "giant": 40}
@@ -63,6 +64,11 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+def hide_passwords(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``s3://KEY:SECRET@bucket``) replaced by ``<redacted>``."""
+    return _URL_PASSWORD.sub(rf"\g<scheme>{REDACTED}@", text)
 
 
 def secrets_in(value: Any, prefix: str) -> list[str]:
@@ -565,17 +571,18 @@ def set_field(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.field=value`` overrides to a raw spec dict; values are parsed as YAML."""
     for item in overrides:
+        shown = hide_passwords(item)  # an error echoes the override, never a URL's password
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected section.field=value")
+            raise SpecError(f"--set {shown!r}: expected section.field=value")
         key, value = item.split("=", 1)
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise SpecError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+            raise SpecError(f"--set {shown!r}: the value is not valid YAML ({hide_passwords(' '.join(str(e).split()))})") from None
         try:
             set_field(raw, key, value)
         except SpecError as e:
-            raise SpecError(f"--set {item!r}: {str(e).split(': ', 1)[1]}") from None
+            raise SpecError(f"--set {shown!r}: {str(e).split(': ', 1)[1]}") from None
     return raw
 
 
@@ -591,7 +598,7 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{loc}: {msg}" if loc else msg
     if isinstance(bad, str) and _URL_PASSWORD.match(bad):
         return f"{loc}: {msg}"  # never echo a password
-    shown = repr(bad)
+    shown = hide_passwords(repr(bad))
     return f"{loc}: {msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 

@@ -8,13 +8,16 @@ own), so submitting a spec file is one command.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import time
 from typing import Any, Sequence
 
+import yaml
+
 from raptor.errors import UserError
-from raptor.service.spec import JobSpec
+from raptor.service.spec import REDACTED, SECRET_NAME, JobSpec, hide_passwords, redact
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,9 @@ def submission(spec_path: str, spec: JobSpec, overrides: list[str], command: str
             raise UserError(f"{spec_path}: the spec must lie inside the working directory that is uploaded ({os.getcwd()})")
     runtime_env = dict(spec.runtime_env)
     runtime_env.setdefault("working_dir", ".")
-    return {"entrypoint": entrypoint(path, overrides, command), "runtime_env": runtime_env}
+    # a credential set with --set reaches the job through runtime_env (below), which `raptor run` never reads;
+    # the entrypoint carries it redacted, since Ray stores, shows and logs the entrypoint
+    return {"entrypoint": entrypoint(path, [redacted_override(o) for o in overrides], command), "runtime_env": runtime_env}
 
 
 def auth_error(address: str, error: BaseException) -> UserError:
@@ -49,15 +54,29 @@ def auth_error(address: str, error: BaseException) -> UserError:
                      "(`ray get-auth-token` on its head node prints it)")
 
 
-def redacted_entrypoint(entry: str) -> str:
-    """The entrypoint as printed: the values of ``--set`` overrides that name a credential hidden."""
-    from raptor.service.spec import REDACTED, SECRET_NAME
+def redacted_override(override: str) -> str:
+    """A ``--set`` override with every credential it puts into ``runtime_env`` replaced by ``<redacted>``: a key
+    that names one (``runtime_env.env_vars.MY_TOKEN=...``) or a mapping entry that does (``runtime_env={...}``);
+    the rest stays, so the override still parses into the same shape."""
+    key, eq, value = override.partition("=")
+    if not eq or not key.strip().startswith("runtime_env"):
+        return override
+    if SECRET_NAME.search(key):
+        return f"{key}={REDACTED}"
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return f"{key}={REDACTED}"  # cannot tell what it holds (the spec would not have loaded)
+    hidden = redact(parsed)
+    return override if hidden == parsed else f"{key}={yaml.safe_dump(hidden, default_flow_style=True, width=math.inf).strip()}"
 
-    parts = shlex.split(entry)
-    for i, part in enumerate(parts):
-        key, eq, _ = part.partition("=")
-        if i and parts[i - 1] == "--set" and eq and key.startswith("runtime_env") and SECRET_NAME.search(part):
-            parts[i] = f"{key}={REDACTED}"
+
+def redacted_entrypoint(entry: str) -> str:
+    """The entrypoint as printed: credentials in ``--set`` overrides and passwords in URLs hidden."""
+    parts = [hide_passwords(p) for p in shlex.split(entry)]
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "--set":
+            parts[i] = redacted_override(parts[i])
     return shlex.join(parts)
 
 
