@@ -107,7 +107,8 @@ def ray_cluster(s3_server, tmp_path_factory):
 
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `raptor` for Ray jobs
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ctx = ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    # one logical GPU: single-process stages with scaling.use_gpu run as Ray tasks asking for it (on the CPU here)
+    ctx = ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, logging_level="WARNING")
     try:
         yield {"gcs": ctx.address_info["gcs_address"], "dashboard": f"http://{ctx.dashboard_url}"}
     finally:
@@ -274,6 +275,21 @@ def test_cpu_optimizer_offload_runs_end_to_end(tiny_run, tmp_path):
                                  "deepspeed.offload_optimizer=cpu", "storage.checkpoint_interval=2")
     _close_weights(offloaded, resident, rtol=1e-5)
     assert (tmp_path / "offload" / "checkpoints" / "checkpoint_step00000002").is_dir()
+
+
+@pytest.mark.slow
+def test_a_stage_resumes_from_an_optimizer_offloaded_checkpoint(tiny_run, tmp_path):
+    """Two offloaded steps exported with their checkpoint, then the same folder asked for four: it
+    resumes at step 2 (the export says so) and ends where four uninterrupted offloaded steps end
+    (constant LR, so the schedule does not depend on the stage's length). Catches offloaded
+    optimizer states that are not saved or not restored (Adam's moments would restart at zero)."""
+    offload = ("deepspeed.offload_optimizer=cpu", "storage.checkpoint_interval=2", "stage2.schedule=constant")
+    _, straight = _short_stage2(tiny_run, str(tmp_path / "straight"), *offload, "stage2.steps=4")
+    folder = str(tmp_path / "resumed")
+    _short_stage2(tiny_run, folder, *offload, "stage2.steps=2")
+    _, resumed = _short_stage2(tiny_run, folder, *offload, "stage2.steps=4")
+    assert storage.read_json(storage.join(folder, "manifest.json"))["resumed_at"] == [2]
+    _close_weights(resumed, straight, rtol=1e-6)
 
 
 def _checkpointed(folder: str, step: int) -> bool:
@@ -489,3 +505,134 @@ def test_submit_without_the_clusters_token_says_how_to_fix_it(tiny_run, ray_clus
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     (line,) = [line for line in out.stderr.splitlines() if line.strip()]
     assert line.startswith("raptor submit: error: ") and "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line
+
+
+def _restored_state(config: dict) -> None:
+    """Ray Train worker: build the stage's Trainer (which restores), then rank 0 saves every rank's
+    resumed step and student weights (ZeRO-2 keeps the full weights on each rank)."""
+    from raptor.train.logs import quiet_worker
+    from raptor.train.trainer import Trainer
+
+    quiet_worker()
+    trainer = Trainer(config["job"])
+    flat = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
+    state = torch.cat([flat, torch.tensor([float(trainer.resumed.step)])])
+    ranks = [torch.zeros_like(state) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(ranks, state)
+    if torch.distributed.get_rank() == 0:
+        torch.save(ranks, config["out"])
+
+
+def _plant_bad_rng(checkpoint: Path, rank: int) -> None:
+    """Replace ``rank``'s RNG state by a plain-tensor pickle that loads but cannot be applied, and forge
+    its checksum: a file only that rank reads, refused only once the engines have loaded the checkpoint."""
+    import hashlib
+    import json
+
+    rng = checkpoint / f"rng_rank{rank}.pt"
+    torch.save({"torch": torch.zeros(3, dtype=torch.uint8)}, rng)
+    sums = checkpoint / f"checksums_rank{rank}.json"
+    record = json.loads(sums.read_text())
+    record["files"][rng.name] = hashlib.sha256(rng.read_bytes()).hexdigest()
+    sums.write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [(60,), (40, 60)], ids=["newest-bad-on-rank-1", "none-usable"])
+def test_a_checkpoint_refused_by_one_rank_leaves_every_rank_in_the_same_state(bad, tiny_run, tmp_path):
+    """The tiny run's stage-2 checkpoints (steps 40 and 60) with rank 1's RNG state unusable in ``bad``:
+    rank 0 loads such a checkpoint, rank 1 cannot. Every rank must end in the same state: the older
+    checkpoint's weights when one is usable everywhere, else a fresh start (the stage-1 student), with
+    the same resumed step. Catches a rank that keeps a checkpoint another refused (ranks training from
+    different weights) and an error on one rank leaving the others blocked in the agreement."""
+    import shutil
+
+    from ray import cloudpickle
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raptor.train import launch
+    from raptor.train.integrity import load_weights_only
+    from raptor.train.trainer import build_student
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    folder = tmp_path / "stage2"
+    shutil.copytree(Path(layout_of(tiny_run).folder("stage2")) / "checkpoints", folder / "checkpoints")
+    for step in bad:
+        _plant_bad_rng(folder / "checkpoints" / f"checkpoint_step{step:08d}", rank=1)
+    job = _job(variant(tiny_run, "scaling.max_failures=0"), "stage2", str(folder))
+    out = tmp_path / "ranks.pt"
+    TorchTrainer(_restored_state, train_loop_config={"job": job, "out": str(out)}, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=launch.scaling_config(job), run_config=launch.run_config(job)).fit()
+    ranks = torch.load(out)
+    assert len(ranks) == 2 and torch.equal(ranks[0], ranks[1])  # weights and resumed step
+    weights, step = ranks[0][:-1], int(ranks[0][-1])
+    fresh = build_student(job.student, teacher_ref(tiny_run, layout_of(tiny_run)).load())
+    if bad == (60,):
+        assert step == 40
+        (model,) = (folder / "checkpoints" / "checkpoint_step00000040").glob("step*/mp_rank_00_model_states.pt")
+        module = load_weights_only(str(model))["module"]
+        expected = torch.cat([module[f"student.{name}"].flatten() for name, _ in fresh.named_parameters()])
+    else:
+        assert step == 0
+        expected = torch.cat([p.detach().flatten() for p in fresh.parameters()])
+    torch.testing.assert_close(weights, expected, rtol=0, atol=0)
+
+
+def _listed(folder: str) -> None:
+    """stage.json lists a sha256 of every file of the artifact (the checkpoints carry their own), and
+    each matches the stored file."""
+    record = storage.read_json(storage.join(folder, "stage.json"))["files"]
+    present = [n for n in storage.files(folder) if n != "stage.json" and not n.startswith("checkpoints/")]
+    assert sorted(record) == present, folder
+    assert all(storage.checksum(storage.join(folder, n)) == digest for n, digest in record.items()), folder
+
+
+@pytest.mark.slow
+def test_every_stage_records_a_checksum_of_every_file(tiny_run):
+    """Catches an artifact file written outside the recording (a plot, a report page, a worker's
+    export): corruption checks would silently skip it."""
+    layout = layout_of(tiny_run)
+    for name in ORDER[1:]:
+        _listed(layout.folder(name))
+
+
+@pytest.mark.slow
+def test_a_gpu_stage_in_a_ray_task_records_its_checksums(tiny_run, tmp_path, caplog):
+    """The report stage with scaling.use_gpu runs as a Ray task on a GPU (the cluster's logical one; the
+    work on the CPU here) and writes its files there: their checksums must come back to stage.json from
+    the task, not be taken afterwards. Catches checksums lost between the task and the driver."""
+    import logging
+
+    from raptor.service.graph import Step
+    from raptor.service.pipeline import execute
+    from raptor.service.stages import BY_NAME
+
+    spec = variant(tiny_run, "scaling.use_gpu=true")
+    layout = layout_of(tiny_run)
+    folder = layout.folders["report"] = str(tmp_path / "report")
+    with caplog.at_level(logging.WARNING, logger="raptor"):
+        execute(spec, layout, Step(BY_NAME["report"], "gpu-path", {}, {}, folder))
+    assert "no checksum came back" not in caplog.text
+    _listed(folder)
+
+
+@pytest.mark.slow
+def test_rollout_top1_is_the_students_rollout_through_the_teachers_head(tiny_run):
+    """``val/top1`` (the sweep metric rollout_top1) recomputed from the artifacts: the exported stage-2
+    student rolled out on the first validation batch, read out by the teacher's own head, against the
+    labels; the teacher's own top-1 on that batch is ``val/teacher_top1``. Catches the metric reading the
+    teacher's last state, another batch, or a stale student."""
+    from raptor.service.build import shard_source
+
+    layout = layout_of(tiny_run)
+    teacher = teacher_ref(tiny_run, layout).load()
+    student, _ = load_student(layout.student("stage2"), teacher)
+    images, labels = next(iter(shard_source(tiny_run, "val", num_workers=0).loader(train=False)))
+    with torch.no_grad():
+        traj = teacher.trajectory(images)
+        top1 = (teacher.logits(student.rollout(traj[:, 0])[:, -1]).argmax(-1) == labels).float().mean().item()
+        teacher_top1 = (teacher.logits(traj[:, -1]).argmax(-1) == labels).float().mean().item()
+    last = _history(layout, "stage2")[-1]
+    assert last["step"] == tiny_run.stage2.steps and 0.25 < teacher_top1  # the teacher beats chance on the batch
+    assert last["val/top1"] == pytest.approx(top1, abs=1e-6) and last["val/teacher_top1"] == pytest.approx(teacher_top1, abs=1e-6)
+    assert storage.read_json(layout.marker("stage2"))["summary"]["val/top1"] == last["val/top1"]

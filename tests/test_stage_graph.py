@@ -6,6 +6,7 @@ rules down exactly and in seconds.
 
 from __future__ import annotations
 
+import os
 import typing
 from pathlib import Path
 
@@ -182,3 +183,74 @@ def test_inputs_list_the_fields_with_their_values(tmp_path):
     values = inputs(BY_NAME["stage2"], _spec(tmp_path))
     assert values["stage2.lr"] == 0.001 and values["scaling.num_workers"] == 2 and values["stage2.token_weights.cls"] == 0.45
     assert not any(k.startswith(("logging", "deepspeed.zero_stage")) for k in values)
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace a file in place with other bytes of the same size, its mtime moved on (a re-upload)."""
+    assert len(data) == path.stat().st_size
+    mtime = path.stat().st_mtime
+    path.write_bytes(data)
+    os.utime(path, (mtime + 5, mtime + 5))
+
+
+def test_a_given_teacher_replaced_at_the_same_url_moves_every_key_downstream(tmp_path):
+    """Catches a given checkpoint identified by its URL alone: a fine-tuned teacher uploaded over the
+    old one would reuse distances, boundaries and students made from the old weights."""
+    ckpt = tmp_path / "teacher.safetensors"
+    ckpt.write_bytes(b"a" * 64)
+    spec = _spec(tmp_path, f"teacher.checkpoint={ckpt}")
+    _finish(spec, "report")
+    before = _keys(spec)
+    assert all(status == "done" for status, _ in _plan(spec).values())
+    _rewrite(ckpt, b"b" * 64)
+    after = _keys(spec)
+    assert [n for n in ORDER if before[n] != after[n]] == ORDER[1:]
+    rows = _plan(spec)
+    assert rows["teacher"][0] == "done" and "teacher.checkpoint (content): 1 file, 64 B, " in rows["teacher"][1]
+    assert rows["distances"] == ("will run", "upstream teacher changed")
+
+
+def test_given_shards_rewritten_in_place_move_every_key_downstream(tmp_path):
+    """Catches external data.train shards identified by URL alone: shards rewritten in place would keep
+    the teacher's, the boundaries' and the students' keys."""
+    data = tmp_path / "shards"
+    data.mkdir()
+    for i in range(3):
+        (data / f"train-{i:06d}.tar").write_bytes(bytes([i]) * 512)
+    spec = _spec(tmp_path, "data.generate=null", f"data.train={data}", f"data.val={data}", "data.val_split=train",
+                 "data.train_split=train")
+    before = _keys(spec)
+    assert _keys(spec) == before  # listing the same files gives the same keys
+    _rewrite(data / "train-000001.tar", b"\xff" * 512)
+    after = _keys(spec)
+    assert [n for n in ORDER if before[n] != after[n]] == ORDER, (before, after)
+
+
+def test_a_teacher_reuploaded_to_s3_with_the_same_size_moves_the_key(tmp_path, s3_bucket):
+    """Catches an object-store checkpoint identified by URL or size alone: S3's entity tag changes
+    with every upload of other bytes, even of the same size."""
+    url = f"{s3_bucket}/teachers/t.safetensors"
+    storage.write_bytes(url, b"a" * 64)
+    spec = _spec(tmp_path, f"teacher.checkpoint={url}")
+    before = _keys(spec)
+    assert _keys(spec) == before
+    storage.write_bytes(url, b"b" * 64)
+    assert _keys(spec)["teacher"] != before["teacher"]
+
+
+def test_a_data_folder_generated_with_other_settings_is_refused_and_kept(tmp_path):
+    """Catches the data stage writing over (or silently reusing) a folder that holds a dataset generated
+    with other data.generate settings: the plan stops with one line naming the field and the folder,
+    and nothing in the folder changes."""
+    from raptor.errors import UserError
+    from raptor.service.pipeline import execute
+
+    small = "data.generate={train_samples: 24, val_samples: 8, num_classes: 2, image_size: 16}"
+    spec = _spec(tmp_path, small)
+    steps, layout = plan(spec)
+    execute(spec, layout, steps[0])
+    assert _plan(spec)["data"][0] == "done"
+    before = {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=rf"data.train: {tmp_path / 'data' / 'train'} holds a dataset generated with other"):
+        plan(_spec(tmp_path, small, "data.generate.seed=1"))
+    assert {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()} == before

@@ -37,7 +37,9 @@ class Stage:
     ``ignores``: fields the stage uses (or that lie under ``reads``) that do not change its
     artifact, each with the reason.
     ``given``: the spec supplies the artifact itself (e.g. ``teacher.checkpoint``); it is checked,
-    never made. ``version``: bumped when the stage computes something else from the same inputs.
+    never made. ``content``: for a given artifact, what its files are by content (``raptor.storage.identity``),
+    as extra inputs: a file replaced at the same URL changes this key and every key downstream.
+    ``version``: bumped when the stage computes something else from the same inputs.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Stage:
     run: Callable[["StageContext"], dict[str, Any]]
     ignores: Mapping[str, str] = field(default_factory=dict)
     given: Callable[[JobSpec], bool] = lambda spec: False
+    content: Callable[[JobSpec], dict[str, str]] = lambda spec: {}
     version: int = 1
 
     def fields(self, spec: JobSpec) -> tuple[str, ...]:
@@ -73,11 +76,14 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def inputs(stage: Stage, spec: JobSpec) -> dict[str, Any]:
-    """The values of the fields ``stage`` reads, flattened to dotted leaves, without its ``ignores``."""
+    """The values of the fields ``stage`` reads, flattened to dotted leaves, without its ``ignores``;
+    for a given artifact, also what its files are (``stage.content``)."""
     raw = spec.model_dump(mode="json")
     out: dict[str, Any] = {}
     for path in stage.fields(spec):
         out.update(_flatten(_lookup(raw, path), path))
+    if stage.given(spec):
+        out.update(stage.content(spec))
     return {k: v for k, v in sorted(out.items()) if not any(_under(k, ig) for ig in stage.ignores)}
 
 

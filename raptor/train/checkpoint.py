@@ -15,18 +15,21 @@ pure function of (seed, epoch, rank), so (epoch, offset) is enough to continue t
 Nothing is trusted unverified (``raptor.train.integrity``): each rank records the checksums of the
 files it saved, and a restore that finds a checkpoint truncated, bit-flipped, half-uploaded or
 holding a pickle that is not plain weights warns naming the file and falls back to the previous
-checkpoint, all ranks together.
+checkpoint, all ranks together: the ranks agree before anything is loaded and again after, and
+a checkpoint that failed on one rank after others loaded it puts every rank back to a fresh start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import pickle
 import random
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import ray.train
@@ -38,6 +41,7 @@ from raptor.train.job import CheckpointPlan
 from raptor.train.snapshot import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RNG_FILE = "rng_rank{rank}.pt"
 
@@ -101,13 +105,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Saves and restores one stage's training state through Ray Train (every rank, collectively)."""
+    """Saves and restores one stage's training state through Ray Train (every rank, collectively).
 
-    def __init__(self, plan: CheckpointPlan, engine: Any):
-        self.plan, self.engine = plan, engine
+    ``fresh()`` builds the stage's starting state on this rank (seeded RNG, the initial student, a
+    new engine around it) and returns the engine: the checkpointer calls it once, and again to put
+    every rank back to a fresh start when a checkpoint failed to load on some rank after others had
+    loaded it, so ranks never continue from different states.
+    """
+
+    def __init__(self, plan: CheckpointPlan, fresh: Callable[[], Any]):
+        self.plan, self.fresh = plan, fresh
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.engine = self._new_engine()
+
+    def _new_engine(self) -> Any:
+        engine = self.fresh()
         integrity.weights_only_loads(engine)
+        return engine
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.plan.interval == 0 or last
@@ -131,53 +146,76 @@ class Checkpointer:
         if self.rank == 0:
             log.debug("checkpoint at step %d saved", step)
 
-    def restore(self) -> Resumed:
-        """Load the newest usable checkpoint of this stage into the engine (and this rank's RNG); step 0 if none.
+    def restore(self, latest: ray.train.Checkpoint | None = None) -> Resumed:
+        """Load the newest checkpoint every rank can use into the engine (and each rank's RNG); step 0 if none.
 
-        A checkpoint that fails verification or a weights-only load on any rank is skipped by all
-        ranks, with a warning naming the file, and the previous one is tried.
+        ``latest``: the newest checkpoint (default: the one Ray Train hands back); older ones beside
+        it are the fallbacks. For each, newest first, in two agreed phases: every rank checks the
+        files (checksums, weights-only loads of what it will read) and the ranks go on only if all
+        succeeded; then every rank loads, and if any failed, every rank is put back to a fresh start
+        before the next one is tried. Any exception on one rank is caught and agreed on, so no rank
+        waits alone in a collective and no two ranks continue from different states.
         """
-        latest = ray.train.get_checkpoint()
+        latest = ray.train.get_checkpoint() if latest is None else latest
         if latest is None:
             return Resumed()
         for checkpoint in [latest, *_older(latest)]:
-            resumed, problem = self._load(checkpoint)
-            if _everyone(problem is None, self.engine.device):
-                assert resumed is not None
-                if self.rank == 0:
-                    log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
-                return resumed
+            with contextlib.ExitStack() as stack:
+                staged, problem = _attempt(lambda: self._stage(checkpoint, stack))
+                if _everyone(problem is None, self.engine.device):
+                    assert staged is not None
+                    resumed, problem = _attempt(lambda: self._apply(*staged))
+                    if _everyone(problem is None, self.engine.device):
+                        assert resumed is not None
+                        if self.rank == 0:
+                            log.info("resumed from %s at step %d", checkpoint.path, resumed.step)
+                        return resumed
+                    self.engine = self._new_engine()  # some rank loaded it, another could not: all start afresh
             if problem is not None:
                 log.warning("checkpoint %s not used (rank %d): %s; trying the previous one", checkpoint.path, self.rank, problem)
         log.warning("no usable checkpoint under %s; the stage starts from step 0", os.path.dirname(latest.path.rstrip("/")))
         return Resumed()
 
-    def _load(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
-        """(state, None) after loading ``checkpoint``, or (None, what is wrong with it)."""
+    def _stage(self, checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) -> tuple[str, str, Any]:
+        """Phase 1, nothing loaded into the engine: (folder, tag, this rank's RNG state) once every
+        file is verified and what this rank will read is loaded weights-only (kept for phase 2)."""
         try:
-            return self._load_from(checkpoint)
+            folder = stack.enter_context(checkpoint.as_directory())
         except FileNotFoundError as e:  # deleted from storage since Ray registered it
-            return None, f"it is gone from storage ({e})"
+            raise _Unusable(f"it is gone from storage ({e})") from None
+        problem = integrity.verify(folder)
+        if problem is not None:
+            raise _Unusable(problem)
+        with open(os.path.join(folder, "latest")) as f:
+            latest = f.read().strip()
+        # every .pt of the tag, as DeepSpeed will read them (it reads each rank's ZeRO shard on every rank)
+        for path in sorted(glob.glob(os.path.join(folder, latest, "*.pt"))):
+            integrity.load_weights_only(path)
+        rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
+        return folder, latest, integrity.load_weights_only(rng) if os.path.exists(rng) else None
 
-    def _load_from(self, checkpoint: ray.train.Checkpoint) -> tuple[Resumed | None, str | None]:
-        with checkpoint.as_directory() as folder:
-            problem = integrity.verify(folder)
-            if problem is not None:
-                return None, problem
-            with open(os.path.join(folder, "latest")) as f:
-                latest = f.read().strip()
-            try:
-                _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
-                rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
-                rng_state = integrity.load_weights_only(rng) if os.path.exists(rng) else None
-            except (pickle.UnpicklingError, RuntimeError) as e:
-                return None, str(e).splitlines()[0]
-            if client is None:
-                return None, f"no DeepSpeed state under tag {latest!r}"
-            if rng_state is not None:
-                _set_rng_state(rng_state)
-            else:  # the world size grew: this rank starts from the seeded RNG
-                log.warning("checkpoint %s has no RNG state for rank %d", checkpoint.path, self.rank)
+    def _apply(self, folder: str, latest: str, rng_state: Any) -> Resumed:
+        """Phase 2: the engine's and the RNG's state from the staged checkpoint."""
+        _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise _Unusable(f"no DeepSpeed state under tag {latest!r}")
+        if rng_state is not None:
+            _set_rng_state(rng_state)
+        else:  # the world size grew: this rank starts from the seeded RNG
+            log.warning("checkpoint %s has no RNG state for rank %d", folder, self.rank)
         return Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
-                       [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {}))), None
+                       [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {})))
+
+
+class _Unusable(Exception):
+    """A checkpoint this rank cannot use; the message says why."""
+
+
+def _attempt(call: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(result, None), or (None, what went wrong) for ANY exception: the other ranks must hear of it."""
+    try:
+        return call(), None
+    except Exception as e:  # noqa: BLE001 - reported to every rank by the caller, never swallowed silently
+        text = str(e).splitlines()[0] if str(e) else ""
+        return None, text if isinstance(e, (_Unusable, pickle.UnpicklingError)) else f"{type(e).__name__}: {text}"

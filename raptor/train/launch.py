@@ -24,11 +24,10 @@ from raptor import storage
 from raptor.errors import RunStopped, TrainingDiverged, UserError
 from raptor.train import objectstore
 from raptor.train.job import ShardSource, StageJob
+from raptor.train.snapshot import CHECKPOINTS
 from raptor.train.trainer import train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints live in <stage key folder>/checkpoints
 
 
 def ray_storage(folder: str, patience_s: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import re
 
 from raptor import storage
 
+CHECKPOINTS = "checkpoints"  # Ray Train's run name: a stage's checkpoints live in <its key folder>/checkpoints
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 CHECKPOINT_DIR = re.compile(r"checkpoint_step(\d+)$")  # a checkpoint folder's name, with its step
 

@@ -162,13 +162,10 @@ class Trainer:
         self.job, self.rank = job, ctx.get_world_rank()
         world = ctx.get_world_size()
         self.device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
-        torch.manual_seed(job.train.seed * 7919 + self.rank)  # per-rank noise stream; restored on resume
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
         self.teacher = job.teacher.load(self.device)
-        self.student = build_student(job.student, self.teacher)
-        self.engine, self.hot = build_engine(job, self.teacher, self.student, self.device, world)
-        self.checkpointer = Checkpointer(job.checkpoints, self.engine)
+        self.checkpointer = Checkpointer(job.checkpoints, lambda: self._fresh(world))
         self.resumed = self.checkpointer.restore()
         self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, device=self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
@@ -180,6 +177,14 @@ class Trainer:
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
         self.guard = NonFiniteGuard(job.stage, self.engine, self.student, job.faults.max_nonfinite_steps,
                                     self.resumed.nonfinite, report=self.rank == 0)
+
+    def _fresh(self, world_size: int) -> Any:
+        """The stage's start on this rank: the per-rank noise stream seeded, the initial student, a new
+        engine around it (the checkpointer calls it, and again to undo a checkpoint another rank refused)."""
+        torch.manual_seed(self.job.train.seed * 7919 + self.rank)  # per-rank noise stream; restored on resume
+        self.student = build_student(self.job.student, self.teacher)
+        self.engine, self.hot = build_engine(self.job, self.teacher, self.student, self.device, world_size)
+        return self.engine
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""

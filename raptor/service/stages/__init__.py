@@ -16,6 +16,7 @@ no stage.
 
 from __future__ import annotations
 
+from raptor import storage
 from raptor.service.graph import Stage
 from raptor.service.spec import JobSpec
 from raptor.service.stages import data, discovery, distill, probe, report, teacher
@@ -72,11 +73,31 @@ def _teacher_reads(spec: JobSpec) -> tuple[str, ...]:
             "scaling.use_gpu")
 
 
+def _data_content(spec: JobSpec) -> dict[str, str]:
+    """Given shards by content: every shard of each split and its info file, by size and version."""
+    from raptor.data import Shards
+    from raptor.data.shards import INFO
+
+    out = {}
+    for field, url, split in (("data.train", spec.data.train, spec.data.train_split),
+                              ("data.val", spec.data.val, spec.data.val_split)):
+        if url is not None:
+            shards = Shards.resolve(url, split=split)
+            out[f"{field} (content)"] = storage.identity([*shards.urls, storage.join(shards.folder, INFO)])
+    return out
+
+
+def _teacher_content(spec: JobSpec) -> dict[str, str]:
+    """A given teacher checkpoint (official .pth, timm/HF safetensors or a raptor export) by content."""
+    assert spec.teacher.checkpoint is not None
+    return {"teacher.checkpoint (content)": storage.identity([spec.teacher.checkpoint])}
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", reads=("data.train", "data.val", "data.generate"), upstream=(),
-          run=data.run, given=lambda spec: spec.data.generate is None),
+          run=data.run, given=lambda spec: spec.data.generate is None, content=_data_content),
     Stage("teacher", reads=_teacher_reads, upstream=("data",), run=teacher.run,
-          given=lambda spec: spec.teacher.checkpoint is not None),
+          given=lambda spec: spec.teacher.checkpoint is not None, content=_teacher_content),
     Stage("distances",
           reads=("discovery.metric", "discovery.num_images", *_EVAL_DATA, "teacher.precision", "scaling.use_gpu"),
           upstream=("teacher",), run=discovery.run_distances,
