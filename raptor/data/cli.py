@@ -6,10 +6,13 @@ import argparse
 import json
 
 from raptor.data.bench import bench
-from raptor.data.layouts import describe
+from raptor.data.errors import DatasetError
+from raptor.data.layouts import Shards, check_present, describe
+from raptor.data.reader import ErrorBudgetExceeded
 from raptor.data.shards import write_shards
-from raptor.data.sources import imagefolder_source, listfile_source
+from raptor.data.sources import FileSource, imagefolder_source, listfile_source
 from raptor.data.synthetic import synthetic_source
+from raptor.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="convert a list file of 'path<TAB>label' lines")
     p.add_argument("listfile")
     _writer_args(p)
-    p.set_defaults(func=lambda a: _write(a, listfile_source(a.listfile)))
+    p.set_defaults(func=lambda a: _write(a, _listfile(a.listfile)))
 
     p = sub.add_parser("generate", help="write the procedural labelled image set")
     _writer_args(p)
@@ -80,6 +83,14 @@ def _writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="shards written at once")
     p.add_argument("--reencode", type=int, metavar="QUALITY", help="re-encode images as JPEG")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in OUT")
+
+
+def _listfile(path: str) -> FileSource:
+    """The list file's source; bytes that are not text are named here, not left as a UnicodeDecodeError."""
+    try:
+        return listfile_source(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file of 'path<TAB>label' lines ({e.reason} at byte {e.start})") from None
 
 
 def _write(args: argparse.Namespace, source) -> int:
@@ -138,19 +149,23 @@ def _described(d: dict) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    result = bench(
-        args.url,
-        image_size=args.size,
-        batch_size=args.batch_size,
-        batches=args.batches,
-        num_workers=args.workers,
-        train=not args.eval,
-        decode=args.decode,
-        device=args.device,
-        normalize=args.normalize,
-        bare=args.bare,
-        split=args.split,
-        label_key=args.label_key,
-    )
+    check_present(Shards.resolve(args.url, split=args.split))
+    try:
+        result = bench(
+            args.url,
+            image_size=args.size,
+            batch_size=args.batch_size,
+            batches=args.batches,
+            num_workers=args.workers,
+            train=not args.eval,
+            decode=args.decode,
+            device=args.device,
+            normalize=args.normalize,
+            bare=args.bare,
+            split=args.split,
+            label_key=args.label_key,
+        )
+    except ErrorBudgetExceeded as e:  # the shards' content, not the loader: the user's to fix
+        raise DatasetError(f"{args.url}: {e}") from None
     print(json.dumps(result))
     return 0

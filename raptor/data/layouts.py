@@ -93,6 +93,7 @@ class Shards:
                             url, samples, shards.total, shards.count_source)
             shards = replace(shards, total=samples, count_source="samples argument")
         elif shards.total is None and count:
+            check_present(shards)
             counts = count_shards(shards.urls)
             shards = replace(shards, counts=counts, total=sum(counts),
                            count_source=f"counted from the tar headers ({COUNTS})")
@@ -118,6 +119,8 @@ def _raptor(info: dict[str, Any], folder: str, pattern: str | None, split: str |
         raise DatasetError(f"{path}: 'shards' must be a list of {{name, samples}}")
     if not isinstance(prefix, str) or not (num_classes is None or _count_ok(num_classes)):
         raise DatasetError(f"{path}: needs a 'prefix' name and an integer 'num_classes'")
+    if not (info.get("total") is None or _count_ok(info["total"])):
+        raise DatasetError(f"{path}: 'total' must be the number of samples, got {info['total']!r}")
     if split is not None and split != prefix:
         raise DatasetError(
             f"{folder}: a raptor shard folder holds one split, {prefix!r}; got split {split!r}"
@@ -145,6 +148,8 @@ def _timm(info: dict[str, Any], folder: str, pattern: str | None, split: str | N
     splits = _timm_splits(info, path)
     summary = {name: s["num_samples"] for name, s in splits.items()}
     num_classes = info.get("num_classes")
+    if not (num_classes is None or _count_ok(num_classes)):
+        raise DatasetError(f"{path}: 'num_classes' must be an integer, got {num_classes!r}")
     if pattern:
         lengths = {f: n for s in splits.values() for f, n in zip(s["filenames"], s["shard_lengths"])}
         names = [_name(u) for u in _expand(pattern)]
@@ -253,6 +258,18 @@ def _plain(folder: str, pattern: str | None, split: str | None) -> Shards:
     )
 
 
+def check_present(shards: Shards) -> None:
+    """:class:`MissingInput` naming the first listed shard that is not there (one listing per folder):
+    opening it would be retried for seconds, then reported as if the store were unreachable."""
+    by_folder: dict[str, dict[str, int]] = {}
+    for url in shards.urls:
+        folder = dataset_folder(url)
+        if folder not in by_folder:
+            by_folder[folder] = listing(folder)
+        if _name(url) not in by_folder[folder]:
+            raise MissingInput(f"{url}: no such shard (the dataset at {shards.folder} lists it)")
+
+
 def cached_counts(folder: str, names: list[str]) -> list[int | None]:
     """Per shard, its count from ``_raptor_counts.json`` if the shard still has the size it had."""
     path = storage.join(folder, COUNTS)
@@ -347,6 +364,7 @@ def describe(
     count comes from), classes, and the members and label of the first sample."""
     key = LabelKey.parse(label_key)
     shards = Shards.resolve(url, split=split, samples=samples, num_classes=num_classes, count=count)
+    check_present(shards)
     first, damage = None, None
     with open_shard(shards.urls[0]) as stream:
         try:

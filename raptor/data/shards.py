@@ -26,7 +26,7 @@ from PIL import Image
 
 from raptor import storage
 from raptor.data.errors import DatasetError
-from raptor.data.sources import IMAGE_EXTS, Source, digest
+from raptor.data.sources import IMAGE_EXTS, FileSource, Source, digest
 from raptor.errors import CorruptArtifact, MissingInput, UserError
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,17 @@ def plan_shards(source: Source, max_samples: int, max_bytes: int) -> list[tuple[
     return ranges
 
 
-def _reencode(sample: dict[str, Any], quality: int) -> dict[str, Any]:
-    """Replace the image entry by a JPEG of the given quality (RGB)."""
+def _reencode(sample: dict[str, Any], quality: int, where: str) -> dict[str, Any]:
+    """Replace the image entry by a JPEG of the given quality (RGB); ``where`` names the input in errors."""
     out = {k: v for k, v in sample.items() if k not in IMAGE_EXTS}
-    (data,) = [v for k, v in sample.items() if k in IMAGE_EXTS]
+    images = [v for k, v in sample.items() if k in IMAGE_EXTS]
+    if len(images) != 1:
+        raise UserError(f"{where}: not an image file ({', '.join(IMAGE_EXTS)}); nothing to re-encode")
     buf = io.BytesIO()
-    Image.open(io.BytesIO(data)).convert("RGB").save(buf, "JPEG", quality=quality)
+    try:
+        Image.open(io.BytesIO(images[0])).convert("RGB").save(buf, "JPEG", quality=quality)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bytes it cannot decode; only PIL runs here
+        raise UserError(f"{where}: cannot re-encode the image ({type(e).__name__}: {e})") from None
     out["jpg"] = buf.getvalue()
     return out
 
@@ -78,7 +83,8 @@ def _write_one(
         for i in range(start, stop):
             sample = source.sample(i)
             if reencode is not None:
-                sample = _reencode(sample, reencode)
+                where = source.urls[i] if isinstance(source, FileSource) else f"sample {sample.get('__key__')}"
+                sample = _reencode(sample, reencode, where)
             tar.write({k: _as_bytes(k, v) for k, v in sample.items()})
     storage.write_bytes(url, buf.getvalue())
     return buf.tell()
@@ -132,6 +138,8 @@ def _prepare_folder(out_url: str, plan: dict[str, Any], overwrite: bool) -> dict
         existing = listing(out_url)
     if PLAN in existing:
         old = storage.read_json(storage.join(out_url, PLAN))
+        if not isinstance(old, dict):
+            raise DatasetError(f"{storage.join(out_url, PLAN)}: expected a JSON object, got {type(old).__name__}")
         if old.get("id") != plan["id"]:
             raise UserError(
                 f"{out_url} already holds another dataset (prefix {old.get('prefix')!r}, plan "

@@ -1,6 +1,6 @@
 """Block discovery: layer distances (cosine/mse/cka and the functional swap distance) and max-cut segmentation."""
 
-from raptor.discovery.distances import layer_distances, swap_distances
+from raptor.discovery.distances import layer_distances, load_distances, swap_distances
 from raptor.discovery.plot import plot_distances
 from raptor.discovery.segment import (
     RandomBaseline,
@@ -16,6 +16,7 @@ __all__ = [
     "Segmentation",
     "bisection",
     "layer_distances",
+    "load_distances",
     "objective",
     "plot_distances",
     "random_baseline",

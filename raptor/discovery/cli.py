@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 
-import numpy as np
-
-from raptor import storage
 from raptor.errors import UserError
 
 
@@ -30,24 +26,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_matrix(url: str) -> np.ndarray:
-    try:
-        with storage.open_file(url, "rb") as f:
-            return np.load(io.BytesIO(f.read()), allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"{url}: no such file") from None
-    except ValueError as e:
-        raise UserError(f"{url}: not a .npy matrix ({e})") from None
-
-
 def run(args: argparse.Namespace) -> int:
-    from raptor.discovery import bisection, random_baseline, segment
+    from raptor.discovery import bisection, load_distances, random_baseline, segment
 
-    d = load_matrix(args.distances)
-    if d.ndim != 2 or d.shape[0] != d.shape[1]:
-        raise UserError(f"{args.distances}: expected a square matrix, got shape {d.shape}")
+    if args.min_size < 1 or args.baseline < 0 or args.baseline == 1:
+        raise UserError(f"--min-size must be >= 1 and --baseline 0 or >= 2 (got {args.min_size}, {args.baseline})")
+    d = load_distances(args.distances)
     if not 1 <= args.k <= d.shape[0]:
-        raise UserError(f"--k must be in 1..{d.shape[0]} (L), got {args.k}")
+        raise UserError(f"--k must be in 1..{d.shape[0]} (the L of {args.distances}), got {args.k}")
     if args.method == "dp":
         seg = segment(d, args.k)
     else:

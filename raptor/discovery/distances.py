@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+from tokenize import TokenError
 from typing import Iterable
 
+import numpy as np
 import torch
 
+from raptor import storage
+from raptor.errors import MissingInput, UserError
 from raptor.models.teacher import Teacher, TokenLayout, autocast
 
 METRICS = ("cosine", "mse", "cka", "swap")
+MAX_DISTANCE = 1e150  # sums, differences and plot scales of larger values overflow float64
 
 
 def _as_batches(x: torch.Tensor | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
@@ -138,3 +145,29 @@ def swap_distances(
         S = 0.5 * (S + S.T)
     S.fill_diagonal_(0.0)
     return S.float()
+
+
+def load_distances(url: str) -> np.ndarray:
+    """The L x L float64 distance matrix stored at ``url`` (.npy); whatever else the file holds is a
+    one-line :class:`~raptor.errors.UserError` naming it (the segmentation's own checks would not name it)."""
+    try:
+        with storage.open_file(url, "rb") as f:
+            d = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingInput(f"{url}: no such file") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise UserError(f"{url}: cannot read it ({e.strerror or type(e).__name__})") from None
+    except (ValueError, EOFError, OSError, SyntaxError, TokenError, zipfile.BadZipFile) as e:  # numpy parses the header with ast
+        raise UserError(f"{url}: not a .npy matrix ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if not isinstance(d, np.ndarray):  # an .npz archive
+        raise UserError(f"{url}: an .npz archive, not a .npy matrix")
+    if d.dtype.kind not in "biuf":
+        raise UserError(f"{url}: expected real numbers, got dtype {d.dtype}")
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.size == 0:
+        raise UserError(f"{url}: expected a non-empty square L x L matrix, got shape {d.shape}")
+    d = d.astype(np.float64)
+    if not np.isfinite(d).all():
+        raise UserError(f"{url}: the distances contain NaN or infinity")
+    if np.abs(d).max() > MAX_DISTANCE:  # sums, differences and plot scales of such values overflow float64
+        raise UserError(f"{url}: distances beyond ±{MAX_DISTANCE:g} (largest {np.abs(d).max():g})")
+    return d

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raptor.errors import MissingInput
+from raptor.errors import MissingInput, UserError
 from raptor import storage
 
 TEACHER_FORMAT = "raptor-teacher"
@@ -35,8 +35,8 @@ STUDENT_FORMAT = "raptor-student"
 _PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the architecture."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or does not fit the architecture: the user's file, named in one line."""
 
 
 def _is_safetensors(url: str, data: bytes) -> bool:
@@ -70,9 +70,12 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         from safetensors.torch import load as st_load
 
         try:
-            return st_load(data), safetensors_metadata(data)
+            sd, meta = st_load(data), safetensors_metadata(data)
         except Exception as e:  # noqa: BLE001 - reported with the URL
             raise CheckpointError(f"{url}: not a readable safetensors file ({e})") from e
+        if meta.get("format") == TEACHER_FORMAT:
+            _check_teacher_metadata(meta, url)
+        return sd, meta
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -81,6 +84,20 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{str(e).splitlines()[0] if str(e) else ''}); only tensor state dicts are accepted"
         ) from e
     return unwrap_state_dict(obj, url), {}
+
+
+def _check_teacher_metadata(meta: dict[str, str], url: str) -> None:
+    """A teacher export's metadata rebuilds the model, so a file whose metadata lies fails here, named."""
+    kwargs = meta.get("model_kwargs", "{}")
+    try:
+        kwargs = json.loads(kwargs)
+    except ValueError:
+        kwargs = None
+    if not meta.get("timm_name") or not meta.get("img_size", "").isdigit() or not isinstance(kwargs, dict):
+        raise CheckpointError(
+            f"{url}: a {TEACHER_FORMAT} export needs 'timm_name', a positive integer 'img_size' and "
+            "'model_kwargs' (a JSON object) in its metadata"
+        )
 
 
 def unwrap_state_dict(obj: Any, url: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -93,9 +110,9 @@ def unwrap_state_dict(obj: Any, url: str = "checkpoint") -> dict[str, torch.Tens
                     break
             else:
                 break
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{url}: no tensor state dict found")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not sd:
+        raise CheckpointError(f"{url}: no tensor state dict found (a dict of name -> tensor)")
     changed = True
     while changed:
         changed = False
@@ -152,6 +169,14 @@ def to_timm_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str = "checkpoint") -> None:
     """Strict load with an error that names missing, unexpected and mis-shaped keys."""
+    check_fits(model, sd, url)
+    model.load_state_dict(sd, strict=True)
+
+
+def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], url: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys; works on a
+    ``meta``-device model, so a file can be checked against the architecture it claims before any
+    memory is allocated for it."""
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
@@ -173,7 +198,6 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], url: str = "checkpo
         if shapes:
             parts.append(f"shape mismatches: {few(shapes)}")
         raise CheckpointError(f"{url} does not fit the architecture; " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
 
 
 def split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

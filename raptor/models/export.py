@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from raptor.models import checkpoints as ckpt
 from raptor.models.student import Raptor, RaptorBlock
 from raptor.models.teacher import Teacher, TokenLayout
@@ -79,17 +81,44 @@ def load_student(url: str, teacher: Teacher | None = None) -> tuple[Raptor, dict
     sd, meta = ckpt.read_checkpoint(url)
     if meta.get("format") != ckpt.STUDENT_FORMAT or "manifest" not in meta:
         raise ckpt.CheckpointError(f"{url} is not a raptor student export")
-    man = json.loads(meta["manifest"])
-    s = man["student"]
-    layout = TokenLayout(**s["layout"])
-    blocks = [RaptorBlock(**s["block"]) for _ in range(int(s["k"]))]
-    student = Raptor(blocks, s["boundaries"], layout)
+    man, s = _manifest(meta["manifest"], url)
+    with torch.device("meta"):  # a manifest that lies about the sizes allocates nothing before it is caught
+        ckpt.check_fits(_build(s, url), sd, url)
+    student = _build(s, url)
     ckpt.load_into(student, sd, url)
     student.config = dict(s["block"])
     if teacher is not None:
-        student.attach(teacher)
+        try:
+            student.attach(teacher)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{url}: a student of another teacher ({e})") from None
         student.to(teacher.device)
     return student, man
+
+
+def _manifest(text: str, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export's manifest and its ``student`` section, checked for the shape :func:`_build` reads."""
+    try:
+        man = json.loads(text)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{url}: its manifest is not valid JSON ({e})") from None
+    s = man.get("student") if isinstance(man, dict) else None
+    if not (isinstance(s, dict) and isinstance(s.get("layout"), dict) and isinstance(s.get("block"), dict)
+            and isinstance(s.get("boundaries"), list) and s.get("k") == len(s["boundaries"]) + 1):
+        raise ckpt.CheckpointError(
+            f"{url}: its manifest needs student.layout and student.block (objects), student.boundaries "
+            "(a list) and student.k (one more than the boundaries)"
+        )
+    return man, s
+
+
+def _build(s: dict[str, Any], url: str) -> Raptor:
+    """The (untrained) Raptor the manifest's ``student`` section describes; values it cannot take are the file's fault."""
+    try:
+        layout = TokenLayout(**s["layout"])
+        return Raptor([RaptorBlock(**s["block"]) for _ in range(s["k"])], s["boundaries"], layout)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{url}: its manifest does not describe a student ({e})") from None
 
 
 def rebuild_student(url: str, teacher: Teacher | None = None) -> tuple[Raptor, Teacher, dict[str, Any]]:
@@ -101,9 +130,9 @@ def rebuild_student(url: str, teacher: Teacher | None = None) -> tuple[Raptor, T
     student, man = load_student(url)
     if teacher is None:
         info = man.get("teacher") or {}
-        ck = info.get("checkpoint")
-        if not info or not ck:
-            raise ValueError(
+        ck = info.get("checkpoint") if isinstance(info, dict) else None
+        if not isinstance(ck, str) or not ck:
+            raise ckpt.CheckpointError(
                 f"{url}: the manifest names no teacher checkpoint; pass teacher=... explicitly"
             )
         _, tmeta = ckpt.read_checkpoint(ck)

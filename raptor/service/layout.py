@@ -112,7 +112,7 @@ class Layout:
         index: dict[str, Any] = storage.read_json(url)
         try:
             stages = index.get("stages", {})
-            return cls(
+            layout = cls(
                 run_url=run_url,
                 store_url=index["store"],
                 folders={name: s["url"] for name, s in stages.items() if s.get("status") == "done"},
@@ -120,6 +120,10 @@ class Layout:
             )
         except (AttributeError, KeyError, TypeError) as e:
             raise CorruptArtifact(f"{url}: not a raptor run index ({type(e).__name__}: {e})") from None
+        paths = [layout.store_url, *layout.folders.values(), layout.teacher_checkpoint or ""]
+        if not all(isinstance(p, str) for p in paths):  # they are joined into paths: a number would be a TypeError
+            raise CorruptArtifact(f"{url}: not a raptor run index (store, stage urls and teacher_checkpoint must be strings)")
+        return layout
 
 
 def corrupt_file(folder: str) -> str | None:
@@ -132,7 +136,12 @@ def corrupt_file(folder: str) -> str | None:
     marker = storage.join(folder, MARKER_FILE)
     if not storage.exists(marker):
         return None
-    for name, digest in sorted(storage.read_json(marker).get("files", {}).items()):
+    record = storage.read_json(marker)
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(n, str) and n and ".." not in n.split("/") and not n.startswith("/")
+                                              and isinstance(d, str) for n, d in files.items()):
+        return f"{marker} is not a stage marker (an object whose 'files' maps file names to checksums)"
+    for name, digest in sorted(files.items()):
         url = storage.join(folder, name)
         if not storage.exists(url):
             return f"{url} is missing"

@@ -23,6 +23,7 @@ from raptor import storage
 from raptor.analysis.analyze import analyze_models, collect_trajectories
 from raptor.analysis.report import build_report, write_report
 from raptor.data import ShardLoader
+from raptor.discovery import load_distances
 from raptor.distill import StageConfig
 from raptor.errors import CorruptArtifact, UserError
 from raptor.eval.dense import dense_probes
@@ -51,8 +52,11 @@ def _discovery(layout: Layout) -> dict[str, Any] | None:
     if not {"distances", "discovery"} <= set(layout.folders):
         return None
     seg = storage.read_json(layout.segmentation)
-    dist = np.load(io.BytesIO(storage.read_bytes(layout.distances)))
-    return {"metric": seg.get("metric"), "distances": dist.tolist(), "boundaries": list(seg["boundaries"])}
+    boundaries = seg.get("boundaries") if isinstance(seg, dict) else None
+    if not isinstance(boundaries, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
+        raise CorruptArtifact(f"{layout.segmentation}: not a segmentation (an object with integer 'boundaries')")
+    dist = load_distances(layout.distances)
+    return {"metric": seg.get("metric"), "distances": dist.tolist(), "boundaries": boundaries}
 
 
 def _probe(layout: Layout) -> dict[str, Any] | None:
@@ -61,10 +65,14 @@ def _probe(layout: Layout) -> dict[str, Any] | None:
         return None
     res = storage.read_json(layout.probe)
     pick = lambda d: {"top1": float(d["top1"]), "top5": d.get("top5")}  # noqa: E731
-    out = {"source": "probe stage", "teacher": pick(res["teacher"]), "student": pick(res["student"])}
-    if isinstance(res.get("student_finetuned"), dict):
-        out["student_finetuned"] = pick(res["student_finetuned"])
-    out["student_share"] = res.get("student_share")
+    try:
+        out = {"source": "probe stage", "teacher": pick(res["teacher"]), "student": pick(res["student"])}
+        if isinstance(res.get("student_finetuned"), dict):
+            out["student_finetuned"] = pick(res["student_finetuned"])
+        share = res.get("student_share")
+        out["student_share"] = None if share is None else float(share)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CorruptArtifact(f"{layout.probe}: not the probe stage's results ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -194,7 +202,7 @@ def analyze(run_url: str, out_url: str | None = None, **kwargs: Any) -> dict[str
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    device = "cuda" if ctx.spec.scaling.use_gpu else "cpu"
+    device = None if ctx.spec.scaling.use_gpu else "cpu"  # None: the GPU of the task, where there is one
     written = single_process(ctx.spec, analyze_run, ctx.spec, ctx.layout, ctx.folder, device=device)
     log.info("report: %s (copied to %s)", written["markdown"], ctx.layout.run_report)
     return {"markdown": written["markdown"]}
