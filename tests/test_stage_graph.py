@@ -254,3 +254,28 @@ def test_a_data_folder_generated_with_other_settings_is_refused_and_kept(tmp_pat
     with pytest.raises(UserError, match=rf"data.train: {tmp_path / 'data' / 'train'} holds a dataset generated with other"):
         plan(_spec(tmp_path, small, "data.generate.seed=1"))
     assert {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()} == before
+
+
+def test_a_corrupt_artifact_is_made_again_under_a_sweeps_guard(tmp_path):
+    """A sweep trial re-checks a stage's status once it holds the stage's lock (another trial may have
+    made it meanwhile). Catches that re-check taking a corrupt artifact (stage.json present, a file
+    failing its checksum) for one made meanwhile: it would then be loaded instead of made again."""
+    from contextlib import nullcontext
+
+    import numpy as np
+
+    from raptor.service.pipeline import execute, make
+
+    spec = _spec(tmp_path, "discovery.k=3")
+    steps, layout = plan(spec)
+    by_name = {s.name: s for s in steps}
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).random((12, 12)))
+    storage.write_bytes(layout.distances, (tmp_path / "d.npy").read_bytes())
+    storage.write_json(storage.join(by_name["distances"].url, "stage.json"), {"files": {}})
+    execute(spec, layout, by_name["discovery"])
+    segmentation = Path(layout.segmentation)
+    segmentation.write_text(segmentation.read_text().replace("[", "[ "))  # same content for JSON, other bytes
+    step = by_name["discovery"]
+    assert make(spec, layout, step, guard=lambda s: nullcontext()) is not None
+    assert step.done and storage.read_json(layout.segmentation)["boundaries"]
+    assert make(spec, layout, step, guard=lambda s: nullcontext()) is None  # now whole: found done

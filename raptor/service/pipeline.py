@@ -23,18 +23,18 @@ import json
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from raptor import storage
 from raptor.data.shards import dataset_folder
 from raptor.errors import UserError
 from raptor.service import stages as stage_defs
 from raptor.service.build import absolute_paths, check_teacher
-from raptor.service.graph import Step, StageContext, content_key, explain, inputs, render_table
+from raptor.service.graph import Step, StageContext, changed_fields, content_key, explain, inputs, render_table
 from raptor.service.layout import MARKER_FILE, Layout, corrupt_file
 from raptor.service.spec import JobSpec
 from raptor.train.export import MANIFEST_FILE
-from raptor.train.snapshot import resume_step
+from raptor.train.snapshot import CHECKPOINTS, resume_step
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] 
     if stage.given(spec):
         if step.name == "teacher" and not storage.exists(step.url):
             return "missing", f"teacher.checkpoint: no such file {step.url}"
-        return "done", f"given: {step.url}"
+        before = (previous or {}).get(step.name) or {}
+        changed = changed_fields(before.get("inputs", {}), step.inputs) if before.get("key") not in (None, step.key) else ""
+        return "done", f"given: {step.url}" + (f"; changed since this run's last start: {changed}" if changed else "")
     if step.name == "data":
         return ("done", "") if stage_defs.data.is_done(spec) else ("will run", f"writes {step.url}")
     marker = storage.join(step.url, "stage.json")
@@ -68,7 +70,7 @@ def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] 
         made = storage.read_json(marker).get("made_by", {})
         other = made.get("run") not in (None, spec.storage.url)
         return "done", f"shared: made by run {made.get('name')} ({made.get('run')})" if other else ""
-    if step.name in ("stage1", "stage2") and (at := resume_step(storage.join(step.url, "checkpoints"))) is not None:
+    if step.name in ("stage1", "stage2") and (at := resume_step(storage.join(step.url, CHECKPOINTS))) is not None:
         return "will resume", f"from its checkpoint at step {at}"
     return "will run", explain(step, previous, rebuilt)
 
@@ -126,8 +128,12 @@ def _upstream_closure(step: Step, by_name: dict[str, Step]) -> list[Step]:
     return [by_name[name] for name in seen]
 
 
-def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:
-    """``run.json``: stage -> key -> artifact URL (with its inputs and status), and the spec that ran."""
+def write_index(spec: JobSpec, layout: Layout, steps: list[Step], made: Collection[str] = ()) -> None:
+    """``run.json``: stage -> key -> artifact URL (with its inputs and status), and the spec that ran.
+
+    ``made_here``: this invocation made the artifact (``made``), rather than finding it done; runs
+    sharing a store (sweep trials) can tell from it which one made a shared artifact.
+    """
     storage.write_json(layout.index, {
         "name": spec.name,
         "updated": _now(),
@@ -135,7 +141,7 @@ def write_index(spec: JobSpec, layout: Layout, steps: list[Step]) -> None:
         "teacher_checkpoint": spec.teacher.checkpoint,
         "spec": spec.public_dump(),
         "stages": {s.name: {"key": s.key, "url": s.url, "status": "done" if s.done else "pending",
-                            "inputs": s.inputs, "upstream": s.upstream} for s in steps},
+                            "made_here": s.name in made, "inputs": s.inputs, "upstream": s.upstream} for s in steps},
     })
 
 
@@ -160,14 +166,22 @@ def publish_report(layout: Layout) -> None:
 
 
 def _checksums(folder: str, written: dict[str, str]) -> dict[str, str]:
-    """name -> sha256 of the artifact's files: those written here, and those a training stage's export
-    wrote in its worker (listed in its manifest, which is hashed here)."""
+    """name -> sha256 of every file of the artifact: as written here, as a training stage's export
+    wrote them in its worker (listed in its manifest, which is hashed here), and, for a file whose
+    checksum did not come back from the process that wrote it, as stored now (with a warning):
+    a file without one would never be checked for corruption. The checkpoints are not part of the
+    artifact (each carries its own checksums)."""
     prefix = folder.rstrip("/") + "/"
     files = {url[len(prefix):]: digest for url, digest in written.items() if url.startswith(prefix)}
     manifest = storage.join(folder, MANIFEST_FILE)
     if MANIFEST_FILE not in files and storage.exists(manifest):
         data = storage.read_bytes(manifest)
         files |= {**json.loads(data).get("files", {}), MANIFEST_FILE: storage.sha256(data)}
+    unrecorded = [name for name in storage.files(folder) if name not in files and name != MARKER_FILE
+                  and not name.startswith(CHECKPOINTS + "/")]
+    if unrecorded:
+        log.warning("%s: no checksum came back for %s as it was written; hashing it as stored", folder, ", ".join(unrecorded))
+        files |= {name: storage.checksum(storage.join(folder, name)) for name in unrecorded}
     return dict(sorted(files.items()))
 
 
@@ -190,6 +204,25 @@ def execute(spec: JobSpec, layout: Layout, step: Step, report_interval: int | No
     step.status, step.why = "done", ""
     log.info("stage %s: done in %.0fs", step.name, seconds)
     return seconds
+
+
+def make(spec: JobSpec, layout: Layout, step: Step, guard: Guard | None = None,
+         report_interval: int | None = None) -> float | None:
+    """Make ``step``'s artifact under ``guard``; returns seconds, or None when another run made it meanwhile.
+
+    Inside the guard the status is checked again: a run that waited for the guard while another made
+    the artifact finds it done and does not make it twice; one whose artifact is there but corrupt
+    still makes it.
+    """
+    with guard(step) if guard is not None else nullcontext():
+        if guard is not None:
+            step.status, step.why = _status(step, spec, layout, None, set())
+            if step.done and (problem := corrupt_file(step.url)) is not None:
+                step.status, step.why = "will run", f"corrupt: {problem}"
+        if step.done:
+            log.info("stage %s: made meanwhile by another run (%s)", step.name, step.why or "this store")
+            return None
+        return execute(spec, layout, step, report_interval)
 
 
 def run_pipeline(
@@ -228,13 +261,8 @@ def run_pipeline(
         if before_work is not None:
             before_work()
             before_work = None
-        with guard(step) if guard is not None else nullcontext():
-            if guard is not None:
-                step.status, step.why = _status(step, spec, layout, None, set())
-            if not step.done:
-                timings[step.name] = execute(spec, layout, step, report_interval)
-            else:
-                log.info("stage %s: made meanwhile by another run (%s)", step.name, step.why or "this store")
-        write_index(spec, layout, steps)
+        if (seconds := make(spec, layout, step, guard, report_interval)) is not None:
+            timings[step.name] = seconds
+        write_index(spec, layout, steps, made=timings)
     publish_report(layout)
     return timings

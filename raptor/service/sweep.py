@@ -191,11 +191,18 @@ def total_steps(spec: JobSpec) -> int:
 
 
 class KeyLocks:
-    """Which trial makes which artifact: one holder per ``stage/key``, held while it renews its lease."""
+    """Which trial makes which artifact: one holder per ``stage/key``, held while it renews its lease.
+
+    A plain class (unit-testable); :func:`run_planned` makes it a named Ray actor every trial reaches.
+    """
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
         self.held: dict[str, tuple[str, float]] = {}
+
+    def ttl(self) -> float:
+        """The lease's length, so a holder renews often enough whatever the actor was made with."""
+        return self.ttl_s
 
     def acquire(self, key: str, holder: str) -> bool:
         now = time.monotonic()
@@ -216,18 +223,22 @@ class KeyLocks:
 
 @contextmanager
 def holding(locks: Any, holder: str, step: Step) -> Iterator[None]:
-    """Hold the lock of ``step``'s artifact while the pipeline makes it, renewing the lease meanwhile."""
+    """Hold the lock of ``step``'s artifact while the pipeline makes it, renewing the lease meanwhile.
+
+    The lease is renewed every quarter of the actor's TTL and polled for at most every ``LOCK_POLL_S``.
+    """
     key = f"{step.name}/{step.key}"
+    ttl_s = ray.get(locks.ttl.remote())
     waited = False
     while not ray.get(locks.acquire.remote(key, holder)):
         if not waited:
             log.info("stage %s: another trial is making %s; waiting for it", step.name, key)
             waited = True
-        time.sleep(LOCK_POLL_S)
+        time.sleep(min(LOCK_POLL_S, ttl_s / 4))
     stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(LOCK_TTL_S / 4):
+        while not stop.wait(ttl_s / 4):
             ray.get(locks.renew.remote(key, holder))
 
     renewer = threading.Thread(target=renew, name=f"lease-{key}", daemon=True)

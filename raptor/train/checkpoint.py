@@ -178,7 +178,7 @@ class Checkpointer:
 
     def _stage(self, checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) -> tuple[str, str, Any]:
         """Phase 1, nothing loaded into the engine: (folder, tag, this rank's RNG state) once every
-        file is verified and what this rank will read is loaded weights-only (kept for phase 2)."""
+        file passes its checksum and what this rank will read loads weights-only."""
         try:
             folder = stack.enter_context(checkpoint.as_directory())
         except FileNotFoundError as e:  # deleted from storage since Ray registered it
