@@ -8,7 +8,9 @@ share one store and one generated dataset, so each test trains only what it is a
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +66,7 @@ def cluster(tmp_path_factory):
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     ctx = ray.init(num_cpus=3, include_dashboard=True, logging_level="WARNING")  # the state API finds workers to kill
     try:
-        yield ctx.address_info["gcs_address"]
+        yield ctx.address_info  # gcs_address, and session_dir (the trials' logs)
     finally:
         ray.shutdown()
 
@@ -84,12 +86,35 @@ def _made(run_url: str) -> dict[str, str]:
     return {s: storage.read_json(layout.marker(s))["finished"] for s in layout.folders if s != "data"}
 
 
+def _teacher_trainings(session_dir: str) -> list[str]:
+    """The trial of every teacher training on the cluster so far: its driver's "training teacher" lines,
+    marked with the trial's id, in Ray's worker logs."""
+    return [m.group(1) for f in sorted(Path(session_dir, "logs").glob("worker-*.out"))
+            for m in re.finditer(r"trial ([0-9a-f]{8}): training teacher", f.read_text(errors="replace"))]
+
+
+def _tune_experiment(spec: JobSpec) -> tuple[str, dict[str, tuple[str, int, float, str]]]:
+    """The sweep's one Tune experiment, read as `Tuner.restore` reads it (its experiment_state file, then
+    each trial's results): its folder's name, and Tune's trial id -> (status, reports, last report's
+    time, the trial's folder: trial-<raptor trial id>)."""
+    from ray.tune import ExperimentAnalysis
+
+    tune_root = storage.join(spec.storage.url, "sweep", "tune")
+    (experiment,) = storage.listdir(tune_root)
+    analysis = ExperimentAnalysis(storage.join(tune_root, experiment))
+    frames = analysis.trial_dataframes
+    return experiment, {t.trial_id: (t.status, len(frames.get(t.trial_id, ())), t.run_metadata.last_result_time,
+                                     Path(t.path).name) for t in analysis.trials}
+
+
 @pytest.mark.slow
 def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, root):
     """Random search, 3 trials drawing teacher seeds 0, 0, 1 and a stage-2 lr, two at once: the two seed-0
-    trials share one teacher (trained once, though both wanted it at the same moment), the store holds
-    exactly 2 teachers, results.csv has 3 finished rows, and best.yaml is a complete spec whose
-    `raptor run` does nothing. Catches trials training the same teacher twice, a results table that
+    trials share one teacher, trained once: one of them made it (its run.json says made_here, the
+    teacher's stage.json names its run), the other found it done, and the trials' logs hold one training
+    per teacher. The store holds exactly 2 teachers, results.csv has 3 finished rows, and best.yaml is a
+    complete spec whose `raptor run` does nothing. Catches trials training the same teacher twice (two
+    racing writes of one key leave one folder, so counting folders cannot tell), a results table that
     misses trials, and a best.yaml that points at other artifacts than the trial's."""
     spec = sweep_spec(root, "share", {"search": "random", "num_samples": 3, "seed": 0, "max_concurrent_trials": 2,
                                       "space": {"teacher.train.seed": {"choice": [0, 1]},
@@ -102,6 +127,14 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
     teachers = storage.listdir(str(root / "store" / "teacher"))
     assert len(teachers) == 2 and len({r["teacher"] for r in rows.values()}) == 2
     assert len(storage.listdir(str(root / "store" / "stage1"))) == 2  # stage 1 reads no stage-2 field: shared too
+    seed0 = {t: r for t, r in rows.items() if r["teacher.train.seed"] == "0"}
+    (teacher,) = {r["teacher"] for r in seed0.values()}
+    made_here = {t: storage.read_json(storage.join(r["run"], "run.json"))["stages"]["teacher"]["made_here"]
+                 for t, r in seed0.items()}
+    (maker,) = [t for t, made in made_here.items() if made]
+    assert storage.read_json(storage.join(teacher, "stage.json"))["made_by"]["run"] == rows[maker]["run"]
+    (seed1,) = set(rows) - set(seed0)
+    assert sorted(_teacher_trainings(cluster["session_dir"])) == sorted([maker, seed1])
     for r in rows.values():  # metrics from each trial's own artifacts, and where they are
         assert r["update_r2"] and r["probe_top1"] and r["report"].startswith(str(root / "store" / "report"))
 
@@ -117,22 +150,32 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
 
 @pytest.mark.slow
 def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
-    """`raptor analyze --sweep` over the first test's sweep (one rate, two teacher seeds): one row, two
-    teachers, finite z-scores for both distances, the student's numbers averaged over its 3 trials.
-    Catches a study that counts a shared teacher once per trial or loses a distance metric."""
+    """`raptor analyze --sweep` over a sweep of its own (own data and store): two drop-path rates x two
+    stage-2 learning rates, so each rate has one teacher shared by two trials. One row per rate, each
+    with one teacher and two trials, finite z-scores for both distances. Catches a study that mixes
+    rates, counts a shared teacher once per trial, or loses a distance metric."""
     import json
 
     from raptor.cli import main
 
-    assert main(["analyze", "--sweep", str(root / "share"), "--samples", "32"]) == 0
-    study = json.loads((root / "share" / "sweep" / "study" / "study.json").read_text())
-    (row,) = study["table"]
-    assert row["drop_path_rate"] == 0.1 and row["teachers"] == 2 and row["trials"] == 3
-    for metric in ("cosine", "swap"):
-        mean, std = row[f"{metric}_z"]
-        assert mean == mean and std >= 0  # finite, over two teachers
-    assert "| 0.1 | 2 |" in (root / "share" / "sweep" / "study" / "study.md").read_text()
-    assert (root / "share" / "sweep" / "study" / "distances.png").stat().st_size > 1000
+    data = root / "study-data"
+    spec = sweep_spec(root, "study", {"space": {"teacher.drop_path_rate": {"grid": [0.0, 0.3]},
+                                                "stage2.lr": {"grid": [1e-3, 2e-3]}}, "max_concurrent_trials": 2},
+                      data={"train": str(data / "train"), "val": str(data / "val")},
+                      storage={"store": str(root / "study-store")}, stage1={"steps": 20}, stage2={"steps": 10})
+    summary = run_sweep(spec)
+    assert summary["finished"] == 4, summary
+    assert main(["analyze", "--sweep", str(root / "study"), "--samples", "32"]) == 0
+    folder = root / "study" / "sweep" / "study"
+    table = json.loads((folder / "study.json").read_text())["table"]
+    assert [(r["drop_path_rate"], r["teachers"], r["trials"]) for r in table] == [(0.0, 1, 2), (0.3, 1, 2)]
+    for row in table:
+        for metric in ("cosine", "swap"):
+            mean, std = row[f"{metric}_z"]
+            assert math.isfinite(mean) and std == 0  # one teacher per rate
+    text = (folder / "study.md").read_text()
+    assert "| 0 | 1 |" in text and "| 0.3 | 1 |" in text, text
+    assert (folder / "distances.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -171,25 +214,35 @@ def test_a_trial_that_raises_is_a_row_with_its_error_and_the_others_finish(clust
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_trials(cluster, root, tmp_path):
-    """`raptor sweep` SIGKILLed (with its trials' workers) once its first trial finished; the same
-    command again finishes the rest, and the first trial's artifacts keep their stage.json times
-    (nothing of it was made again). Catches a resume that re-runs finished trials, or one that
-    cannot continue a Tune experiment whose driver died."""
+    """`raptor sweep` SIGKILLed (with its trials' workers) once Tune's saved experiment state has its first
+    trial finished; the same command again restores that experiment (the same folder and trial ids,
+    not a fresh one), leaves the finished trial as it was (no new reports: a re-run appends to its
+    results) and finishes the other; the first trial's artifacts keep their stage.json times. Catches
+    a resume that re-runs finished trials, starts a new experiment, or cannot continue a Tune
+    experiment whose driver died."""
     from tests.test_service import _kill_when
 
     spec = sweep_spec(root, "resume", {"space": {"probe.epochs": {"grid": [2, 4]}}, "max_concurrent_trials": 1})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    env = {**os.environ, "RAY_ADDRESS": cluster}
+    env = {**os.environ, "RAY_ADDRESS": cluster["gcs_address"]}
     first_run = storage.join(spec.storage.url, "trials")
 
     def first_finished() -> bool:
-        return any(storage.exists(storage.join(first_run, t, "report", "index.md")) for t in storage.listdir(first_run))
+        try:
+            return any(trial[0] == "TERMINATED" for trial in _tune_experiment(spec)[1].values())
+        except (FileNotFoundError, ValueError):  # no experiment state yet, or one being written
+            return False
 
     proc = subprocess.Popen([RAPTOR, "sweep", str(path)], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _kill_when(proc, first_finished, "the first trial's report")
-    (done,) = [t for t in storage.listdir(first_run) if storage.exists(storage.join(first_run, t, "report", "index.md"))]
+    _kill_when(proc, first_finished, "Tune's experiment state with a finished trial")
+    experiment, killed = _tune_experiment(spec)
+    finished = {t: trial for t, trial in killed.items() if trial[0] == "TERMINATED"}
+    assert len(finished) == 1, killed  # the other one has work left for the resume
+    (trial,) = finished.values()
+    assert trial[1] > 0 and trial[3].startswith("trial-"), killed
+    done = trial[3].removeprefix("trial-")
     before = _made(storage.join(first_run, done))
     time.sleep(2)
     again = subprocess.run([RAPTOR, "sweep", str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -197,6 +250,10 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(cluster, root, tmp
     rows = _rows(spec)
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows.values()), rows
     assert _made(storage.join(first_run, done)) == before
+    resumed_as, resumed = _tune_experiment(spec)
+    assert resumed_as == experiment and set(killed) <= set(resumed) and len(resumed) == 2, (killed, resumed)
+    assert {t: resumed[t] for t in finished} == finished  # same status, reports and last report time: not re-run
+    assert all(trial[0] == "TERMINATED" for trial in resumed.values()), resumed
 
 
 @pytest.mark.slow
@@ -204,7 +261,6 @@ def test_optuna_search_runs_through_tune(cluster, root):
     """Optuna draws 2 trials over a field no stage reads (logging.log_interval), so both reuse every
     artifact: catches the Optuna integration (categorical choices as indices, the metric to optimise)
     breaking, at the price of two no-op pipelines."""
-    pytest.importorskip("optuna")
     spec = sweep_spec(root, "optuna", {"search": "optuna", "num_samples": 2, "space": {"logging.log_interval": {"choice": [5, 10]}},
                                        "max_concurrent_trials": 1})
     teachers = storage.listdir(str(root / "store" / "teacher"))
