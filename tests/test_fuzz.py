@@ -13,11 +13,8 @@ cannot start training. Every draw runs in a scratch directory, so nothing lands 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raptor.cli import main
+from tests.inprocess import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -76,25 +73,10 @@ def scratch(tmp_path_factory) -> dict[str, Any]:
             "npy": [str(root / n) for n in ("square.npy", "flat.npy", "corrupt.npy", "none.npy")]}
 
 
-def _cli(argv: list[str], cwd: Path) -> tuple[int, str]:
-    """``raptor ARGV`` in this process: (exit code, everything it printed)."""
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # main() installs the console on the root logger
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 2
-        finally:
-            root.handlers[:], root.level = handlers, level
-            logging.captureWarnings(False)
-    return code, out.getvalue() + err.getvalue()
-
-
 def _check(argv: list[str], cwd: Path, *names: str) -> str:
     """The CLI contract for one input; returns the error line ('' when the input was valid)."""
-    code, printed = _cli(argv, cwd)
+    code, out, err = run_cli(argv, cwd)
+    printed = out + err
     STATS["inputs"] += 1
     assert "Traceback" not in printed, f"{argv}: a traceback\n{printed[-3000:]}"
     assert code in (0, 2), f"{argv}: exit code {code}\n{printed[-3000:]}"

@@ -13,10 +13,8 @@ a traceback (exit code 1).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import logging
 import re
 import struct
 from pathlib import Path
@@ -29,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raptor import storage
-from raptor.cli import main
 from raptor.errors import UserError
+from tests.inprocess import run_cli
 
 
 def fuzz(n: int) -> settings:
@@ -43,25 +41,9 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**20) | st.flo
                     max_leaves=8)
 
 
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    """``raptor ARGV`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # main() installs the console on the root logger
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 2
-        finally:
-            root.handlers[:], root.level = handlers, level
-            logging.captureWarnings(False)
-    return code, out.getvalue(), err.getvalue()
-
-
 def _check(argv: list[str], *names: str) -> str:
     """The contract for one input: exit 0, or 2 with one error line naming one of ``names``."""
-    code, out, err = _cli(argv)
+    code, out, err = run_cli(argv)
     printed = out + err
     assert "Traceback" not in printed, f"{argv}: a traceback\n{printed[-3000:]}"
     assert code in (0, 2), f"{argv}: exit code {code}\n{printed[-3000:]}"
@@ -97,7 +79,7 @@ def test_maxcut_nan_matrix_is_one_line_naming_the_file(tmp_path):
     d[1, 2] = np.nan
     path = tmp_path / "D.npy"
     np.save(path, d)
-    code, _, err = _cli(["maxcut", str(path), "--k", "3"])
+    code, _, err = run_cli(["maxcut", str(path), "--k", "3"])
     assert code == 2 and err.strip() == f"raptor maxcut: error: {path}: the distances contain NaN or infinity"
 
 

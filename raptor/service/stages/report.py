@@ -10,13 +10,11 @@ images with :mod:`raptor.analysis` and writes the report (``report.json``, ``ind
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from raptor import storage
