@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install quickstart test test-faults test-fast clean
+.PHONY: install quickstart check test test-faults clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 quickstart: install
 	$(BIN)/raptor run jobs/quickstart.yaml
+
+# the edit-test loop: every test not marked slow (no end-to-end pipeline runs); `make test` is the full suite
+check: install
+	bash scripts/test.sh -m "not slow and not faults"
 
 test: install
 	bash scripts/test.sh -m "not faults"

@@ -20,6 +20,7 @@ def run(*args: str) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_every_measurement():
     """Catches a section that crashes or goes missing (the GPU run would lose it), a step without
     MFU or memory plan, a compiled step that recompiles, a decode path (CPU workers or batched

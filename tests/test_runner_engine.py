@@ -133,6 +133,7 @@ def test_bf16_autocast_engine_keeps_fp32_fidelity_in_training_and_export(gloo, s
     print(f"update-R^2 |bf16 - fp32| max: validation {(val16 - val32).abs().max():.2e}, export {(exp16 - exp32).abs().max():.2e}")
 
 
+@pytest.mark.slow
 def test_compiled_runner_step_matches_eager(gloo, setup):
     """Catches the compiled hot path (teacher trajectory + stage loss under inductor, inside the
     DeepSpeed engine) computing another loss or update than the eager one, or recompiling."""
