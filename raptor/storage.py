@@ -173,10 +173,7 @@ def identity(urls: list[str]) -> str:
         by_folder.setdefault(url.rstrip("/").rsplit("/", 1)[0], []).append(url)
     rows, total = [], 0
     for folder, members in sorted(by_folder.items()):
-        fs, path = filesystem(folder)
-        entries = retry(lambda: {posixpath.basename(e["name"].rstrip("/")): e
-                                 for e in (fs.ls(path, detail=True, refresh=True) if fs.isdir(path) else [])},
-                        f"listing {folder}")
+        entries = retry(lambda: _entries(folder), f"listing {folder}")
         for url in sorted(members):
             entry = entries.get(posixpath.basename(url.rstrip("/")))
             if entry is None:
@@ -187,6 +184,15 @@ def identity(urls: list[str]) -> str:
             rows.append(f"{url} {entry.get('size')} {version}")
     digest = sha256("\n".join(rows).encode())[:16]
     return f"{len(urls)} file{'s' if len(urls) != 1 else ''}, {_size(total)}, {digest}"
+
+
+def _entries(folder: str) -> dict[str, dict[str, Any]]:
+    """name -> fsspec's details of each object directly under ``folder`` (one listing; none if it is missing)."""
+    fs, path = filesystem(folder)
+    try:
+        return {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True, refresh=True)}
+    except FileNotFoundError:
+        return {}
 
 
 def _size(n: float) -> str:

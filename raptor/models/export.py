@@ -85,7 +85,7 @@ def load_student(url: str, teacher: Teacher | None = None) -> tuple[Raptor, dict
     with torch.device("meta"):  # a manifest that lies about the sizes allocates nothing before it is caught
         ckpt.check_fits(_build(s, url), sd, url)
     student = _build(s, url)
-    ckpt.load_into(student, sd, url)
+    student.load_state_dict(sd, strict=True)  # checked above
     student.config = dict(s["block"])
     if teacher is not None:
         try:
