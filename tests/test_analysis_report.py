@@ -19,7 +19,7 @@ from raptor.analysis.report import build_report, write_report
 from raptor.analysis.schema import REPORT_SCHEMA, Report, validate_report
 from raptor.cli import main
 from raptor.models import Raptor, save_student
-from raptor.service.pipeline import plan, save_spec, write_index
+from raptor.service.engine.pipeline import plan, save_spec, write_index
 from raptor.service.spec import parse_spec
 from tests import planted
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raptor import storage
-from raptor.service import reference as spec_reference
+from raptor.service.spec import reference as spec_reference
 from raptor.service.spec import JobSpec, SpecError, apply_overrides, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,12 +156,12 @@ def test_readme_spec_reference_matches_the_model():
     readme = (ROOT / "README.md").read_text()
     assert readme.count(spec_reference.BEGIN) == 1, "README.md lost its spec reference block"
     block = readme[readme.index(spec_reference.BEGIN) : readme.index(spec_reference.END) + len(spec_reference.END)]
-    assert block == spec_reference.reference_markdown(), "README spec reference is stale: python -m raptor.service.reference --update README.md"
+    assert block == spec_reference.reference_markdown(), "README spec reference is stale: python -m raptor.service.spec.reference --update README.md"
 
 
 def test_every_spec_field_has_a_description():
     """Catches a new spec field without Field(description=...): the README reference would show an empty meaning."""
-    assert spec_reference.undocumented() == [], "give these fields a description= in raptor/service/spec.py"
+    assert spec_reference.undocumented() == [], "give these fields a description= in raptor/service/spec/__init__.py"
 
 
 def test_reference_shows_types_bounds_and_defaults():

@@ -33,7 +33,7 @@ def handlers(tmp_path):
 def test_console_shows_raptor_and_errors_the_file_gets_everything(handlers):
     """Catches chatter on the console (the ~420-line quickstart) or records missing from the log file."""
     buf, path = handlers
-    logging.getLogger("raptor.service.pipeline").info("stage stage1: running")
+    logging.getLogger("raptor.service.engine.pipeline").info("stage stage1: running")
     logging.getLogger("raptor.data").warning("skipping sample 7: corrupt JPEG")
     logging.getLogger("ray.train").info("Reporting training result 1: TrainingReport(...)")
     logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU")
@@ -67,7 +67,7 @@ def test_progress_rewrites_one_line_on_a_terminal():
         handler = console.ConsoleHandler(tty, verbose=False)
         for step in (10, 20):
             handler.emit(logging.LogRecord("raptor.train.metrics", logging.INFO, "", 0, f"stage2 step {step}/150 loss 0.1", None, None))
-        handler.emit(logging.LogRecord("raptor.service.pipeline", logging.INFO, "", 0, "stage stage2: done in 79s", None, None))
+        handler.emit(logging.LogRecord("raptor.service.engine.pipeline", logging.INFO, "", 0, "stage stage2: done in 79s", None, None))
         tty.flush()
         out = ""
         deadline = time.monotonic() + 10

@@ -15,7 +15,7 @@ from PIL import Image
 from raptor import storage
 from raptor.cli import main
 from raptor.data import DatasetError, Shards, describe, loader, synthetic_source
-from raptor.data.layouts import COUNTS
+from raptor.data.formats import COUNTS
 from raptor.errors import UserError
 
 SIZE = 32

@@ -14,7 +14,7 @@ import jsonschema
 import yaml
 
 from raptor.service.spec import ClusterSpec, load_spec
-from raptor.service.k8s import PROJECT_DIR, RAY_GID, RAY_UID
+from raptor.service.deploy.k8s import PROJECT_DIR, RAY_GID, RAY_UID
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "cluster" / "Dockerfile"

@@ -22,7 +22,7 @@ import yaml
 
 from raptor.cli import build_parser, main
 from raptor.service.spec import load_spec
-from raptor.service.k8s import OVERLAYS, PROJECT_DIR, RAY_UID, RenderError, render
+from raptor.service.deploy.k8s import OVERLAYS, PROJECT_DIR, RAY_UID, RenderError, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "tests" / "data" / "k8s-schemas"  # KubeRay's CRDs, kept in the repo (see its README.md)

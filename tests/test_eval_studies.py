@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raptor.distill import StageConfig
-from raptor.eval.studies import (
+from raptor.eval.structure import (
     ABLATION_ROWS,
     ablation_study,
     layer_swap_study,

@@ -33,9 +33,9 @@ import yaml
 from raptor import storage
 from raptor.errors import TrainingDiverged
 from raptor.models import load_student
-from raptor.service.build import teacher_ref
-from raptor.service.layout import Layout
-from raptor.service.pipeline import run_pipeline
+from raptor.service.spec.translate import teacher_ref
+from raptor.service.engine.artifacts import RunFolder
+from raptor.service.engine.pipeline import run_pipeline
 from raptor.service.spec import JobSpec, parse_spec
 from tests.s3proxy import S3Relay
 from tests.secrets_scan import Scan
@@ -201,7 +201,7 @@ def _registered(direct, folder: str, step: int) -> bool:
         return False
 
 
-def _same_student(a: Layout, b: Layout, stage: str, teacher_url: str, spec: JobSpec) -> None:
+def _same_student(a: RunFolder, b: RunFolder, stage: str, teacher_url: str, spec: JobSpec) -> None:
     """The two exports of ``stage`` hold the same weights, bit for bit."""
     teacher = teacher_ref(spec, a).load()
     sa, _ = load_student(a.student(stage), teacher)
@@ -210,11 +210,11 @@ def _same_student(a: Layout, b: Layout, stage: str, teacher_url: str, spec: JobS
         assert torch.equal(x, y), f"{stage} {name}: max |diff| {(x - y).abs().max().item():.3g}"
 
 
-def _manifest(layout: Layout, stage: str) -> dict:
+def _manifest(layout: RunFolder, stage: str) -> dict:
     return storage.read_json(storage.join(layout.folder(stage), "manifest.json"))
 
 
-def _steps(layout: Layout, stage: str) -> list[int]:
+def _steps(layout: RunFolder, stage: str) -> list[int]:
     return [row["step"] for row in storage.read_json(layout.history(stage))]
 
 
@@ -434,7 +434,7 @@ def test_a_corrupt_export_is_never_loaded_and_is_made_again(reference, bucket, d
     """A finished run's stage-1 student is bit-flipped in the store. Re-running with a changed stage 2
     (which reads that student) does not load it: the plan marks stage 1 corrupt, naming the file,
     and stage 1 re-exports the same weights from its last checkpoint before stage 2 runs."""
-    from raptor.service.pipeline import plan
+    from raptor.service.engine.pipeline import plan
 
     spec = variant(reference["spec"], f"storage.url={bucket}/export", f"storage.store={reference['spec'].storage.store_url}",
                    "runtime_env={}")

@@ -333,7 +333,7 @@ def run_folder(models, tmp_path_factory) -> dict[str, str]:
     """A finished run (teacher given, distances, discovery, stage 2, probe) written with the real writers."""
     from raptor.data import synthetic_source, write_shards
     from raptor.models import save_student
-    from raptor.service.pipeline import plan, save_spec, write_index
+    from raptor.service.engine.pipeline import plan, save_spec, write_index
     from raptor.service.spec import parse_spec
 
     root = str(tmp_path_factory.mktemp("analyze"))

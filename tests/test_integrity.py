@@ -137,8 +137,8 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
 
 def test_the_plan_remakes_an_artifact_that_fails_its_checksum(tmp_path):
     """Catches a corrupt upstream artifact that a stage would load because its stage.json says done."""
-    from raptor.service.layout import corrupt_file
-    from raptor.service.pipeline import plan
+    from raptor.service.engine.artifacts import corrupt_file
+    from raptor.service.engine.pipeline import plan
     from tests.test_stage_graph import _finish, _spec
 
     spec = _spec(tmp_path)

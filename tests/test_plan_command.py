@@ -13,7 +13,7 @@ import pytest
 
 from raptor.cli import main
 from raptor.perf import Setup, StudentShape, TeacherShape, plan
-from raptor.service.sizing import even_boundaries, plan_spec
+from raptor.service.deploy.sizing import even_boundaries, plan_spec
 from raptor.service.spec import load_spec
 
 GIB = 2**30

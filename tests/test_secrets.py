@@ -18,7 +18,7 @@ import yaml
 
 from raptor.cli import build_parser, main
 from raptor.service.spec import SpecError, apply_overrides, load_spec, parse_spec
-from raptor.service.submit import redacted_entrypoint, submission
+from raptor.service.deploy.submit import redacted_entrypoint, submission
 from tests.secrets_scan import Hit, Scan, scan
 
 # AWS's documented example key pair: the secret holds "/" and "+", as about half of real ones do

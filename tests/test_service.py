@@ -24,9 +24,9 @@ import yaml
 
 from raptor import storage
 from raptor.models import load_student
-from raptor.service.build import stage_job, teacher_ref
-from raptor.service.layout import Layout
-from raptor.service.pipeline import plan, run_pipeline
+from raptor.service.spec.translate import stage_job, teacher_ref
+from raptor.service.engine.artifacts import RunFolder
+from raptor.service.engine.pipeline import plan, run_pipeline
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.train.launch import run_stage
 
@@ -71,7 +71,7 @@ def variant(base: JobSpec, *overrides: str) -> JobSpec:
     return parse_spec(apply_overrides(yaml.safe_load(base.to_yaml()), list(overrides)))
 
 
-def layout_of(spec: JobSpec) -> Layout:
+def layout_of(spec: JobSpec) -> RunFolder:
     """Where the spec's artifacts are, by their keys (independent of what run.json says now)."""
     return plan(spec)[1]
 
@@ -125,11 +125,11 @@ def tiny_run(ray_cluster, tmp_path_factory) -> JobSpec:
     return variant(spec)  # what run_pipeline ran: paths absolute
 
 
-def _history(layout: Layout, stage: str) -> list[dict]:
+def _history(layout: RunFolder, stage: str) -> list[dict]:
     return storage.read_json(layout.history(stage))
 
 
-def _manifest(layout: Layout, stage: str) -> dict:
+def _manifest(layout: RunFolder, stage: str) -> dict:
     return storage.read_json(storage.join(layout.folder(stage), "manifest.json"))
 
 
@@ -603,8 +603,8 @@ def test_a_gpu_stage_in_a_ray_task_records_its_checksums(tiny_run, tmp_path, cap
     the task, not be taken afterwards. Catches checksums lost between the task and the driver."""
     import logging
 
-    from raptor.service.graph import Step
-    from raptor.service.pipeline import execute
+    from raptor.service.engine.graph import Step
+    from raptor.service.engine.pipeline import execute
     from raptor.service.stages import BY_NAME
 
     spec = variant(tiny_run, "scaling.use_gpu=true")
@@ -622,7 +622,7 @@ def test_rollout_top1_is_the_students_rollout_through_the_teachers_head(tiny_run
     student rolled out on the first validation batch, read out by the teacher's own head, against the
     labels; the teacher's own top-1 on that batch is ``val/teacher_top1``. Catches the metric reading the
     teacher's last state, another batch, or a stale student."""
-    from raptor.service.build import shard_source
+    from raptor.service.spec.translate import shard_source
 
     layout = layout_of(tiny_run)
     teacher = teacher_ref(tiny_run, layout).load()

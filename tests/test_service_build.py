@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.build import deepspeed_plan, shard_source, stage_config
-from raptor.service.layout import Layout
-from raptor.service.pipeline import save_spec
+from raptor.service.spec.translate import deepspeed_plan, shard_source, stage_config
+from raptor.service.engine.artifacts import RunFolder
+from raptor.service.engine.pipeline import save_spec
 from raptor.service.spec import load_spec, parse_spec
-from raptor.service.submit import submission
+from raptor.service.deploy.submit import submission
 from raptor.train.metrics import wandb_mode
 
 
@@ -107,7 +107,7 @@ def test_spec_is_saved_beside_the_artifacts(quickstart, tmp_path):
     """Catches a changed spec overwriting the one earlier stages ran with (its old copy must be kept)."""
     quickstart["storage"]["url"] = str(tmp_path / "run")
     spec = parse_spec(quickstart)
-    layout = Layout(str(tmp_path / "run"), str(tmp_path / "store"))
+    layout = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"))
     save_spec(spec, layout)
     assert parse_spec(yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())) == spec
     first = (tmp_path / "run" / "spec.yaml").read_text()
@@ -133,7 +133,7 @@ def test_submission_entrypoint_and_runtime_env():
 def test_teacher_train_command_exports_a_loadable_teacher(tmp_path, capsys):
     """Catches `raptor teacher train` writing somewhere the pipeline does not look, or losing the drop-path rate."""
     from raptor.cli import main
-    from raptor.service.pipeline import plan
+    from raptor.service.engine.pipeline import plan
     from raptor.data import synthetic_source, write_shards
     from raptor.models import Teacher, read_checkpoint
 
@@ -173,7 +173,7 @@ def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path)
 
 def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):
     """Catches `raptor submit` failing in the seconds after a cluster starts, or retrying a job Ray refused."""
-    from raptor.service import submit as submit_module
+    from raptor.service.deploy import submit as submit_module
 
     calls = []
 

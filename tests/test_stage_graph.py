@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel
 
 from raptor import storage
-from raptor.service.graph import content_key, inputs
-from raptor.service.pipeline import plan, write_index
+from raptor.service.engine.graph import content_key, inputs
+from raptor.service.engine.pipeline import plan, write_index
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.service.stages import BY_NAME, NOT_INPUTS, STAGES
 
@@ -243,7 +243,7 @@ def test_a_data_folder_generated_with_other_settings_is_refused_and_kept(tmp_pat
     with other data.generate settings: the plan stops with one line naming the field and the folder,
     and nothing in the folder changes."""
     from raptor.errors import UserError
-    from raptor.service.pipeline import execute
+    from raptor.service.engine.pipeline import execute
 
     small = "data.generate={train_samples: 24, val_samples: 8, num_classes: 2, image_size: 16}"
     spec = _spec(tmp_path, small)
@@ -264,7 +264,7 @@ def test_a_corrupt_artifact_is_made_again_under_a_sweeps_guard(tmp_path):
 
     import numpy as np
 
-    from raptor.service.pipeline import execute, make
+    from raptor.service.engine.pipeline import execute, make
 
     spec = _spec(tmp_path, "discovery.k=3")
     steps, layout = plan(spec)

@@ -14,10 +14,10 @@ import yaml
 
 from raptor import storage
 from raptor.cli import build_parser, main
-from raptor.service.k8s import RenderError, render
+from raptor.service.deploy.k8s import RenderError, render
 from raptor.service.spec import JobSpec, SpecError, apply_overrides, parse_spec
-from raptor.service.submit import submission
-from raptor.service.sweep import SweepError, concurrency, plan_sweep, trial_id, trial_specs
+from raptor.service.deploy.submit import submission
+from raptor.service.sweep.trials import SweepError, concurrency, plan_sweep, trial_id, trial_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_a_sweep_renders_as_a_rayjob_sized_for_its_concurrent_trials(monkeypatch
 def test_centre_transform_feeds_the_eval_crops_shuffled(tmp_path):
     """Catches data.distill_transform: centre still augmenting (the paper's fixed states) or no longer shuffling."""
     from raptor import data
-    from raptor.service.build import distill_source
+    from raptor.service.spec.translate import distill_source
 
     folder = str(tmp_path / "train")
     data.write_shards(data.synthetic_source(32, 4, 40, 0), folder, prefix="train", max_samples=32)
@@ -210,7 +210,7 @@ def test_centre_transform_feeds_the_eval_crops_shuffled(tmp_path):
 
 def test_results_csv_is_read_back(tmp_path):
     """Catches `raptor analyze --sweep` pointed at a folder without results failing with a traceback."""
-    from raptor.service.sweep import load_results
+    from raptor.service.sweep.trials import load_results
 
     with pytest.raises(SpecError.__mro__[1], match="no sweep results"):
         load_results(str(tmp_path))
@@ -220,7 +220,7 @@ def test_results_csv_is_read_back(tmp_path):
 
 def test_a_failed_trials_row_names_the_error_not_the_traceback():
     """Catches results.md rows that end in a traceback's trailing detail instead of the error itself."""
-    from raptor.service.sweep_results import _one_line
+    from raptor.service.sweep.results import _one_line
 
     traceback = ("Failure # 1\nray.exceptions.RayTaskError(AssertionError): ray::run_trial()\n  File \"x.py\", line 3\n"
                  "    assert dim % num_heads == 0\nAssertionError: dim should be divisible by num_heads\n")

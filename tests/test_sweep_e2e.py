@@ -20,10 +20,11 @@ import pytest
 import yaml
 
 from raptor import storage
-from raptor.service.layout import Layout
-from raptor.service.pipeline import run_pipeline
+from raptor.service.engine.artifacts import RunFolder
+from raptor.service.engine.pipeline import run_pipeline
 from raptor.service.spec import JobSpec, load_spec, parse_spec
-from raptor.service.sweep import load_results, run_sweep
+from raptor.service.sweep.trials import load_results
+from raptor.service.sweep.tune import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 RAPTOR = str(Path(sys.executable).with_name("raptor"))
@@ -81,7 +82,7 @@ def _rows(spec: JobSpec) -> dict[str, dict[str, str]]:
 
 def _made(run_url: str) -> dict[str, str]:
     """stage -> when its artifact was made (stage.json), for a trial's finished stages."""
-    layout = Layout.from_index(run_url)
+    layout = RunFolder.from_index(run_url)
     return {s: storage.read_json(layout.marker(s))["finished"] for s in layout.folders if s != "data"}
 
 
@@ -192,7 +193,7 @@ def test_asha_stops_a_trial_that_cannot_learn_mid_stage(cluster, root):
     assert rows[2.5e-3]["status"] == "finished" and summary["stopped"] == 1, rows
     stopped = rows[1e-9]
     assert stopped["status"] == "stopped" and int(stopped["steps"]) < 60, stopped
-    layout = Layout.from_index(stopped["run"])
+    layout = RunFolder.from_index(stopped["run"])
     assert "stage1" not in layout.folders  # run.json: stage 1 never finished
     index = storage.read_json(storage.join(stopped["run"], "run.json"))["stages"]["stage1"]
     assert not storage.exists(storage.join(index["url"], "stage.json"))

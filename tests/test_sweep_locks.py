@@ -22,12 +22,12 @@ import pytest
 import yaml
 
 from raptor import storage
-from raptor.service import sweep
-from raptor.service.graph import Step
-from raptor.service.layout import Layout, corrupt_file
-from raptor.service.pipeline import make, plan
+from raptor.service.sweep import trials as sweep
+from raptor.service.engine.graph import Step
+from raptor.service.engine.artifacts import RunFolder, corrupt_file
+from raptor.service.engine.pipeline import make, plan
 from raptor.service.spec import JobSpec, load_spec, parse_spec
-from raptor.service.sweep import KeyLocks, holding
+from raptor.service.sweep.trials import KeyLocks, holding
 from tests.test_service import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def small_spec(root: Path, name: str, store: str) -> JobSpec:
     return parse_spec(raw)
 
 
-def teacher_step(spec: JobSpec) -> tuple[Step, Layout]:
+def teacher_step(spec: JobSpec) -> tuple[Step, RunFolder]:
     steps, layout = plan(spec)
     (step,) = [s for s in steps if s.name == "teacher"]
     return step, layout

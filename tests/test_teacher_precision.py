@@ -18,8 +18,8 @@ from timm.models.vision_transformer import Block
 
 from raptor.data import synthetic_source, write_shards
 from raptor.models import Raptor, Teacher, save_student
-from raptor.service.build import shard_source, stage_config, teacher_ref
-from raptor.service.layout import Layout
+from raptor.service.spec.translate import shard_source, stage_config, teacher_ref
+from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import parse_spec
 from raptor.service.stages.discovery import distance_matrix
 from raptor.service.stages.probe import probe
@@ -78,7 +78,7 @@ def teacher_calls():
 def test_every_stage_runs_the_teacher_in_the_specs_precision(files, teacher_calls, tmp_path, precision, expected):
     """Catches a stage that picks the teacher's precision itself instead of from teacher.precision."""
     spec = spec_for(files, precision)
-    layout = Layout(str(tmp_path / "run"), str(tmp_path / "store"), folders={"stage2": str(files)},
+    layout = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"), folders={"stage2": str(files)},
                     teacher_checkpoint=str(files / "teacher.safetensors"))
     ref = teacher_ref(spec, layout)
     calls, current = teacher_calls

@@ -1,6 +1,6 @@
 """The run report: one JSON (its pydantic model in :mod:`raptor.analysis.schema`), PNG plots, Markdown and HTML.
 
-Layout under the report URL (any fsspec URL)::
+RunFolder under the report URL (any fsspec URL)::
 
     report.json          every number, validated against the model :class:`~raptor.analysis.schema.Report`
     report.schema.json   the JSON Schema generated from that model

@@ -190,7 +190,7 @@ class SwapSummary(_Section):
 
 
 class LayerSwap(_Section):
-    """The teacher run with two layers traded, for every pair (:func:`raptor.eval.studies.layer_swap_study`)."""
+    """The teacher run with two layers traded, for every pair (:func:`raptor.eval.structure.layer_swap_study`)."""
 
     layers: list[Layer] = Field(description="the swapped layers' numbers, rows and columns of the matrices")
     cosine: list[Curve] = Field(description="L x L mean readout cosine to the unswapped teacher")
@@ -200,7 +200,7 @@ class LayerSwap(_Section):
 
 
 class StudentEval(_Section):
-    """A distilled student's fidelity (layer means and per layer) and head accuracy (:func:`raptor.eval.studies.evaluate_student`)."""
+    """A distilled student's fidelity (layer means and per layer) and head accuracy (:func:`raptor.eval.structure.evaluate_student`)."""
 
     r2_mean: float = Field(description="R^2 of the states, mean over layers")
     cosine_mean: float = Field(description="cosine of the states, mean over layers")
@@ -227,7 +227,7 @@ class VsRandom(_Section):
 
 
 class Partition(_Section):
-    """Max-cut boundaries against random partitions with the same k and budget (:func:`raptor.eval.studies.partition_study`)."""
+    """Max-cut boundaries against random partitions with the same k and budget (:func:`raptor.eval.structure.partition_study`)."""
 
     boundaries: list[Layer] = Field(description="the max-cut boundaries")
     n_random: int = Field(ge=1, description="random partitions drawn")
@@ -236,7 +236,7 @@ class Partition(_Section):
 
 
 class AblationRow(StudentEval):
-    """One cumulative row of the paper's ablation table (:func:`raptor.eval.studies.ablation_study`)."""
+    """One cumulative row of the paper's ablation table (:func:`raptor.eval.structure.ablation_study`)."""
 
     row: str = Field(description="the ingredient this row adds to the previous ones")
 

@@ -14,7 +14,7 @@ Writing (any fsspec URL: a local folder or ``s3://bucket/prefix``)::
 - ``read_info(url) -> dict``: ``_info.json`` of a raptor dataset folder or shard pattern:
   ``shards`` (name, samples, bytes), ``total``, ``classes``, ``num_classes``, ``dense``.
 
-Reading datasets as they are published (:mod:`raptor.data.layouts`): a raptor folder, timm's
+Reading datasets as they are published (:mod:`raptor.data.formats`): a raptor folder, timm's
 WebDataset layout (``_info.json`` with ``splits``, e.g. ImageNet-1k as
 ``imagenet1k-train-{0000..1023}.tar``, picked by ``split=`` or a shard pattern), or ``.tar``
 files with no info at all (``samples=`` states the count, else it is counted once from the tar
@@ -54,7 +54,7 @@ Reading, one call per rank (see :mod:`raptor.data.loader` for who reads which sh
 
 from raptor.data.errors import DatasetError
 from raptor.data.gopen import ShardUnavailableError
-from raptor.data.layouts import Shards, count_shards, describe
+from raptor.data.formats import Shards, count_shards, describe
 from raptor.data.loader import ShardLoader, loader, resolve_rank
 from raptor.data.reader import DataStats, ErrorBudgetExceeded
 from raptor.data.shards import read_info, write_shards

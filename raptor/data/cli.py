@@ -7,7 +7,7 @@ import json
 
 from raptor.data.bench import bench
 from raptor.data.errors import DatasetError
-from raptor.data.layouts import Shards, check_present, describe
+from raptor.data.formats import Shards, check_present, describe
 from raptor.data.reader import ErrorBudgetExceeded
 from raptor.data.shards import write_shards
 from raptor.data.sources import FileSource, imagefolder_source, listfile_source

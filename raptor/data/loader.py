@@ -37,7 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from raptor.data.decode import Augment, EncodedBatch, LabelKey, cpu_item, decode_on_device, gpu_item
-from raptor.data.layouts import Shards
+from raptor.data.formats import Shards
 from raptor.data.reader import DataStats, ErrorBudgetExceeded, Reader, count_bad
 from raptor.data.transforms import check_crop_scale, check_size, normalise_batch
 from raptor.errors import UserError
@@ -380,7 +380,7 @@ def loader(
 
     ``url`` is a dataset folder (raptor's or timm's, with ``_info.json``, or any folder of
     ``.tar`` shards), a brace pattern of shards, or one shard; ``split`` picks a split of a timm
-    dataset or a set of tars in a folder (see :mod:`raptor.data.layouts`). ``samples`` states
+    dataset or a set of tars in a folder (see :mod:`raptor.data.formats`). ``samples`` states
     the total where no info file gives it (else it is counted once and cached);
     ``num_classes`` the class count (labels outside it are bad samples). ``label_key``: ``cls``
     (a member holding the class index) or ``MEMBER:FIELD`` (``json:label``).

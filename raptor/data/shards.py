@@ -1,6 +1,6 @@
 """Write WebDataset tar shards to any fsspec URL, and read back their ``_info.json``.
 
-Layout of one dataset folder (a local folder or ``s3://bucket/prefix``)::
+RunFolder of one dataset folder (a local folder or ``s3://bucket/prefix``)::
 
     _plan.json              written first: what this folder is being filled with
     train-000000.tar ...    ``{prefix}-{index:06d}.tar``, each written atomically
@@ -240,7 +240,7 @@ def read_info(url: str) -> dict[str, Any]:
 
     Raises :class:`~raptor.errors.MissingInput` naming the folder when the dataset is missing or incomplete,
     :class:`DatasetError` when its info file is damaged or another layout's (see
-    :mod:`raptor.data.layouts` for reading timm's and info-less shard sets).
+    :mod:`raptor.data.formats` for reading timm's and info-less shard sets).
     """
     folder = dataset_folder(url)
     info = read_info_file(folder)

@@ -1,7 +1,7 @@
 """Evaluation of teachers and students: linear and dense probes, layer-swap, partition and ablation studies.
 
 Pure PyTorch (no Ray, no DeepSpeed). The probes take cached features; the studies
-(:mod:`raptor.eval.studies`) take teacher trajectories and train students with :mod:`raptor.distill`.
+(:mod:`raptor.eval.structure`) take teacher trajectories and train students with :mod:`raptor.distill`.
 """
 
 from raptor.eval.dense import (

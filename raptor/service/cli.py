@@ -3,7 +3,7 @@
 ``run`` executes the pipeline here and ``sweep`` a Ray Tune sweep of it: on the Ray cluster in
 ``RAY_ADDRESS`` (set by ``ray job submit`` for its entrypoint) or on a local Ray it starts (the
 embedded default). ``submit`` sends that same ``raptor run`` (or ``raptor sweep``) to a cluster
-through Ray's job API (``raptor.service.submit``).
+through Ray's job API (``raptor.service.deploy.submit``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def _load(args: argparse.Namespace) -> JobSpec:
     """``args.spec`` with its ``--set`` overrides, validated, and its teacher architecture built on the
     meta device: a spec timm cannot build fails here, in one line naming the file."""
-    from raptor.service.build import check_teacher
+    from raptor.service.spec.translate import check_teacher
 
     spec = load_spec(args.spec, args.overrides)
     try:
@@ -42,7 +42,7 @@ def _spec_args(p: argparse.ArgumentParser, what: str = "job spec YAML (path or U
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The service's commands (the top-level CLI imports this module only when one of them runs)."""
-    from raptor.service.k8s import OVERLAYS
+    from raptor.service.deploy.k8s import OVERLAYS
 
     p = subparsers.add_parser("run", help="run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report",
                               description="Plan the stage graph of the spec (a content key per stage), print the plan, "
@@ -150,7 +150,7 @@ def connect_ray(spec: JobSpec, trials: int = 0) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from raptor import console
-    from raptor.service.pipeline import run_pipeline
+    from raptor.service.engine.pipeline import run_pipeline
 
     spec = _load(args)
     if spec.sweep is not None:
@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from raptor.service.sizing import plan_spec
+    from raptor.service.deploy.sizing import plan_spec
 
     spec = _load(args)
     try:
@@ -188,14 +188,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raptor import console
-    from raptor.service.sweep import plan_sweep, run_planned
+    from raptor.service.sweep.trials import plan_sweep
+    from raptor.service.sweep.tune import run_planned
 
     spec = _load(args)
     plan, specs = plan_sweep(spec, args.spec)  # every trial validated before anything starts
     if args.dry_run:
-        from raptor.service.pipeline import plan as plan_stages
+        from raptor.service.engine.pipeline import plan as plan_stages
 
-        from raptor.service.sweep import describe, trial_id
+        from raptor.service.sweep.trials import describe, trial_id
 
         for params, trial in specs:
             todo = [s.name for s in plan_stages(trial)[0] if not s.done]
@@ -217,11 +218,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from raptor.service.submit import auth_error, follow, redacted_entrypoint, submission, submit
+    from raptor.service.deploy.submit import auth_error, follow, redacted_entrypoint, submission, submit
 
     spec = _load(args)  # fail here, not on the cluster, on a bad spec
     if args.sweep:
-        from raptor.service.sweep import plan_sweep
+        from raptor.service.sweep.trials import plan_sweep
 
         plan_sweep(spec, args.spec)
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
@@ -240,8 +241,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
-    from raptor.service.build import absolute_paths
-    from raptor.service.pipeline import plan
+    from raptor.service.spec.translate import absolute_paths
+    from raptor.service.engine.pipeline import plan
     from raptor.service.stages.teacher import train_teacher
 
     spec = absolute_paths(_load(args))
@@ -259,7 +260,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1 (got {args.samples})")
     if args.sweep:
-        from raptor.service.study import depth_study
+        from raptor.service.sweep.depth_study import depth_study
 
         for kind, url in depth_study(args.run, args.out, samples=args.samples, seed=args.seed).items():
             print(f"{kind}: {url}")
@@ -273,7 +274,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from raptor.service.k8s import dump, render, write_tree
+    from raptor.service.deploy.k8s import dump, render, write_tree
 
     objects = render(args.spec, args.overlay, args.overrides)
     if args.out is None:

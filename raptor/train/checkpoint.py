@@ -38,7 +38,7 @@ from pyarrow.fs import FileSelector, FileType
 
 from raptor.train import integrity
 from raptor.train.job import CheckpointPlan
-from raptor.train.snapshot import CHECKPOINT_DIR
+from raptor.train.registered import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class Resumed:
     micro_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
-    nonfinite: dict[str, int] = field(default_factory=dict)  # raptor.train.numerics.NonFiniteGuard's counters
+    nonfinite: dict[str, int] = field(default_factory=dict)  # raptor.train.nonfinite.NonFiniteGuard's counters
 
 
 def tag(step: int) -> str:

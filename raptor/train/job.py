@@ -1,6 +1,6 @@
 """What a Ray Train worker is told to do: a typed description of one distillation stage.
 
-The service builds a :class:`StageJob` from the job spec (``raptor.service.build.stage_job``); the
+The service builds a :class:`StageJob` from the job spec (``raptor.service.spec.translate.stage_job``); the
 runner never reads the spec. Every part is a frozen dataclass that travels into the workers as it
 is (pickled by Ray), so a worker gets checked types, not a dict to re-validate by hand. The parts
 that build library objects (:class:`TeacherRef`, :class:`ShardSource`) are also what the service's

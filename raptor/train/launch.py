@@ -24,7 +24,7 @@ from raptor import storage
 from raptor.errors import RunStopped, TrainingDiverged, UserError
 from raptor.train import objectstore
 from raptor.train.job import ShardSource, StageJob
-from raptor.train.snapshot import CHECKPOINTS
+from raptor.train.registered import CHECKPOINTS
 from raptor.train.trainer import train_loop_per_worker
 
 log = logging.getLogger(__name__)

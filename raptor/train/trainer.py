@@ -35,7 +35,7 @@ from raptor.train.hotpath import HotPath
 from raptor.train.job import ShardSource, StageJob, StudentPlan
 from raptor.train.logs import quiet_worker
 from raptor.train.metrics import Progress, Utilisation, device_peak
-from raptor.train.numerics import NonFiniteGuard
+from raptor.train.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ no stage.
 from __future__ import annotations
 
 from raptor import storage
-from raptor.service.graph import Stage
+from raptor.service.engine.graph import Stage
 from raptor.service.spec import JobSpec
 from raptor.service.stages import data, discovery, distill, probe, report, teacher
 

@@ -15,7 +15,7 @@ import braceexpand
 from raptor import data, storage
 from raptor.data.shards import INFO, PLAN, dataset_folder
 from raptor.errors import UserError
-from raptor.service.graph import StageContext
+from raptor.service.engine.graph import StageContext
 from raptor.service.spec import JobSpec
 
 

@@ -16,8 +16,8 @@ import torch
 
 from raptor import storage
 from raptor.discovery import bisection, layer_distances, plot_distances, segment, swap_distances
-from raptor.service.build import shard_source, single_device, single_process, teacher_ref
-from raptor.service.graph import StageContext
+from raptor.service.spec.translate import shard_source, single_device, single_process, teacher_ref
+from raptor.service.engine.graph import StageContext
 from raptor.service.spec import JobSpec
 from raptor.train.job import TeacherRef
 

@@ -1,4 +1,4 @@
-"""Stages 1 and 2: Ray Train + DeepSpeed jobs built from the spec (``raptor.service.build.stage_job``).
+"""Stages 1 and 2: Ray Train + DeepSpeed jobs built from the spec (``raptor.service.spec.translate.stage_job``).
 
 Stage 1 trains all k blocks at once, each on its segment (teacher forcing annealed into
 autoregression); stage 2 chains the stage-1 blocks and rolls them out over all L layers.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from raptor.service.build import stage_job
-from raptor.service.graph import StageContext
+from raptor.service.spec.translate import stage_job
+from raptor.service.engine.graph import StageContext
 from raptor.train.job import StageName
 
 log = logging.getLogger(__name__)

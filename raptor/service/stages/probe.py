@@ -24,8 +24,8 @@ from raptor import data, storage
 from raptor.errors import UserError
 from raptor.eval import ProbeResult, extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
-from raptor.service.build import shard_source, single_device, single_process, teacher_ref
-from raptor.service.graph import StageContext
+from raptor.service.spec.translate import shard_source, single_device, single_process, teacher_ref
+from raptor.service.engine.graph import StageContext
 from raptor.service.spec import JobSpec
 from raptor.train.job import TeacherRef
 

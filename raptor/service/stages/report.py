@@ -1,6 +1,6 @@
 """The report stage (and ``raptor analyze``): a finished (or partly finished) run, analysed from its artifacts.
 
-Reads the artifacts the run's index (``run.json``, :class:`~raptor.service.layout.Layout`) names:
+Reads the artifacts the run's index (``run.json``, :class:`~raptor.service.engine.artifacts.RunFolder`) names:
 the teacher, the distances and boundaries, the student (stage 2, else stage 1, else none: the
 report covers the teacher alone) and the probe results; analyses teacher and student on the val
 images with :mod:`raptor.analysis` and writes the report (``report.json``, ``index.md``,
@@ -25,11 +25,11 @@ from raptor.discovery import load_distances
 from raptor.distill import StageConfig
 from raptor.errors import CorruptArtifact, UserError
 from raptor.eval.dense import dense_probes
-from raptor.eval.studies import ablation_study, layer_swap_study, partition_study
+from raptor.eval.structure import ablation_study, layer_swap_study, partition_study
 from raptor.models import Raptor, Teacher, load_student
-from raptor.service.build import shard_source, single_process, stage_config, teacher_ref
-from raptor.service.graph import StageContext
-from raptor.service.layout import Layout, corrupt_file
+from raptor.service.spec.translate import shard_source, single_process, stage_config, teacher_ref
+from raptor.service.engine.graph import StageContext
+from raptor.service.engine.artifacts import RunFolder, corrupt_file
 from raptor.service.spec import JobSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 STUDENT_STAGES = ("stage2", "stage1")
 
 
-def _student(layout: Layout, teacher: Teacher) -> tuple[Raptor | None, str | None]:
+def _student(layout: RunFolder, teacher: Teacher) -> tuple[Raptor | None, str | None]:
     for stage in STUDENT_STAGES:
         if stage in layout.folders and storage.exists(layout.student(stage)):
             log.debug("loading the %s student from %s", stage, layout.student(stage))
@@ -46,7 +46,7 @@ def _student(layout: Layout, teacher: Teacher) -> tuple[Raptor | None, str | Non
     return None, None
 
 
-def _discovery(layout: Layout) -> dict[str, Any] | None:
+def _discovery(layout: RunFolder) -> dict[str, Any] | None:
     if not {"distances", "discovery"} <= set(layout.folders):
         return None
     seg = storage.read_json(layout.segmentation)
@@ -57,7 +57,7 @@ def _discovery(layout: Layout) -> dict[str, Any] | None:
     return {"metric": seg.get("metric"), "distances": dist.tolist(), "boundaries": boundaries}
 
 
-def _probe(layout: Layout) -> dict[str, Any] | None:
+def _probe(layout: RunFolder) -> dict[str, Any] | None:
     """The probe stage's trained probes, reduced to the report's fields (None when absent)."""
     if "probe" not in layout.folders:
         return None
@@ -155,7 +155,7 @@ def run_studies(
 
 def analyze_run(
     spec: JobSpec,
-    layout: Layout,
+    layout: RunFolder,
     out_url: str,
     *,
     max_samples: int = 64,
@@ -166,7 +166,7 @@ def analyze_run(
     """Analyse the run's teacher and student on ``max_samples`` val images and write the report to ``out_url``.
 
     Returns the URLs written (``json``, ``html``, ``markdown``); ``studies`` adds those of
-    :mod:`raptor.eval.studies`.
+    :mod:`raptor.eval.structure`.
     """
     t0 = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -191,7 +191,7 @@ def analyze_run(
 
 def analyze(run_url: str, out_url: str | None = None, **kwargs: Any) -> dict[str, str]:
     """``raptor analyze``: the report of the run at ``run_url`` (its spec and artifacts from ``run.json``)."""
-    layout = Layout.from_index(run_url)
+    layout = RunFolder.from_index(run_url)
     for folder in layout.folders.values():  # never analyse a file that is not the one its stage wrote
         if (problem := corrupt_file(folder)) is not None:
             raise CorruptArtifact(f"{problem}; `raptor run` on the run's spec makes it again")

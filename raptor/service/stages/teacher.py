@@ -25,8 +25,8 @@ from raptor.errors import UserError
 from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
 from raptor.models.teacher import autocast
-from raptor.service.build import shard_source, single_device, single_process
-from raptor.service.graph import StageContext
+from raptor.service.spec.translate import shard_source, single_device, single_process
+from raptor.service.engine.graph import StageContext
 from raptor.service.spec import JobSpec, TeacherTrainSpec
 from raptor.train.job import autocast_dtype
 

@@ -17,7 +17,7 @@ import torch
 
 from raptor import storage
 from raptor.distill import StageConfig
-from raptor.service.layout import Layout
+from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import JobSpec, SpecError, Stage1Spec, Stage2Spec, TokenWeights
 from raptor.train.job import (
     CheckpointPlan,
@@ -64,7 +64,7 @@ def check_teacher(spec: JobSpec) -> None:
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
-def teacher_ref(spec: JobSpec, layout: Layout) -> TeacherRef:
+def teacher_ref(spec: JobSpec, layout: RunFolder) -> TeacherRef:
     t = spec.teacher
     return TeacherRef(name=t.name, img_size=t.img_size, checkpoint=layout.teacher, model_kwargs=dict(t.model_kwargs),
                       precision=t.precision)
@@ -149,7 +149,7 @@ def wandb_dir(spec: JobSpec) -> str:
 
 
 def stage_job(
-    spec: JobSpec, stage: StageName, layout: Layout, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
+    spec: JobSpec, stage: StageName, layout: RunFolder, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
 ) -> StageJob:
     """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up.
 

@@ -2,7 +2,7 @@
 
 Field names, types, bounds, defaults and meanings (``Field(description=...)``) come from ``JobSpec``
 itself. A test fails when the README's copy differs from ``reference_markdown()`` or when a field has
-no description; refresh with ``python -m raptor.service.reference --update README.md``.
+no description; refresh with ``python -m raptor.service.spec.reference --update README.md``.
 """
 
 from __future__ import annotations

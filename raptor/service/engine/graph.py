@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from raptor.service.spec import JobSpec
 
 if TYPE_CHECKING:
-    from raptor.service.layout import Layout
+    from raptor.service.engine.artifacts import RunFolder
 
 KEY_LENGTH = 16  # hex digits: 64 bits, no collision among any realistic number of artifacts
 
@@ -120,7 +120,7 @@ class StageContext:
     """What a running stage gets: the spec, every artifact path, and its own step of the plan."""
 
     spec: JobSpec
-    layout: "Layout"
+    layout: "RunFolder"
     step: Step
     report_interval: int | None = None  # training stages report metrics this often (a sweep trial's scheduler)
 

@@ -24,11 +24,11 @@ import numpy as np
 from raptor import storage
 from raptor.discovery import plot_distances, random_baseline, segment
 from raptor.errors import UserError
-from raptor.service.build import teacher_ref
-from raptor.service.layout import Layout
+from raptor.service.spec.translate import teacher_ref
+from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import JobSpec, load_spec
 from raptor.service.stages.discovery import distance_matrix
-from raptor.service.sweep import SWEEP_FOLDER, load_results
+from raptor.service.sweep.trials import SWEEP_FOLDER, load_results
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _float(value: str) -> float | None:
         return None
 
 
-def teacher_blockiness(spec: JobSpec, layout: Layout, *, samples: int, seed: int) -> dict[str, Any]:
+def teacher_blockiness(spec: JobSpec, layout: RunFolder, *, samples: int, seed: int) -> dict[str, Any]:
     """Cosine and swap distances of the trial's teacher on ``samples`` val images, and their max-cut vs random partitions."""
     ref = teacher_ref(spec, layout)
     out: dict[str, Any] = {"teacher": ref.checkpoint}
@@ -81,7 +81,7 @@ def depth_study(url: str, out: str | None = None, *, samples: int = 256, seed: i
     teachers: dict[str, dict[str, Any]] = {}
     trials = []
     for row in rows:
-        layout = Layout.from_index(row["run"])
+        layout = RunFolder.from_index(row["run"])
         spec = load_spec(layout.spec_file)
         key = layout.folders["teacher"]
         if key not in teachers:

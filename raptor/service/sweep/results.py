@@ -20,9 +20,9 @@ from typing import Any
 from ray import tune
 
 from raptor import storage
-from raptor.service.layout import Layout
+from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import SWEEP_METRICS
-from raptor.service.sweep import SweepPlan, decode, describe, trial_id, trial_metrics, trial_spec, trial_url
+from raptor.service.sweep.trials import SweepRun, decode, describe, trial_id, trial_metrics, trial_spec, trial_url
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def trial_error(trial: Any) -> str | None:
     return trial.get_error() or "failed without an error message"
 
 
-def collect(plan: SweepPlan, items: list[tuple[dict[str, Any] | None, dict[str, Any], Any]], statuses: list[str] | None = None) -> list[Row]:
+def collect(plan: SweepRun, items: list[tuple[dict[str, Any] | None, dict[str, Any], Any]], statuses: list[str] | None = None) -> list[Row]:
     """Rows from (Tune's encoded params, its last reported metrics, its error) per trial."""
     sweep = plan.spec.sweep
     assert sweep is not None
@@ -81,7 +81,7 @@ def collect(plan: SweepPlan, items: list[tuple[dict[str, Any] | None, dict[str, 
         row = Row(tid, params, "pending", run=trial_url(plan.spec, tid), seconds=reported.get("time_total_s"))
         row.metrics = {name: reported[key] for name, key in COLUMNS.items() if isinstance(reported.get(key), (int, float))}
         if storage.exists(storage.join(row.run, "run.json")):
-            layout = Layout.from_index(row.run)
+            layout = RunFolder.from_index(row.run)
             row.artifacts = {s: layout.folders[s] for s in ARTIFACTS if s in layout.folders}
             if "report" in layout.folders:
                 row.status = "finished"
@@ -97,7 +97,7 @@ def collect(plan: SweepPlan, items: list[tuple[dict[str, Any] | None, dict[str, 
     return rows
 
 
-def best(plan: SweepPlan, rows: list[Row]) -> Row | None:
+def best(plan: SweepRun, rows: list[Row]) -> Row | None:
     """The finished trial with the best ``sweep.metric`` (ties: the first)."""
     sweep = plan.spec.sweep
     assert sweep is not None
@@ -114,7 +114,7 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def to_csv(plan: SweepPlan, rows: list[Row]) -> str:
+def to_csv(plan: SweepRun, rows: list[Row]) -> str:
     assert plan.spec.sweep is not None
     fields = ["trial", *plan.spec.sweep.space, "status", *COLUMNS, "seconds", "error", "run", *ARTIFACTS]
     out = io.StringIO()
@@ -127,7 +127,7 @@ def to_csv(plan: SweepPlan, rows: list[Row]) -> str:
     return out.getvalue()
 
 
-def to_markdown(plan: SweepPlan, rows: list[Row], top: Row | None, plots: list[str]) -> str:
+def to_markdown(plan: SweepRun, rows: list[Row], top: Row | None, plots: list[str]) -> str:
     sweep = plan.spec.sweep
     assert sweep is not None
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "failed", "running", "pending")}
@@ -154,7 +154,7 @@ def to_markdown(plan: SweepPlan, rows: list[Row], top: Row | None, plots: list[s
     return "\n".join(lines)
 
 
-def plot_field(plan: SweepPlan, rows: list[Row], path: str) -> bytes | None:
+def plot_field(plan: SweepRun, rows: list[Row], path: str) -> bytes | None:
     """The sweep's metric against one swept field's values (finished filled, stopped hollow)."""
     import matplotlib
 
@@ -194,7 +194,7 @@ def json_label(value: Any) -> str:
     return str(value) if isinstance(value, (int, float, str)) else repr(value)
 
 
-def write_results(plan: SweepPlan, rows: list[Row]) -> None:
+def write_results(plan: SweepRun, rows: list[Row]) -> None:
     """results.csv, results.md, best.yaml (when a trial finished) and the PNGs."""
     sweep = plan.spec.sweep
     assert sweep is not None
@@ -215,7 +215,7 @@ def write_results(plan: SweepPlan, rows: list[Row]) -> None:
 class ResultsCallback(tune.Callback):
     """In the sweep's driver: one console line per trial start and end, and the results rewritten as trials end."""
 
-    def __init__(self, plan: SweepPlan):
+    def __init__(self, plan: SweepRun):
         self.plan = plan
 
     def _name(self, trial: Any) -> str:

@@ -28,7 +28,7 @@ import yaml
 
 from raptor.errors import UserError
 from raptor.service.spec import ClusterSpec, JobSpec, ScalingSpec, load_spec, secrets_in
-from raptor.service.submit import entrypoint
+from raptor.service.deploy.submit import entrypoint
 
 # overlay -> the --set overrides it applies on top of the spec
 OVERLAYS: dict[str, tuple[str, ...]] = {

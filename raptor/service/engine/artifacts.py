@@ -28,7 +28,7 @@ MARKER_FILE = "stage.json"
 
 
 @dataclass
-class Layout:
+class RunFolder:
     """Where each artifact of one run lives: ``folders`` maps a stage to its keyed folder in the store."""
 
     run_url: str
@@ -104,7 +104,7 @@ class Layout:
         return self.folder("report")
 
     @classmethod
-    def from_index(cls, run_url: str) -> "Layout":
+    def from_index(cls, run_url: str) -> "RunFolder":
         """The layout a finished (or partly finished) run recorded in its ``run.json``."""
         url = storage.join(run_url, INDEX_FILE)
         if not storage.exists(url):

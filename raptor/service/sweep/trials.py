@@ -53,9 +53,9 @@ import ray
 from raptor import storage
 from raptor.console import MARK
 from raptor.errors import UserError
-from raptor.service.build import absolute_paths
-from raptor.service.graph import Step
-from raptor.service.layout import Layout
+from raptor.service.spec.translate import absolute_paths
+from raptor.service.engine.graph import Step
+from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import JobSpec, SpecError, SweepSpec, parse_spec, set_field, tied
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def holding(locks: Any, holder: str, step: Step) -> Iterator[None]:
 # ---------------------------------------------------------------- one trial
 
 
-def trial_metrics(layout: Layout) -> dict[str, float]:
+def trial_metrics(layout: RunFolder) -> dict[str, float]:
     """A finished trial's metrics, read from its artifacts (stage 2's stage.json, the probe's results)."""
     out: dict[str, float] = {}
     if "stage2" in layout.folders:
@@ -284,7 +284,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], locks_name: str) 
     """Tune's trainable: the trial's spec through the stage graph, then its final metrics to Tune."""
     from ray import tune
 
-    from raptor.service.pipeline import run_pipeline
+    from raptor.service.engine.pipeline import run_pipeline
 
     spec0 = parse_spec(base)
     assert spec0.sweep is not None
@@ -296,7 +296,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], locks_name: str) 
     locks = ray.get_actor(locks_name)
     holder = f"{tid}-{uuid.uuid4().hex[:8]}"
     run_pipeline(spec, guard=partial(holding, locks, holder), report_interval=spec.logging.log_interval)
-    tune.report({**trial_metrics(Layout.from_index(spec.storage.url)), "global_step": total_steps(spec)})
+    tune.report({**trial_metrics(RunFolder.from_index(spec.storage.url)), "global_step": total_steps(spec)})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -326,7 +326,7 @@ def fingerprint(spec: JobSpec) -> str:
 
 
 @dataclass(frozen=True)
-class SweepPlan:
+class SweepRun:
     """Where one sweep keeps its outputs and Tune's experiment."""
 
     spec: JobSpec
@@ -342,7 +342,7 @@ class SweepPlan:
         return storage.join(self.tune_root, self.experiment)
 
 
-def plan_sweep(spec: JobSpec, source: str = "spec") -> tuple[SweepPlan, list[tuple[dict[str, Any], JobSpec]]]:
+def plan_sweep(spec: JobSpec, source: str = "spec") -> tuple[SweepRun, list[tuple[dict[str, Any], JobSpec]]]:
     """The sweep's folders and every trial's validated spec; nothing is written or started."""
     spec = absolute_paths(spec)
     specs = trial_specs(spec, source)
@@ -352,87 +352,10 @@ def plan_sweep(spec: JobSpec, source: str = "spec") -> tuple[SweepPlan, list[tup
         if sweep.grace_period >= longest:
             raise SweepError(f"{source}: sweep.grace_period={sweep.grace_period} must be below a trial's "
                              f"{longest} training steps (stage1.steps + stage2.steps)")
-    return SweepPlan(spec, storage.join(spec.storage.url, SWEEP_FOLDER), f"{spec.name}-{fingerprint(spec)}"), specs
+    return SweepRun(spec, storage.join(spec.storage.url, SWEEP_FOLDER), f"{spec.name}-{fingerprint(spec)}"), specs
 
 
-def _tuner(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]], locks_name: str, max_concurrent: int) -> Any:
-    """A new Tuner for the sweep, or the one restored from its experiment folder (a re-run resumes)."""
-    from ray import tune
-
-    from raptor.service.sweep_results import ResultsCallback
-    from raptor.train.launch import ray_storage
-
-    spec = plan.spec
-    sweep = spec.sweep
-    assert sweep is not None
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.model_dump(mode="json"), locks_name=locks_name),
-                                    {"cpu": TRIAL_DRIVER_CPUS})
-    where = ray_storage(plan.tune_root, spec.storage.patience)
-    fs = where.get("storage_filesystem")
-    path = posixpath.join(where["storage_path"], plan.experiment)
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        log.info("resuming the sweep from %s", plan.experiment_path)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
-    scheduler = None
-    if sweep.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="global_step", max_t=max(total_steps(s) for _, s in specs), grace_period=sweep.grace_period,
-            reduction_factor=sweep.reduction_factor, stop_last_trials=False)
-    if sweep.search == "optuna":
-        if importlib.util.find_spec("optuna") is None:
-            raise SweepError("sweep.search: optuna is not installed (pip install optuna)")
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(seed=sweep.seed)
-        param_space = {"params": {p: tune_domain(sweep, p) for p in sweep.space}}
-        num_samples = sweep.num_samples
-    else:
-        searcher, num_samples = None, 1
-        param_space = {"params": tune.grid_search(grid_points(sweep))}
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric_key, mode=sweep.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            trial_dirname_creator=lambda t: f"trial-{trial_id(decode(sweep, t.config['params']))}",
-        ),
-        run_config=tune.RunConfig(
-            name=plan.experiment, failure_config=tune.FailureConfig(max_failures=0), verbose=0,
-            callbacks=[ResultsCallback(plan)], **where,
-        ),
-    )
-
-
-def run_sweep(spec: JobSpec, source: str = "spec") -> dict[str, Any]:
-    """Plan, then run (or resume) the sweep on the connected Ray cluster; returns the results' summary."""
-    return run_planned(*plan_sweep(spec, source))
-
-
-def run_planned(plan: SweepPlan, specs: list[tuple[dict[str, Any], JobSpec]]) -> dict[str, Any]:
-    """Run (or resume) the sweep ``plan_sweep`` planned (its trials validated) on the connected Ray cluster."""
-    storage.makedirs(plan.folder)
-    storage.write_bytes(storage.join(plan.folder, "spec.yaml"), plan.spec.to_yaml().encode())
-    max_concurrent = concurrency(plan.spec, ray.available_resources())
-    sweep = plan.spec.sweep
-    assert sweep is not None
-    log.info("sweep %s: %d trials, %d at once, store %s", plan.spec.name,
-             sweep.num_samples if sweep.search == "optuna" else len(specs), max_concurrent, plan.spec.storage.store_url)
-    # a stage reports before its first validation and rollout_top1 needs a teacher head: reports may lack
-    # the metric (ASHA skips those), which Tune's strict check would turn into an error
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    locks_name = f"raptor-sweep-locks-{uuid.uuid4().hex[:8]}"
-    locks = ray.remote(num_cpus=0)(KeyLocks).options(name=locks_name).remote(LOCK_TTL_S)
-    try:
-        tuner = _tuner(plan, specs, locks_name, max_concurrent)
-        tuner.fit()
-    finally:
-        ray.kill(locks)
-    # the results were written from Tune's trials as they ended, the last time when the sweep ended
-    return summarize(plan, load_results(plan.spec.storage.url))
-
-
-def summarize(plan: SweepPlan, rows: list[dict[str, str]]) -> dict[str, Any]:
+def summarize(plan: SweepRun, rows: list[dict[str, str]]) -> dict[str, Any]:
     """Counts by status and the best finished trial, from results.csv's rows."""
     sweep = plan.spec.sweep
     assert sweep is not None

@@ -1,6 +1,6 @@
 """``raptor run``: plan the stage graph for a spec, then make exactly the artifacts that are missing.
 
-The plan (:func:`plan`) gives every stage its content key (``raptor.service.graph``), its artifact
+The plan (:func:`plan`) gives every stage its content key (``raptor.service.engine.graph``), its artifact
 folder in the store and a status: done (an artifact with this key exists, made by this run or by
 any other that points at the same store), will resume (a training stage with checkpoints under
 its key), will run, or missing (an artifact the spec gives, such as ``teacher.checkpoint``, that is
@@ -29,12 +29,12 @@ from raptor import storage
 from raptor.data.shards import dataset_folder
 from raptor.errors import UserError
 from raptor.service import stages as stage_defs
-from raptor.service.build import absolute_paths, check_teacher
-from raptor.service.graph import Step, StageContext, changed_fields, content_key, explain, inputs, render_table
-from raptor.service.layout import MARKER_FILE, Layout, corrupt_file
+from raptor.service.spec.translate import absolute_paths, check_teacher
+from raptor.service.engine.graph import Step, StageContext, changed_fields, content_key, explain, inputs, render_table
+from raptor.service.engine.artifacts import MARKER_FILE, RunFolder, corrupt_file
 from raptor.service.spec import JobSpec
 from raptor.train.export import MANIFEST_FILE
-from raptor.train.snapshot import CHECKPOINTS, resume_step
+from raptor.train.registered import CHECKPOINTS, resume_step
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _location(step_name: str, spec: JobSpec, layout: Layout, key: str) -> str:
+def _location(step_name: str, spec: JobSpec, layout: RunFolder, key: str) -> str:
     if step_name == "data":
         return dataset_folder(spec.data.train)
     if step_name == "teacher" and spec.teacher.checkpoint is not None:
@@ -55,7 +55,7 @@ def _location(step_name: str, spec: JobSpec, layout: Layout, key: str) -> str:
     return layout.keyed(step_name, key)
 
 
-def _status(step: Step, spec: JobSpec, layout: Layout, previous: dict[str, Any] | None, rebuilt: set[str]) -> tuple[str, str]:
+def _status(step: Step, spec: JobSpec, layout: RunFolder, previous: dict[str, Any] | None, rebuilt: set[str]) -> tuple[str, str]:
     stage = step.stage
     if stage.given(spec):
         if step.name == "teacher" and not storage.exists(step.url):
@@ -81,10 +81,10 @@ def previous_index(spec: JobSpec) -> dict[str, Any] | None:
     return storage.read_json(url).get("stages") if storage.exists(url) else None
 
 
-def plan(spec: JobSpec) -> tuple[list[Step], Layout]:
+def plan(spec: JobSpec) -> tuple[list[Step], RunFolder]:
     """Every stage's key, artifact URL and status; nothing is written."""
     previous = previous_index(spec)
-    layout = Layout(run_url=spec.storage.url, store_url=spec.storage.store_url,
+    layout = RunFolder(run_url=spec.storage.url, store_url=spec.storage.store_url,
                     teacher_checkpoint=spec.teacher.checkpoint)
     keys: dict[str, str] = {}
     steps: list[Step] = []
@@ -128,7 +128,7 @@ def _upstream_closure(step: Step, by_name: dict[str, Step]) -> list[Step]:
     return [by_name[name] for name in seen]
 
 
-def write_index(spec: JobSpec, layout: Layout, steps: list[Step], made: Collection[str] = ()) -> None:
+def write_index(spec: JobSpec, layout: RunFolder, steps: list[Step], made: Collection[str] = ()) -> None:
     """``run.json``: stage -> key -> artifact URL (with its inputs and status), and the spec that ran.
 
     ``made_here``: this invocation made the artifact (``made``), rather than finding it done; runs
@@ -145,7 +145,7 @@ def write_index(spec: JobSpec, layout: Layout, steps: list[Step], made: Collecti
     })
 
 
-def save_spec(spec: JobSpec, layout: Layout) -> None:
+def save_spec(spec: JobSpec, layout: RunFolder) -> None:
     """``spec.yaml`` beside the index (secrets redacted). A changed spec replaces it; the old one is kept as
     ``spec.<UTC time>.yaml``."""
     url, text = layout.spec_file, spec.to_yaml(public=True)
@@ -159,7 +159,7 @@ def save_spec(spec: JobSpec, layout: Layout) -> None:
     storage.write_bytes(url, text.encode())
 
 
-def publish_report(layout: Layout) -> None:
+def publish_report(layout: RunFolder) -> None:
     """Copy the report from the store into the run folder, where a person looks for it."""
     storage.remove(layout.run_report)
     storage.copy_tree(layout.report, layout.run_report)
@@ -185,7 +185,7 @@ def _checksums(folder: str, written: dict[str, str]) -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-def execute(spec: JobSpec, layout: Layout, step: Step, report_interval: int | None = None) -> float:
+def execute(spec: JobSpec, layout: RunFolder, step: Step, report_interval: int | None = None) -> float:
     """Run one stage and mark its artifact done (``stage.json``, written last, with its files' checksums); returns seconds."""
     log.info("stage %s: running%s", step.name, f" ({step.why})" if step.why else "")
     marked = not step.stage.given(spec) and step.name != "data"
@@ -206,7 +206,7 @@ def execute(spec: JobSpec, layout: Layout, step: Step, report_interval: int | No
     return seconds
 
 
-def make(spec: JobSpec, layout: Layout, step: Step, guard: Guard | None = None,
+def make(spec: JobSpec, layout: RunFolder, step: Step, guard: Guard | None = None,
          report_interval: int | None = None) -> float | None:
     """Make ``step``'s artifact under ``guard``; returns seconds, or None when another run made it meanwhile.
 

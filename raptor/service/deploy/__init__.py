@@ -1,0 +1,1 @@
+"""Where a job runs: submission to a Ray cluster, KubeRay manifests, and per-GPU sizing (``raptor plan``)."""
