@@ -28,11 +28,11 @@ BASE = "vit_base_patch14_reg4_dinov2"
 
 def run_job(run_dir: str, steps: int) -> StageJob:
     """Stage 2 of a finished run's spec (its teacher and stage-1 student), ``steps`` steps."""
-    from raptor.service.build import stage_job
-    from raptor.service.layout import Layout
+    from raptor.service.spec.translate import stage_job
+    from raptor.service.engine.artifacts import RunFolder
     from raptor.service.spec import load_spec
 
-    layout = Layout.from_index(run_dir)
+    layout = RunFolder.from_index(run_dir)
     spec = load_spec(layout.spec_file, [f"stage2.steps={steps}", f"stage2.warmup_steps={steps // 10}"])
     return stage_job(spec, "stage2", layout, key="bench", inputs={})
 
@@ -46,8 +46,8 @@ def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int
 
     from raptor.data import synthetic_source, write_shards
     from raptor.models import Raptor, Teacher, save_student
-    from raptor.service.build import stage_job
-    from raptor.service.layout import Layout
+    from raptor.service.spec.translate import stage_job
+    from raptor.service.engine.artifacts import RunFolder
     from raptor.service.spec import parse_spec
 
     kw = model_kwargs or {}
@@ -71,7 +71,7 @@ def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int
         "storage": {"url": f"{folder}/run"},
         "logging": {"wandb_mode": "disabled"},
     })
-    layout = Layout(f"{folder}/run", f"{folder}/store", teacher_checkpoint=f"{folder}/teacher.safetensors",
+    layout = RunFolder(f"{folder}/run", f"{folder}/store", teacher_checkpoint=f"{folder}/teacher.safetensors",
                     folders={"discovery": f"{folder}/discovery", "stage1": f"{folder}/stage1", "stage2": f"{folder}/stage2"})
     return stage_job(spec, "stage2", layout, key="bench", inputs={})
 

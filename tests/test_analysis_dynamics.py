@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from raptor.analysis import dynamics as dyn
-from raptor.models import TokenLayout
+from raptor.models import TokenGeometry
 
 
 def _groups(num_tokens: int, num_registers: int = 0) -> dict[str, slice]:
-    return TokenLayout(num_prefix=1 + num_registers, num_registers=num_registers, num_patches=num_tokens - 1 - num_registers, depth=1, width=1).groups()
+    return TokenGeometry(num_prefix=1 + num_registers, num_registers=num_registers, num_patches=num_tokens - 1 - num_registers, depth=1, width=1).groups()
 
 
 def _rotation(theta: float, depth: int, batch: int = 2, tokens: int = 5, dim: int = 6) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _distil(teacher) -> torch.Tensor:
                       last_block_token_weights=(0.34, 0.33, 0.33))
     fit(student, batches, cfg)
     with torch.no_grad():
-        fid = fidelity(student.rollout(val[:, 0]), val, teacher.layout)
+        fid = fidelity(student.rollout(val[:, 0]), val, teacher.geometry)
     return fid["all"]["update_r2"]
 
 

@@ -91,8 +91,8 @@ def test_layer_distances_batched_equals_whole():
     torch.manual_seed(0)
     traj = torch.randn(12, 7, 6, 8)  # B, L+1, N (1 cls + 1 reg + 4 patches), D
     for metric in ("cosine", "mse", "cka"):
-        whole = layer_distances(traj, metric, layout=2)
-        parts = layer_distances([traj[:6], traj[6:]], metric, layout=2)
+        whole = layer_distances(traj, metric, geometry=2)
+        parts = layer_distances([traj[:6], traj[6:]], metric, geometry=2)
         assert whole.shape == (6, 6)
         assert torch.allclose(whole, whole.T)
         assert torch.all(whole.diagonal() == 0)
@@ -102,15 +102,15 @@ def test_layer_distances_batched_equals_whole():
     f = torch.stack([traj[:, 1:, 0], traj[:, 1:, 2:].mean(2)], 2)
     cos = torch.nn.functional.cosine_similarity(f[:, 0], f[:, 3], dim=-1)  # [B, 2]
     want = (1 - cos).sum(-1).mean()
-    assert layer_distances(traj, "cosine", layout=2)[0, 3] == pytest.approx(float(want), rel=1e-5)
+    assert layer_distances(traj, "cosine", geometry=2)[0, 3] == pytest.approx(float(want), rel=1e-5)
     # identical layers -> distance 0; cka of a layer with a scaled copy -> 0
     t2 = traj.clone()
     t2[:, 2] = 3 * t2[:, 1]
-    assert layer_distances(t2, "cka", layout=2)[0, 1] == pytest.approx(0.0, abs=1e-6)
-    assert layer_distances(t2, "cosine", layout=2)[0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert layer_distances(t2, "cka", geometry=2)[0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert layer_distances(t2, "cosine", geometry=2)[0, 1] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="metric"):
-        layer_distances(traj, "l1", layout=2)
-    with pytest.raises(ValueError, match="layout"):
+        layer_distances(traj, "l1", geometry=2)
+    with pytest.raises(ValueError, match="geometry"):
         layer_distances(traj, "cosine")
 
 
@@ -129,7 +129,7 @@ def test_planted_teacher_swap_distances_recover_boundaries():
     # the representational metrics run on the same trajectories (no claim about what they find)
     traj = teacher.trajectory(x)
     for metric in ("cosine", "mse", "cka"):
-        d = layer_distances(traj, metric, layout=teacher.layout)
+        d = layer_distances(traj, metric, geometry=teacher.geometry)
         assert len(segment(d, 3).boundaries) == 2
 
 

@@ -21,10 +21,10 @@ from raptor.distill import (
     tf_loss,
     token_loss,
 )
-from raptor.models import Raptor, RaptorBlock, TokenLayout
+from raptor.models import Raptor, RaptorBlock, TokenGeometry
 from tests.planted import build_teacher, images
 
-LAY = TokenLayout(num_prefix=3, num_registers=2, num_patches=4, depth=6, width=8, num_heads=2)
+LAY = TokenGeometry(num_prefix=3, num_registers=2, num_patches=4, depth=6, width=8, num_heads=2)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_token_loss_groups():
     assert torch.allclose(w, torch.full((2,), 0.34 * 1 + 0.33 * 4 + 0.33 * 9))
     assert torch.allclose(token_loss(p, t, LAY, (0.0, 1.0, 0.0)), torch.full((2,), 4.0))
     assert torch.allclose(token_loss(t, 2 * t, LAY, kind="cosine"), torch.zeros(2), atol=1e-6)
-    no_reg = TokenLayout(num_prefix=1, num_registers=0, num_patches=6, depth=6, width=8)
+    no_reg = TokenGeometry(num_prefix=1, num_registers=0, num_patches=6, depth=6, width=8)
     assert torch.allclose(token_loss(p, t, no_reg, (0.5, 7.0, 0.5)), torch.full((2,), 0.5 * 1 + 0.5 * (4 * 2 + 9 * 4) / 6))
 
 
@@ -183,7 +183,7 @@ def test_fidelity_metrics():
     torch.manual_seed(0)
     tr = torch.randn(4, 4, 9, 8)
     tr[:, 1:] = tr[:, :1] + 0.3 * tr[:, 1:]  # a_0 dominates every state
-    f = fidelity(tr[:, 1:].clone(), tr, TokenLayout(num_prefix=5, num_registers=4, num_patches=4, depth=3, width=8))
+    f = fidelity(tr[:, 1:].clone(), tr, TokenGeometry(num_prefix=5, num_registers=4, num_patches=4, depth=3, width=8))
     assert f["layers"] == [1, 2, 3] and set(f) == {"layers", "all", "cls", "registers", "patches"}
     for g in ("all", "cls", "registers", "patches"):
         assert torch.allclose(f[g]["r2"], torch.ones(3, dtype=torch.float64)) and torch.allclose(f[g]["update_r2"], torch.ones(3, dtype=torch.float64))

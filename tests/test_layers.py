@@ -239,3 +239,76 @@ def test_readme_library_example_runs_without_the_train_extra(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "student.safetensors").exists() and (tmp_path / "teacher.safetensors").exists()
+
+
+def _edges() -> dict[str, set[str]]:
+    """raptor module -> the raptor modules it imports (at any depth, local imports included).
+
+    ``from a import b`` is an edge to ``a.b`` when that is a module, else to ``a``; ``import a.b.c`` to the
+    longest prefix that is a module. A package's ``__init__`` is its own node.
+    """
+    modules = {_module_name(f): f for f in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            if not imported.startswith("raptor"):
+                continue
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported:
+                targets.add(imported)
+        graph[name] = targets - {name}
+    # `from a import b` also yields `a`: drop it where `a.b` (a submodule) is what was imported
+    return {m: {t for t in ts if not any(u.startswith(t + ".") for u in ts) or t == "raptor"} - {"raptor"}
+            for m, ts in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_in_raptor():
+    """Catches two modules that import each other, even when one side hides it in a function-level import
+    (as the sweep and its results once did): the layering of the code map would no longer be a tree."""
+    assert _cycles(_edges()) == []
+
+
+def test_the_cycle_check_sees_a_local_import(tmp_path, monkeypatch):
+    """Catches the cycle check going blind to a cycle closed by an import inside a function."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", tmp_path / "raptor")
+    (tmp_path / "raptor" / "sweep").mkdir(parents=True)
+    for init in ("raptor/__init__.py", "raptor/sweep/__init__.py"):
+        (tmp_path / init).write_text("")
+    (tmp_path / "raptor/sweep/run.py").write_text("from raptor.sweep.results import cb\ndef go():\n    pass\n")
+    (tmp_path / "raptor/sweep/results.py").write_text("def cb():\n    from raptor.sweep import run\n")
+    assert _cycles(_edges()) == [["raptor.sweep.results", "raptor.sweep.run"]]

@@ -1,4 +1,4 @@
-"""Teachers, checkpoints (official DINOv2 layout, exports, S3), the Raptor student and its export."""
+"""Teachers, checkpoints (official DINOv2 geometry, exports, S3), the Raptor student and its export."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _timm(name=NAME, img_size=28, **kw):
 
 
 def to_official(sd: dict[str, torch.Tensor], chunks: int = 0) -> dict[str, torch.Tensor]:
-    """timm DINOv2 keys -> facebookresearch/dinov2 layout (the inverse of timm's conversion)."""
+    """timm DINOv2 keys -> facebookresearch/dinov2 geometry (the inverse of timm's conversion)."""
     sd = {k: v.clone() for k, v in sd.items()}
     out = {}
     D = sd["cls_token"].shape[-1]
@@ -77,7 +77,7 @@ def _save_pth(obj, path):
 def test_teacher_trajectory_embed_readout():
     m = _timm()
     t = Teacher.from_model(copy.deepcopy(m))
-    lay = t.layout
+    lay = t.geometry
     assert (lay.num_prefix, lay.num_registers, lay.num_patches, lay.depth, lay.width) == (5, 4, 4, 4, 32)
     assert lay.num_tokens == 9 and lay.has_cls
     x = images(3, 28)
@@ -225,7 +225,7 @@ def test_student_structure_and_errors():
     with pytest.raises(ValueError, match="init must be"):
         Raptor.from_teacher(t, [2], init="zeros")
     with pytest.raises(ValueError, match="block width 16 != teacher width 32"):
-        Raptor([RaptorBlock(16, 2) for _ in range(2)], [3], t.layout)
+        Raptor([RaptorBlock(16, 2) for _ in range(2)], [3], t.geometry)
     other = build_teacher((3, 3), width=48, heads=2, img_size=28)
     with pytest.raises(ValueError, match="does not match"):
         s.attach(other)

@@ -43,7 +43,7 @@ def pair():
 
 
 def update_r2(states: torch.Tensor, traj: torch.Tensor, student: Raptor) -> torch.Tensor:
-    return fidelity(states.float(), traj, student.layout)["all"]["update_r2"]
+    return fidelity(states.float(), traj, student.geometry)["all"]["update_r2"]
 
 
 def test_autocast_keeps_the_residual_stream_gains_and_loss_fp32(pair):

@@ -101,7 +101,7 @@ def train(job: StageJob, teacher: Teacher, student: Raptor, traj: torch.Tensor, 
 
 def update_r2(student: Raptor, traj: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return fidelity(student.rollout(traj[:, 0]), traj, student.layout)["all"]["update_r2"]
+        return fidelity(student.rollout(traj[:, 0]), traj, student.geometry)["all"]["update_r2"]
 
 
 def test_bf16_autocast_engine_keeps_fp32_fidelity_in_training_and_export(gloo, setup):

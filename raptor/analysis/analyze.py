@@ -114,9 +114,9 @@ def analyze_models(
     bnd = list(boundaries or [])
     layers = default_basin_layers(depth) if basin_layers is None else list(basin_layers)
     traj_t, traj_s, labels = collect_trajectories(teacher, student, batches, max_samples=max_samples, amp=amp)
-    groups = teacher.layout.groups()
+    groups = teacher.geometry.groups()
     predict = _on_device(lambda f: teacher.logits(f).argmax(-1), teacher.device) if teacher.head is not None else None
-    lay = teacher.layout
+    lay = teacher.geometry
     result: dict[str, Any] = {
         "teacher": {"name": teacher.name, "depth": depth, "width": lay.width, "num_registers": lay.num_registers, "num_patches": lay.num_patches},
         "boundaries": bnd,

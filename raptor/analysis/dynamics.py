@@ -5,7 +5,7 @@ raw residual stream) from a teacher or a student rollout. Directions live on the
 x^_l = x_l / ||x_l|| per token, because the residual stream's norm grows with depth and would
 otherwise dominate every comparison.
 
-Token groups come from the teacher's layout (``teacher.layout.groups()``: ``cls``, ``registers``,
+Token groups come from the teacher's geometry (``teacher.geometry.groups()``: ``cls``, ``registers``,
 ``patches`` -> slices of the token axis), so the measures are reported per token type.
 """
 
@@ -181,7 +181,7 @@ def basin_robustness(
 def dynamics_summary(traj: Tensor, groups: Mapping[str, slice], boundaries: Sequence[int] = ()) -> dict[str, object]:
     """Every trajectory-only measure as JSON-ready lists: per-group gamma and speed, patch-update rank and coherence.
 
-    ``groups`` must hold ``patches`` (``teacher.layout.groups()``).
+    ``groups`` must hold ``patches`` (``teacher.geometry.groups()``).
     """
     _check_trajectory(traj)
     if "patches" not in groups:

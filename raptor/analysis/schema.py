@@ -41,7 +41,7 @@ class RunSection(_Section):
 
 
 class TeacherSection(_Section):
-    """The frozen teacher ViT and its token layout."""
+    """The frozen teacher ViT and its token geometry."""
 
     name: str = Field(description="timm model name")
     depth: int = Field(ge=1, description="number of transformer blocks L")

@@ -12,7 +12,7 @@ import torch
 
 from raptor import storage
 from raptor.errors import MissingInput, UserError
-from raptor.models.teacher import Teacher, TokenLayout, autocast
+from raptor.models.teacher import Teacher, TokenGeometry, autocast
 
 METRICS = ("cosine", "mse", "cka", "swap")
 MAX_DISTANCE = 1e150  # sums, differences and plot scales of larger values overflow float64
@@ -48,12 +48,12 @@ def _hsic1(K: torch.Tensor, Lm: torch.Tensor) -> torch.Tensor:
 def layer_distances(
     trajectories: torch.Tensor | Iterable[torch.Tensor],
     metric: str = "cosine",
-    layout: TokenLayout | int | None = None,
+    geometry: TokenGeometry | int | None = None,
 ) -> torch.Tensor:
     """L x L distances between layers 1..L, accumulated batch by batch in constant memory.
 
     Per image and layer, f_l = [cls token, mean of patch tokens] (registers excluded; needs the
-    ``layout`` or the number of prefix tokens, default 1 + 4 registers is NOT assumed: pass it).
+    ``geometry`` or the number of prefix tokens, default 1 + 4 registers is NOT assumed: pass it).
 
     - ``cosine`` (the authors'): D[l, m] = sum over the two tokens of (1 - cos(f_l, f_m)), mean over images.
     - ``mse``: mean over images of the mean squared difference of f_l and f_m.
@@ -64,9 +64,9 @@ def layer_distances(
     """
     if metric not in ("cosine", "mse", "cka"):
         raise ValueError(f"metric must be cosine|mse|cka (swap: use swap_distances), got {metric!r}")
-    if layout is None:
-        raise ValueError("layer_distances needs layout= (teacher.layout) or the number of prefix tokens")
-    num_prefix = layout if isinstance(layout, int) else layout.num_prefix
+    if geometry is None:
+        raise ValueError("layer_distances needs geometry= (teacher.geometry) or the number of prefix tokens")
+    num_prefix = geometry if isinstance(geometry, int) else geometry.num_prefix
     acc = None
     count = 0
     hsic_xy = None

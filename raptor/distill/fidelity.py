@@ -20,23 +20,23 @@ from __future__ import annotations
 
 import torch
 
-from raptor.models.teacher import TokenLayout
+from raptor.models.teacher import TokenGeometry
 
 METRICS = ("r2", "cosine", "update_r2", "rel_error")
 
 
-def _groups(layout: TokenLayout | None, n_tokens: int) -> dict[str, slice]:
+def _groups(geometry: TokenGeometry | None, n_tokens: int) -> dict[str, slice]:
     g = {"all": slice(0, n_tokens)}
-    if layout is not None:
-        g.update(layout.groups())
+    if geometry is not None:
+        g.update(geometry.groups())
     return g
 
 
 class FidelityAccumulator:
     """Accumulate fidelity sums over batches; :meth:`compute` returns the plain dict."""
 
-    def __init__(self, layout: TokenLayout | None = None, start: int = 0):
-        self.layout = layout
+    def __init__(self, geometry: TokenGeometry | None = None, start: int = 0):
+        self.geometry = geometry
         self.start = start
         self._s: dict[str, dict[str, torch.Tensor]] | None = None
         self.layers: list[int] = []
@@ -55,7 +55,7 @@ class FidelityAccumulator:
         if self._s is None:
             self.layers = list(range(self.start + 1, self.start + 1 + n))
             self._s = {}
-        for name, sl in _groups(self.layout, N).items():
+        for name, sl in _groups(self.geometry, N).items():
             sg, ag, a0g = s[:, :, sl], a[:, :, sl], a0[:, :, sl]
             upd_t = ag - a0g
             upd_p = sg - a0g
@@ -98,13 +98,13 @@ class FidelityAccumulator:
 def fidelity(
     states: torch.Tensor,
     trajectory: torch.Tensor,
-    layout: TokenLayout | None = None,
+    geometry: TokenGeometry | None = None,
     start: int = 0,
 ) -> dict:
     """Fidelity of one batch (see the module docstring). ``states`` are the student's layers
-    start+1..start+n (``student.rollout(trajectory[:, start], start, ...)``). Without ``layout``
+    start+1..start+n (``student.rollout(trajectory[:, start], start, ...)``). Without ``geometry``
     only the ``all`` group is reported."""
-    acc = FidelityAccumulator(layout, start)
+    acc = FidelityAccumulator(geometry, start)
     acc.update(states, trajectory)
     return acc.compute()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from raptor.distill.config import StageConfig
 from raptor.distill.schedules import stage_lambda
 from raptor.models.student import Raptor
-from raptor.models.teacher import TokenLayout
+from raptor.models.teacher import TokenGeometry
 
 Weights = tuple[float, float, float] | None
 
@@ -25,7 +25,7 @@ Weights = tuple[float, float, float] | None
 def token_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    layout: TokenLayout,
+    geometry: TokenGeometry,
     weights: Weights = None,
     kind: str = "mse",
 ) -> torch.Tensor:
@@ -33,7 +33,7 @@ def token_loss(
 
     ``weights=None``: plain mean over tokens and features. ``(w_cls, w_reg, w_patch)``:
     ``w_cls MSE(cls) + w_reg MSE(registers) + w_patch MSE(patches)``, each MSE a mean over its
-    tokens and D; a group the layout lacks (no registers) contributes nothing.
+    tokens and D; a group the geometry lacks (no registers) contributes nothing.
     ``kind="cosine"``: 1 - cosine per token instead of the squared error (same weighting).
     """
     pred = pred.float()
@@ -47,14 +47,14 @@ def token_loss(
     if weights is None:
         return err.mean(dim=-1)
     total = err.new_zeros(err.shape[:-1])
-    for w, (_, sl) in zip(weights, _group_slices(layout)):
+    for w, (_, sl) in zip(weights, _group_slices(geometry)):
         if w and sl is not None:
             total = total + w * err[..., sl].mean(dim=-1)
     return total
 
 
-def _group_slices(layout: TokenLayout) -> list[tuple[str, slice | None]]:
-    g = layout.groups()
+def _group_slices(geometry: TokenGeometry) -> list[tuple[str, slice | None]]:
+    g = geometry.groups()
     return [(name, g.get(name)) for name in ("cls", "registers", "patches")]
 
 
@@ -78,7 +78,7 @@ def tf_loss(
     """
     inputs = _noisy(trajectory[:, start:end], sigma)
     pred = student.teacher_forcing(inputs, start)
-    per = token_loss(pred, trajectory[:, start + 1 : end + 1], student.layout, weights, kind)  # [B, n]
+    per = token_loss(pred, trajectory[:, start + 1 : end + 1], student.geometry, weights, kind)  # [B, n]
     per_layer = per.mean(dim=0)
     return per_layer.mean(), per_layer
 
@@ -113,7 +113,7 @@ def ar_loss(
     # target of (start u, step h) is a_{u+h+1}
     idx = torch.arange(S, device=trajectory.device)[:, None] + torch.arange(H, device=trajectory.device)[None] + s + 1
     target = trajectory[:, idx]  # [B, S, H, N, D]
-    per = token_loss(pred, target, student.layout, weights, kind).mean(dim=0)  # [S, H]
+    per = token_loss(pred, target, student.geometry, weights, kind).mean(dim=0)  # [S, H]
     layer_idx = (idx - s - 1).reshape(-1)
     sums = per.new_zeros(n).index_add(0, layer_idx, per.reshape(-1))
     counts = per.new_zeros(n).index_add(0, layer_idx, torch.ones_like(per).reshape(-1))
@@ -217,7 +217,7 @@ def stage2_loss(
     _check_traj(student, trajectory)
     a0 = _noisy(trajectory[:, 0], cfg.sigma)
     states = student.rollout(a0)
-    per = token_loss(states, trajectory[:, 1:], student.layout, cfg.token_weights, cfg.loss)
+    per = token_loss(states, trajectory[:, 1:], student.geometry, cfg.token_weights, cfg.loss)
     per_layer = per.mean(dim=0)
     loss = per_layer.mean()
     metrics = {f"layer{l + 1}/loss": v for l, v in enumerate(per_layer.detach())}
@@ -241,7 +241,7 @@ def distill_loss(
 
 
 def _check_traj(student: Raptor, trajectory: torch.Tensor) -> None:
-    lay = student.layout
+    lay = student.geometry
     want = (lay.depth + 1, lay.num_tokens, lay.width)
     if trajectory.ndim != 4 or tuple(trajectory.shape[1:]) != want:
         raise ValueError(

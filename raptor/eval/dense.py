@@ -218,7 +218,7 @@ def dense_features(teacher: Teacher, student: Raptor | None, batches: Iterable[A
 
     ``batches`` are dense loader batches ``(images, labels, masks, depth)`` (``raptor.data.loader(..., dense=True)``).
     """
-    lay = teacher.layout
+    lay = teacher.geometry
     grid = (lay.img_size // lay.patch_size, lay.img_size // lay.patch_size)
     tokens = lambda final: patch_grid(teacher.model.norm(final)[:, lay.num_prefix :].float().cpu(), grid)  # noqa: E731
     out: dict[str, list[Tensor]] = {"teacher": [], "student": [], "mask": [], "depth": []}

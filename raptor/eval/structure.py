@@ -202,7 +202,7 @@ def evaluate_student(student: Raptor, val: Batches, *, head: tuple[Tensor, Tenso
     if teacher is None:
         raise ValueError("the student needs its teacher attached (student.attach(teacher))")
     head = _head(teacher, head)
-    acc = FidelityAccumulator(student.layout)
+    acc = FidelityAccumulator(student.geometry)
     correct, total = 0.0, 0
     for traj, labels in val:
         states, feats = _student_features(student, traj)

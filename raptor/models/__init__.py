@@ -3,14 +3,14 @@
 from raptor.models.checkpoints import CheckpointError, read_checkpoint, to_timm_state_dict
 from raptor.models.export import load_student, rebuild_student, save_student, student_manifest
 from raptor.models.student import Raptor, RaptorBlock, check_boundaries, segments_of
-from raptor.models.teacher import Teacher, TokenLayout
+from raptor.models.teacher import Teacher, TokenGeometry
 
 __all__ = [
     "CheckpointError",
     "Raptor",
     "RaptorBlock",
     "Teacher",
-    "TokenLayout",
+    "TokenGeometry",
     "check_boundaries",
     "load_student",
     "read_checkpoint",

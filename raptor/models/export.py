@@ -23,7 +23,7 @@ import torch
 
 from raptor.models import checkpoints as ckpt
 from raptor.models.student import Raptor, RaptorBlock
-from raptor.models.teacher import Teacher, TokenLayout
+from raptor.models.teacher import Teacher, TokenGeometry
 
 
 def student_manifest(student: Raptor) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def student_manifest(student: Raptor) -> dict[str, Any]:
             "depth": student.depth,
             "k": student.k,
             "block": block_cfg,
-            "layout": student.layout.to_dict(),
+            "layout": student.geometry.to_dict(),
         },
     }
     t = student.teacher
@@ -115,8 +115,8 @@ def _manifest(text: str, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _build(s: dict[str, Any], url: str) -> Raptor:
     """The (untrained) Raptor the manifest's ``student`` section describes; values it cannot take are the file's fault."""
     try:
-        layout = TokenLayout(**s["layout"])
-        return Raptor([RaptorBlock(**s["block"]) for _ in range(s["k"])], s["boundaries"], layout)
+        geometry = TokenGeometry(**s["layout"])
+        return Raptor([RaptorBlock(**s["block"]) for _ in range(s["k"])], s["boundaries"], geometry)
     except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
         raise ckpt.CheckpointError(f"{url}: its manifest does not describe a student ({e})") from None
 

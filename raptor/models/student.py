@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from raptor.models.teacher import Teacher, TokenLayout, _mlp_kind
+from raptor.models.teacher import Teacher, TokenGeometry, _mlp_kind
 
 
 class Attention(nn.Module):
@@ -191,19 +191,19 @@ class Raptor(nn.Module):
         self,
         blocks: Sequence[RaptorBlock],
         boundaries: Sequence[int],
-        layout: TokenLayout,
+        geometry: TokenGeometry,
         teacher: Teacher | None = None,
     ):
         super().__init__()
-        self.layout = layout
-        self.depth = layout.depth
+        self.geometry = geometry
+        self.depth = geometry.depth
         self.boundaries = check_boundaries(boundaries, self.depth)
         self.segments = segments_of(self.boundaries, self.depth)
         if len(blocks) != len(self.segments):
             raise ValueError(f"{len(blocks)} blocks for {len(self.segments)} segments")
         for blk in blocks:
-            if blk.dim != layout.width:
-                raise ValueError(f"block width {blk.dim} != teacher width {layout.width}")
+            if blk.dim != geometry.width:
+                raise ValueError(f"block width {blk.dim} != teacher width {geometry.width}")
         self.blocks = nn.ModuleList(blocks)
         # owner[l-1] = the block that produces layer l (static Python ints: compile-friendly)
         self.owner = [j for j, (s, e) in enumerate(self.segments) for _ in range(s, e)]
@@ -225,11 +225,11 @@ class Raptor(nn.Module):
 
     def attach(self, teacher: Teacher) -> "Raptor":
         """Use ``teacher``'s embedding and final norm (not registered: not part of the student)."""
-        lay = teacher.layout
+        lay = teacher.geometry
         if (lay.width, lay.depth, lay.num_prefix, lay.num_patches) != (
-            self.layout.width, self.layout.depth, self.layout.num_prefix, self.layout.num_patches,
+            self.geometry.width, self.geometry.depth, self.geometry.num_prefix, self.geometry.num_patches,
         ):
-            raise ValueError(f"teacher layout {lay} does not match the student's {self.layout}")
+            raise ValueError(f"teacher geometry {lay} does not match the student's {self.geometry}")
         self._teacher = [teacher]
         return self
 
@@ -254,7 +254,7 @@ class Raptor(nn.Module):
         """
         if init not in ("random", "teacher"):
             raise ValueError(f"init must be 'random' or 'teacher', got {init!r}")
-        lay = teacher.layout
+        lay = teacher.geometry
         bnd = check_boundaries(boundaries, lay.depth)
         tblk = teacher.blocks[0]
         kind = mlp or teacher.mlp_kind

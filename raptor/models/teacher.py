@@ -21,7 +21,7 @@ from raptor.models import checkpoints as ckpt
 
 
 @dataclass(frozen=True)
-class TokenLayout:
+class TokenGeometry:
     """Token and shape bookkeeping of a ViT residual stream.
 
     Tokens are ordered [cls, registers..., patches...] (DINOv2's and timm's order).
@@ -45,7 +45,7 @@ class TokenLayout:
         return self.num_prefix + self.num_patches
 
     def groups(self) -> dict[str, slice]:
-        """Token groups present in this layout: ``cls``, ``registers``, ``patches``."""
+        """Token groups present in this stream: ``cls``, ``registers``, ``patches``."""
         out: dict[str, slice] = {}
         c = self.num_prefix - self.num_registers
         if c:
@@ -130,7 +130,7 @@ class Teacher(nn.Module):
         patch = int(model.patch_embed.patch_size[0])
         grid = tuple(int(g) for g in model.patch_embed.grid_size)
         nreg = int(getattr(model, "num_reg_tokens", 0))
-        self.layout = TokenLayout(
+        self.geometry = TokenGeometry(
             num_prefix=int(model.num_prefix_tokens),
             num_registers=nreg,
             num_patches=grid[0] * grid[1],
@@ -301,7 +301,7 @@ class Teacher(nn.Module):
             "timm_name": self.name,
             "img_size": str(self.img_size),
             "model_kwargs": json.dumps(self.model_kwargs, sort_keys=True),
-            "layout": json.dumps(self.layout.to_dict()),
+            "layout": json.dumps(self.geometry.to_dict()),
         }
         for k, v in (metadata or {}).items():
             meta[k] = v if isinstance(v, str) else json.dumps(v)
@@ -328,7 +328,7 @@ class Teacher(nn.Module):
         """Attach a linear head over the 2D readout (DINOv2 linear-head format)."""
         self.head = _head_from_state(
             {"weight": weight, "bias": bias if bias is not None else torch.zeros(weight.shape[0])},
-            2 * self.layout.width,
+            2 * self.geometry.width,
             "head",
         ).to(self.device)
 
@@ -346,7 +346,7 @@ class Teacher(nn.Module):
 
     @property
     def depth(self) -> int:
-        return self.layout.depth
+        return self.geometry.depth
 
     def check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -404,10 +404,10 @@ class Teacher(nn.Module):
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, then [cls, mean of patch tokens] (registers excluded) -> ``[B, 2D]``."""
-        if not self.layout.has_cls:
+        if not self.geometry.has_cls:
             raise ValueError(f"{self.name} has no cls token; the readout needs one")
         x = self.model.norm(x)
-        return torch.cat([x[:, 0], x[:, self.layout.num_prefix :].mean(dim=1)], dim=-1)
+        return torch.cat([x[:, 0], x[:, self.geometry.num_prefix :].mean(dim=1)], dim=-1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Linear head over :meth:`readout` of a final state."""

@@ -205,7 +205,7 @@ class StudentShape:
         return cls(
             block=_block_shape(blk),
             depth=student.depth,
-            num_tokens=student.layout.num_tokens,
+            num_tokens=student.geometry.num_tokens,
             boundaries=tuple(student.boundaries),
             depth_hidden=int(dm[0].out_features) if dm is not None else 0,
         )

@@ -94,7 +94,7 @@ class Validator:
         traj = self.trajectory
         with torch.compiler.set_stance("force_eager"), autocast(traj.device, self.amp):
             states = self.student.rollout(traj[:, 0])
-        fid = fidelity(states.float(), traj, self.student.layout)
+        fid = fidelity(states.float(), traj, self.student.geometry)
         out = {f"val/{k}": v for k, v in summarize(fid).items()}
         for name in ("update_r2", "rel_error"):
             for layer, v in enumerate(fid["all"][name].tolist(), start=1):

@@ -49,7 +49,7 @@ class RenderError(UserError):
 
 
 @dataclass(frozen=True)
-class WorkerLayout:
+class WorkerPacking:
     """How the spec's Ray Train workers (of every trial that runs at once, for a sweep) are packed onto identical pods."""
 
     pods: int
@@ -59,7 +59,7 @@ class WorkerLayout:
     memory_gib: int
 
 
-def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec, trials: int = 1) -> WorkerLayout:
+def worker_packing(scaling: ScalingSpec, cluster: ClusterSpec, trials: int = 1) -> WorkerPacking:
     """Pack workers onto pods of ``cluster.gpus_per_node`` GPUs (one worker per pod on CPU).
 
     ``trials`` > 0 for a sweep: that many trials' pods, each pod with one extra CPU for trial drivers.
@@ -82,7 +82,7 @@ def worker_layout(scaling: ScalingSpec, cluster: ClusterSpec, trials: int = 1) -
     if gpus != int(gpus):
         raise RenderError(f"{workers_per_pod} workers x scaling.gpus_per_worker={scaling.gpus_per_worker:g} is not a whole number of GPUs per pod")
     cpus = scaling.cpus_per_worker * workers_per_pod
-    return WorkerLayout(
+    return WorkerPacking(
         pods=scaling.num_workers // workers_per_pod * max(trials, 1),
         workers_per_pod=workers_per_pod,
         gpus_per_pod=int(gpus),
@@ -181,7 +181,7 @@ def _shm_volume(gib: int) -> list[dict[str, Any]]:
 def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     """The RayCluster spec: a CPU head with the dashboard and one worker group sized by ``spec.scaling``."""
     cluster, scaling = spec.cluster, spec.scaling
-    layout = worker_layout(scaling, cluster, sweep_trials(spec))
+    layout = worker_packing(scaling, cluster, sweep_trials(spec))
     raylet_ok = f"curl -fsS http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep -q success"
     head_ok = f"{raylet_ok} && curl -fsS http://localhost:{HEAD_PORTS['dashboard']}/api/gcs_healthz | grep -q success"
 

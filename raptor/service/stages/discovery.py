@@ -42,7 +42,7 @@ def distance_matrix(spec: JobSpec, teacher: TeacherRef) -> np.ndarray:
     if d.metric == "swap":
         dist = swap_distances(model, images(), amp=amp)
     else:
-        dist = layer_distances((model.trajectory(x, amp=amp) for x in images()), d.metric, model.layout)
+        dist = layer_distances((model.trajectory(x, amp=amp) for x in images()), d.metric, model.geometry)
     return np.asarray(dist.cpu(), dtype=np.float64)
 
 

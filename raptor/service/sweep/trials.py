@@ -32,13 +32,10 @@ where its pipeline stopped (finished stages are done, a training stage resumes i
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
 import math
-import os
-import posixpath
 import threading
 import time
 import uuid
