@@ -1,4 +1,4 @@
-"""What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step (issue 11: <= 10%).
+"""What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step; the runner should add at most a tenth.
 
 Both sides run the same :class:`~raptor.train.job.StageJob` with the same work per sample: this
 rank's shards through the loader, the teacher's trajectory and the stage loss through the job's

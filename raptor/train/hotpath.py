@@ -1,6 +1,6 @@
 """A training stage's hot path: the teacher's trajectory and the stage loss, as the engine runs them.
 
-Precision (issue 11): the frozen teacher computes its trajectory under ``teacher.precision``'s
+Precision: the frozen teacher computes its trajectory under ``teacher.precision``'s
 autocast and returns it in fp32, so the student's targets keep fp32 precision; the student's loss
 runs under ``deepspeed.precision``'s autocast inside the engine's forward. Autocast computes the
 matmuls and attention in bf16 while the student's parameters (the master weights), residual
