@@ -1,4 +1,4 @@
-"""The device check (issue 11): what one GPU does with raptor's hot path, in under 8 minutes.
+"""The device check: what one GPU does with raptor's hot path, in under 8 minutes.
 
 Run from the repository root on a CUDA machine that has torch and timm; anything else raptor needs
 is installed first (``pip install -e .`` pinned to the machine's torch/torchvision/timm builds).
@@ -145,6 +145,7 @@ def student_step(check: Check, name: str, batch: int, mode: str) -> None:
     and loss under torch.compile), ``blocks`` (regional compilation: every block compiled, the
     loops eager; compile time independent of depth), ``fp32`` (the authors' precision, eager)."""
     from raptor.distill import StageConfig, distill_loss, make_optimizer
+    from raptor.execution import DeepSpeedSettings
     from raptor.models import Raptor
     from raptor.perf import CompileCounter, CompiledLoss, StudentShape, TeacherShape, compile_blocks, compile_trajectory
     from raptor.perf import flops_per_sample, mfu, plan
@@ -155,9 +156,11 @@ def student_step(check: Check, name: str, batch: int, mode: str) -> None:
     student = Raptor.from_teacher(teacher, check.boundaries(name), mlp=args.mlp, seed=0)
     tshape, sshape = TeacherShape.from_teacher(teacher), StudentShape.from_student(student)
     precision = "fp32" if mode == "fp32" else "amp"
-    common = dict(batch=batch, device=check.spec, precision=precision, zero_stage=0, reduce_bucket_elems=0)
-    checkpointing = not plan(tshape, sshape, **common).fits  # the bare step: no DeepSpeed buffers
-    predicted = plan(tshape, sshape, checkpointing=checkpointing, **common)
+    engine = DeepSpeedSettings(zero_stage=0, precision="fp32" if mode == "fp32" else "bf16")
+    common = dict(batch=batch, device=check.spec, reduce_bucket_elems=0)
+    checkpointing = not plan(tshape, sshape, deepspeed=engine, **common).fits  # the bare step: no DeepSpeed buffers
+    predicted = plan(tshape, sshape, deepspeed=engine.model_copy(update={"activation_checkpointing": checkpointing}),
+                     **common)
     student.set_checkpointing(checkpointing)
     cfg = StageConfig.paper_stage2(steps=10_000)
     optimizer = make_optimizer(student, cfg)
@@ -243,7 +246,7 @@ def decode(check: Check, tmp: str) -> None:
 def runner(check: Check) -> None:
     """The ViT-B stage-2 step through Ray Train + DeepSpeed on this device (one worker, the spec's
     default compile and precision) against the bare step, both on generated JPEG shards
-    (``scripts/bench_runner.py``, ``raptor.train.bench``; issue 11 target: ratio >= 0.9)."""
+    (``scripts/bench_runner.py``, ``raptor.train.bench``; the target is a ratio >= 0.9)."""
     import ray
 
     from bench_runner import generated_job

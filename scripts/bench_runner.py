@@ -32,9 +32,9 @@ def run_job(run_dir: str, steps: int) -> StageJob:
     from raptor.service.engine.artifacts import RunFolder
     from raptor.service.spec import load_spec
 
-    layout = RunFolder.from_index(run_dir)
-    spec = load_spec(layout.spec_file, [f"stage2.steps={steps}", f"stage2.warmup_steps={steps // 10}"])
-    return stage_job(spec, "stage2", layout, key="bench", inputs={})
+    run_folder = RunFolder.from_index(run_dir)
+    spec = load_spec(run_folder.spec_file, [f"stage2.steps={steps}", f"stage2.warmup_steps={steps // 10}"])
+    return stage_job(spec, "stage2", run_folder, key="bench", inputs={})
 
 
 def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int = 224,
@@ -71,9 +71,9 @@ def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int
         "storage": {"url": f"{folder}/run"},
         "logging": {"wandb_mode": "disabled"},
     })
-    layout = RunFolder(f"{folder}/run", f"{folder}/store", teacher_checkpoint=f"{folder}/teacher.safetensors",
-                    folders={"discovery": f"{folder}/discovery", "stage1": f"{folder}/stage1", "stage2": f"{folder}/stage2"})
-    return stage_job(spec, "stage2", layout, key="bench", inputs={})
+    run_folder = RunFolder(f"{folder}/run", f"{folder}/store", given={"teacher": f"{folder}/teacher.safetensors"},
+                           folders={"discovery": f"{folder}/discovery", "stage1": f"{folder}/stage1", "stage2": f"{folder}/stage2"})
+    return stage_job(spec, "stage2", run_folder, key="bench", inputs={})
 
 
 def main() -> None:

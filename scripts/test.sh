@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 export RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=offline WANDB_SILENT=true
 export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/raptor-ray}"
 mkdir -p "$RAY_TMPDIR"
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=30 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2

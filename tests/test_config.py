@@ -152,15 +152,32 @@ def test_spec_loads_from_s3_with_overrides(s3_bucket):
         load_spec(url, ["stage2.steps=-1"])
 
 
-def test_readme_spec_reference_matches_the_model():
-    readme = (ROOT / "README.md").read_text()
-    assert readme.count(spec_reference.BEGIN) == 1, "README.md lost its spec reference block"
-    block = readme[readme.index(spec_reference.BEGIN) : readme.index(spec_reference.END) + len(spec_reference.END)]
-    assert block == spec_reference.reference_markdown(), "README spec reference is stale: python -m raptor.service.spec.reference --update README.md"
+def test_docs_spec_reference_matches_the_model():
+    """Catches a spec field added, renamed or given a new default or description without refreshing the
+    reference in docs/spec.md (the page would document a spec that no longer exists)."""
+    page = (ROOT / spec_reference.DOCS_FILE).read_text()
+    assert page.count(spec_reference.BEGIN) == 1, f"{spec_reference.DOCS_FILE} lost its spec reference block"
+    block = page[page.index(spec_reference.BEGIN) : page.index(spec_reference.END) + len(spec_reference.END)]
+    assert block == spec_reference.reference_markdown(), (
+        f"{spec_reference.DOCS_FILE} spec reference is stale: python -m raptor.service.spec.reference --update")
+    for other in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if other != ROOT / spec_reference.DOCS_FILE:
+            assert spec_reference.BEGIN not in other.read_text(), f"a second, unchecked spec reference in {other}"
+
+
+def test_reference_update_rewrites_only_the_block_of_docs_spec_md(tmp_path, monkeypatch):
+    """Catches `--update` without a file writing anywhere but docs/spec.md (where the staleness test looks),
+    or touching the page around the block."""
+    page = tmp_path / "docs" / "spec.md"
+    page.parent.mkdir()
+    page.write_text(f"# before\n\n{spec_reference.BEGIN}\nold\n{spec_reference.END}\n\nafter\n")
+    monkeypatch.chdir(tmp_path)
+    assert spec_reference.main(["--update"]) == 0
+    assert page.read_text() == f"# before\n\n{spec_reference.reference_markdown()}\n\nafter\n"
 
 
 def test_every_spec_field_has_a_description():
-    """Catches a new spec field without Field(description=...): the README reference would show an empty meaning."""
+    """Catches a new spec field without Field(description=...): the reference in docs/spec.md would show an empty meaning."""
     assert spec_reference.undocumented() == [], "give these fields a description= in raptor/service/spec/__init__.py"
 
 

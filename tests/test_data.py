@@ -15,6 +15,7 @@ from PIL import Image
 from raptor import storage
 from raptor.cli import main
 from raptor.data import (
+    LoaderSettings,
     image_transform,
     imagefolder_source,
     listfile_source,
@@ -24,7 +25,7 @@ from raptor.data import (
     synthetic_source,
     write_shards,
 )
-from raptor.data.loader import split_quota
+from raptor.data.streaming import split_quota
 
 
 def tar_members(url: str) -> dict[str, bytes]:
@@ -147,7 +148,7 @@ def test_max_bytes_bounds_shards(tmp_path):
 def test_dense_batches_carry_matching_masks_and_depth(tmp_path):
     out = str(tmp_path / "dense")
     write_shards(synthetic_source(24, 4, 48, dense=True), out, max_samples=8)
-    batches = loader(out, batch_size=6, image_size=28, dense=True, num_workers=0, patch_size=14)
+    batches = loader(out, LoaderSettings(batch_size=6, num_workers=0), image_size=28, dense=True, patch_size=14)
     assert len(batches) == 4
     for images, labels, masks, depth in batches:
         assert images.shape == (6, 3, 28, 28) and images.dtype == torch.float32
@@ -219,6 +220,6 @@ def test_write_a_list_of_ready_samples(tmp_path):
         write_shards(samples, str(tmp_path / "a"))
     info = write_shards(samples, str(tmp_path / "a"), classes=src.classes, prefix="val-v2")
     assert info["shards"][0]["name"] == "val-v2-000000.tar" and info["total"] == 6
-    batches = loader(str(tmp_path / "a"), batch_size=6, image_size=24, num_workers=0)
+    batches = loader(str(tmp_path / "a"), LoaderSettings(batch_size=6, num_workers=0), image_size=24)
     (images, labels), = list(batches)
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]

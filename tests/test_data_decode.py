@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from raptor.cli import main
-from raptor.data import ErrorBudgetExceeded, loader, synthetic_source, write_shards
+from raptor.data import ErrorBudgetExceeded, LoaderSettings, loader, synthetic_source, write_shards
 from raptor.data.transforms import crop_box, crop_resize
 from tests.test_data_layouts import write_tar
 
@@ -31,9 +31,9 @@ def shards(tmp_path_factory) -> str:
     return out
 
 
-def run(url: str, decode: str, **kw) -> tuple[torch.Tensor, torch.Tensor, object]:
-    batches = loader(url, batch_size=8, image_size=SIZE, num_workers=0, decode=decode,
-                     device="cpu", **kw)
+def run(url: str, decode: str, error_budget: float = 0.01, **kw) -> tuple[torch.Tensor, torch.Tensor, object]:
+    settings = LoaderSettings(batch_size=8, num_workers=0, decode=decode, error_budget=error_budget)
+    batches = loader(url, settings, image_size=SIZE, device="cpu", **kw)
     images, labels = zip(*list(batches))
     return torch.cat(images), torch.cat(labels), batches.stats
 
@@ -97,8 +97,8 @@ def test_undecodable_images_are_counted_the_same_on_both_paths(tmp_path):
         assert (stats.seen, stats.skipped, stats.repeated) == (10, 3, 0), decode
 
     # a training epoch keeps its batches whole: the device failure's row is another image
-    batches = loader(str(tmp_path), batch_size=4, image_size=SIZE, num_workers=0, decode="gpu",
-                     device="cpu", batches_per_epoch=2, error_budget=0.5, shuffle=False)
+    batches = loader(str(tmp_path), LoaderSettings(batch_size=4, num_workers=0, decode="gpu", error_budget=0.5),
+                     image_size=SIZE, device="cpu", batches_per_epoch=2, shuffle=False)
     assert [len(x) for x, _ in batches] == [4, 4] and batches.stats.repeated == 1
     assert batches.stats.skipped == 2  # the damaged PNG comes after the 8 samples taken
 
@@ -118,14 +118,14 @@ def test_device_failures_respect_the_error_budget(tmp_path):
 def test_uint8_output_and_reproducible_crops_with_device_decode(shards):
     """Catches: normalize=False still converting to float, and device-decoded crops that are not
     a pure function of the seed (two runs must agree exactly)."""
-    a = list(loader(shards, batch_size=8, image_size=SIZE, num_workers=1, decode="gpu",
-                    device="cpu", normalize=False, seed=5))
-    b = list(loader(shards, batch_size=8, image_size=SIZE, num_workers=1, decode="gpu",
-                    device="cpu", normalize=False, seed=5))
+    a = list(loader(shards, LoaderSettings(batch_size=8, num_workers=1, decode="gpu", seed=5),
+                    image_size=SIZE, device="cpu", normalize=False))
+    b = list(loader(shards, LoaderSettings(batch_size=8, num_workers=1, decode="gpu", seed=5),
+                    image_size=SIZE, device="cpu", normalize=False))
     assert a[0][0].dtype == torch.uint8 and len(a) == 8
     assert all(torch.equal(x, y) and torch.equal(lx, ly) for (x, lx), (y, ly) in zip(a, b))
     with pytest.raises(ValueError, match="dense batches decode on the CPU"):
-        loader(shards, batch_size=8, image_size=SIZE, decode="gpu", dense=True)
+        loader(shards, LoaderSettings(batch_size=8, num_workers=2, decode="gpu"), image_size=SIZE, dense=True)
 
 
 def test_bench_prints_loader_bare_loop_and_ratio(shards, capsys):

@@ -18,7 +18,7 @@ import pytest
 import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
-from raptor.data import ShardUnavailableError, loader, synthetic_source, write_shards
+from raptor.data import LoaderSettings, ShardUnavailableError, loader, synthetic_source, write_shards
 from raptor.data.gopen import register
 
 SIZE = 32
@@ -99,13 +99,13 @@ def test_read_error_mid_shard_is_retried_not_counted_as_corrupt(flaky, tmp_path,
     """Catches: a connection reset mid-shard treated as a truncated shard (the rest skipped and
     counted, as before), or retried from the start of the shard (samples delivered twice)."""
     caplog.set_level(logging.WARNING, logger="raptor.data")
-    kw = dict(batch_size=4, image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.01)
-    clean = fingerprints(loader(flaky, num_workers=0, **kw))
+    kw = dict(image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.01)
+    clean = fingerprints(loader(flaky, LoaderSettings(batch_size=4, num_workers=0), **kw))
     shard = f"{tmp_path}/ds/train-000001.tar"
     half = (tmp_path / "ds" / "train-000001.tar").stat().st_size // 2
     FlakyFileSystem.faults[shard] = [half, 1]
     FlakyFileSystem.opens.clear()
-    batches = loader(flaky, num_workers=num_workers, **kw)
+    batches = loader(flaky, LoaderSettings(batch_size=4, num_workers=num_workers), **kw)
     assert fingerprints(batches) == clean  # every sample once, in the same order
     stats = batches.stats
     assert (stats.read_retries, stats.skipped, stats.shard_errors, stats.seen) == (1, 0, 0, 30)
@@ -119,8 +119,8 @@ def test_read_error_that_persists_fails_naming_the_shard(flaky, tmp_path):
     on with a hole) instead of stopping the run with the shard named."""
     shard = f"{tmp_path}/ds/train-000002.tar"
     FlakyFileSystem.faults[shard] = [3000, 10]
-    batches = loader(flaky, batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                     num_workers=0, retries=2, backoff_s=0.01)
+    batches = loader(flaky, LoaderSettings(batch_size=4, num_workers=0),
+                     image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.01)
     with pytest.raises(ShardUnavailableError, match=r"train-000002\.tar failed mid-read 3 times"):
         list(batches)
     assert batches.stats.skipped == 0 and batches.stats.shard_errors == 0
@@ -215,12 +215,12 @@ def test_s3_outage_mid_shard_is_survived(s3_server, monkeypatch, caplog):
     s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(bucket)
     url = f"s3://{bucket}/ds"
     write_shards(synthetic_source(24, 4, SIZE), url, max_samples=12)
-    kw = dict(batch_size=4, image_size=SIZE, train=False, drop_last=False, num_workers=0)
-    clean = fingerprints(loader(url, **kw))
+    settings, kw = LoaderSettings(batch_size=4, num_workers=0), dict(image_size=SIZE, train=False, drop_last=False)
+    clean = fingerprints(loader(url, settings, **kw))
     host, port = s3_server.removeprefix("http://").split(":")
     outage = Outage((host, int(port)), shard="train-000001.tar", seconds=4)
     with through(outage, monkeypatch):
-        batches = loader(url, retries=4, backoff_s=1.0, **kw)
+        batches = loader(url, settings, retries=4, backoff_s=1.0, **kw)
         assert fingerprints(batches) == clean
     assert outage.outages == 1 and batches.stats.read_retries >= 1
     assert (batches.stats.skipped, batches.stats.shard_errors) == (0, 0)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from raptor.data import DatasetError, ErrorBudgetExceeded, Shards, loader
+from raptor.data import DatasetError, ErrorBudgetExceeded, LoaderSettings, Shards, loader
 from raptor.errors import UserError
 
 SIZE = 16
@@ -126,9 +126,9 @@ def test_one_pass_over_fuzzed_shards_counts_every_sample(blobs, budget, decode):
     delivered nor counted as skipped, bad labels getting through, or the budget not enforced."""
     with tempfile.TemporaryDirectory() as folder:
         _write(folder, blobs)
-        batches = loader(folder, batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                         num_workers=0, error_budget=budget, decode=decode, device="cpu",
-                         num_classes=NUM_CLASSES)
+        batches = loader(folder, LoaderSettings(batch_size=4, num_workers=0, error_budget=budget, decode=decode,
+                                                 num_classes=NUM_CLASSES),
+                         image_size=SIZE, train=False, drop_last=False, device="cpu")
         delivered: list[int] = []
         try:
             for images, labels in batches:
@@ -154,8 +154,9 @@ def test_training_epochs_over_fuzzed_shards_stay_whole_or_stop(blobs, decode):
     yields short batches, or crashes instead of stopping with ErrorBudgetExceeded."""
     with tempfile.TemporaryDirectory() as folder:
         _write(folder, blobs)
-        batches = loader(folder, batch_size=3, image_size=SIZE, num_workers=0, error_budget=1.0,
-                         batches_per_epoch=3, decode=decode, device="cpu", num_classes=NUM_CLASSES)
+        batches = loader(folder, LoaderSettings(batch_size=3, num_workers=0, error_budget=1.0, decode=decode,
+                                                 num_classes=NUM_CLASSES),
+                         image_size=SIZE, batches_per_epoch=3, device="cpu")
         try:
             sizes = [len(labels) for _, labels in batches]
         except ErrorBudgetExceeded:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from raptor import storage
 from raptor.cli import main
-from raptor.data import DatasetError, Shards, describe, loader, synthetic_source
+from raptor.data import DatasetError, LoaderSettings, Shards, describe, loader, synthetic_source
 from raptor.data.formats import COUNTS
 from raptor.errors import UserError
 
@@ -77,11 +77,11 @@ def test_timm_layout_is_read_by_split_name_or_shard_pattern(tmp_path, as_list):
     assert train.layout == "timm" and train.total == 18 and train.counts == [7, 6, 5]
     assert [os.path.basename(u) for u in train.urls] == [f"imagenet1k-train-{i:04d}.tar" for i in range(3)]
     assert train.splits == {"train": 18, "validation": 8}
-    val = loader(root, split="validation", batch_size=3, image_size=SIZE, train=False,
-                 drop_last=False, num_workers=0)
+    val = loader(root, LoaderSettings(batch_size=3, num_workers=0),
+                 split="validation", image_size=SIZE, train=False, drop_last=False)
     assert sum(len(x) for x, _ in val) == 8
-    pattern = loader(f"{root}/imagenet1k-train-{{0001..0002}}.tar", batch_size=4, image_size=SIZE,
-                     num_workers=0)
+    pattern = loader(f"{root}/imagenet1k-train-{{0001..0002}}.tar", LoaderSettings(batch_size=4, num_workers=0),
+                     image_size=SIZE)
     assert len(pattern) == 11 // 4 and pattern.stream.shards.counts == [6, 5]
     with pytest.raises(DatasetError, match=r"pick a split of \['train', 'validation'\]"):
         Shards.resolve(root)
@@ -95,12 +95,14 @@ def test_label_key_picks_cls_or_a_json_field(tmp_path):
     root = str(tmp_path / "in1k")
     written = timm_dataset(root, {"train": [6, 6]})
     expected_cls = [int(s["cls"]) for s in written]
-    kw = dict(split="train", batch_size=4, image_size=SIZE, train=False, drop_last=False, num_workers=0)
-    assert labels_of(loader(root, **kw)) == expected_cls
-    assert labels_of(loader(root, label_key="json:label", **kw)) == [(c + 1) % 5 for c in expected_cls]
+    kw = dict(split="train", image_size=SIZE, train=False, drop_last=False)
+    settings = LoaderSettings(batch_size=4, num_workers=0)
+    assert labels_of(loader(root, settings, **kw)) == expected_cls
+    json_label = settings.model_copy(update={"label_key": "json:label"})
+    assert labels_of(loader(root, json_label, **kw)) == [(c + 1) % 5 for c in expected_cls]
     with pytest.raises(UserError, match="label_key 'json:'"):
-        loader(root, label_key="json:", **kw)
-    missing = loader(root, label_key="json:meta.label", error_budget=1.0, **kw)
+        loader(root, settings.model_copy(update={"label_key": "json:"}), **kw)
+    missing = loader(root, settings.model_copy(update={"label_key": "json:meta.label", "error_budget": 1.0}), **kw)
     assert labels_of(missing) == [] and missing.stats.skipped == 12
 
 
@@ -114,8 +116,8 @@ def test_every_image_member_kind_loads(tmp_path):
         suffix = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}[fmt] if i < 3 else "JPG"
         samples.append({"__key__": f"s{i}", suffix: buf.getvalue(), "cls": str(i).encode()})
     write_tar(str(tmp_path / "mixed-0000.tar"), samples)
-    batches = loader(str(tmp_path), batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                     num_workers=0, error_budget=0.0)
+    batches = loader(str(tmp_path), LoaderSettings(batch_size=4, num_workers=0, error_budget=0.0),
+                     image_size=SIZE, train=False, drop_last=False)
     (images, labels), = list(batches)
     assert labels.tolist() == [0, 1, 2, 3] and images.shape == (4, 3, SIZE, SIZE)
 
@@ -129,7 +131,7 @@ def test_plain_tars_are_counted_once_and_the_cache_is_reused(tmp_path):
     for i, (a, b) in enumerate([(0, 10), (10, 20), (20, 23)]):
         write_tar(f"{root}/shard_{i:03d}.tar", [src.sample(j) for j in range(a, b)])
     assert Shards.resolve(root).total is None  # nothing counted unless asked
-    batches = loader(root, batch_size=4, image_size=SIZE, num_workers=0)
+    batches = loader(root, LoaderSettings(batch_size=4, num_workers=0), image_size=SIZE)
     assert len(batches) == 23 // 4 and batches.stream.shards.counts == [10, 10, 3]
     cache = storage.read_json(f"{root}/{COUNTS}")
     assert {n: e["samples"] for n, e in cache["shards"].items()} == {
@@ -167,7 +169,7 @@ def test_corrupt_info_json_is_one_line_naming_the_file(tmp_path, capsys):
     root.mkdir()
     (root / "_info.json").write_text('{"splits": {"train": ')
     with pytest.raises(DatasetError, match=r"broken/_info.json: not valid JSON"):
-        loader(str(root), batch_size=4, image_size=SIZE)
+        loader(str(root), LoaderSettings(batch_size=4, num_workers=2), image_size=SIZE)
     assert main(["shards", "info", str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "broken/_info.json: not valid JSON" in err
@@ -211,5 +213,5 @@ def test_dense_flag_and_classes_come_through_for_raptor_folders(tmp_path):
     assert (shards.layout, shards.num_classes, shards.dense, shards.total) == ("raptor", 3, True, 8)
     with pytest.raises(DatasetError, match="holds one split, 'train'"):
         Shards.resolve(str(tmp_path / "d"), split="val")
-    assert torch.is_tensor(next(iter(loader(str(tmp_path / "d"), batch_size=4, image_size=SIZE,
-                                            num_workers=0, dense=True)))[2])
+    assert torch.is_tensor(next(iter(loader(str(tmp_path / "d"), LoaderSettings(batch_size=4, num_workers=0),
+                                            image_size=SIZE, dense=True)))[2])

@@ -14,6 +14,7 @@ import webdataset as wds
 
 from raptor import storage
 from raptor.data import (
+    LoaderSettings,
     ErrorBudgetExceeded,
     ShardUnavailableError,
     loader,
@@ -39,19 +40,18 @@ def fingerprint(image) -> str:
     return hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16]
 
 
-def identities(url: str, epoch: int = 0, world_size: int = 2, **kw) -> list[list[str]]:
+def identities(url: str, epoch: int = 0, world_size: int = 2, **settings) -> list[list[str]]:
     """Per rank, the sample fingerprints in delivery order (eval transform: no random crops)."""
     out = []
     for rank in range(world_size):
-        batches = loader(url, batch_size=4, image_size=SIZE, train=False, shuffle=True,
-                         epoch=epoch, rank=rank, world_size=world_size, **kw)
+        batches = loader(url, LoaderSettings(batch_size=4, **settings), image_size=SIZE, train=False, shuffle=True,
+                         epoch=epoch, rank=rank, world_size=world_size)
         out.append([fingerprint(img) for images, _ in batches for img in images])
     return out
 
 
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(even):
-    reference = loader(even, batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                       num_workers=0)
+    reference = loader(even, LoaderSettings(batch_size=4, num_workers=0), image_size=SIZE, train=False, drop_last=False)
     everything = [fingerprint(img) for images, _ in reference for img in images]
     assert len(everything) == 96 and len(set(everything)) == 96  # all distinct samples
 
@@ -75,7 +75,7 @@ def test_order_is_a_function_of_seed_and_epoch(even):
 
 def test_augmentation_is_reproducible_in_workers(even):
     def run():
-        batches = loader(even, batch_size=8, image_size=SIZE, num_workers=2, seed=3)
+        batches = loader(even, LoaderSettings(batch_size=8, num_workers=2, seed=3), image_size=SIZE)
         return [images for images, _ in batches]
 
     a, b = run(), run()
@@ -89,8 +89,8 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(s3_buck
     for resampled, epoch in ((False, 0), (False, 1), (True, 0)):
         counts = []
         for rank in range(2):
-            batches = loader(url, batch_size=4, image_size=SIZE, rank=rank, world_size=2,
-                             num_workers=2, epoch=epoch, resampled=resampled)
+            batches = loader(url, LoaderSettings(batch_size=4, num_workers=2),
+                             image_size=SIZE, rank=rank, world_size=2, epoch=epoch, resampled=resampled)
             got = [len(images) for images, _ in batches]
             assert set(got) == {4}
             counts.append(len(got))
@@ -131,8 +131,8 @@ def damaged(s3_bucket) -> str:
 
 def test_corrupt_jpeg_and_truncated_tar_are_skipped_counted_and_logged(damaged, caplog):
     caplog.set_level(logging.WARNING, logger="raptor.data")
-    batches = loader(damaged, batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                     num_workers=0, error_budget=0.5)
+    batches = loader(damaged, LoaderSettings(batch_size=4, num_workers=0, error_budget=0.5),
+                     image_size=SIZE, train=False, drop_last=False)
     delivered = sum(len(images) for images, _ in batches)
     stats = batches.stats
     assert stats.seen == 60 and stats.shard_errors == 1
@@ -143,14 +143,14 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_counted_and_logged(damaged, 
     assert "train-000003.tar is truncated or corrupt" in log
 
     # the same counts arrive from loader worker processes, carried along with the batches
-    batches = loader(damaged, batch_size=4, image_size=SIZE, num_workers=2, error_budget=0.5,
-                     batches_per_epoch=10)
+    batches = loader(damaged, LoaderSettings(batch_size=4, num_workers=2, error_budget=0.5),
+                     image_size=SIZE, batches_per_epoch=10)
     assert sum(1 for _ in batches) == 10
     assert batches.stats.skipped >= stats.skipped and batches.stats.shard_errors >= 1
 
 
 def test_exceeded_error_budget_stops_with_a_clear_error(damaged):
-    batches = loader(damaged, batch_size=4, image_size=SIZE, num_workers=1, error_budget=0.0)
+    batches = loader(damaged, LoaderSettings(batch_size=4, num_workers=1, error_budget=0.0), image_size=SIZE)
     with pytest.raises(ErrorBudgetExceeded, match=r"over the error budget of 0\.0%"):
         for _ in batches:
             pass
@@ -159,8 +159,8 @@ def test_exceeded_error_budget_stops_with_a_clear_error(damaged):
 def test_missing_shard_fails_clearly_after_retries(even, caplog):
     caplog.set_level(logging.WARNING, logger="raptor.data")
     pattern = even + "/train-{000006..000008}.tar"  # 000008 does not exist
-    batches = loader(pattern, batch_size=4, image_size=SIZE, train=False, drop_last=False,
-                     num_workers=0, retries=2, backoff_s=0.01)
+    batches = loader(pattern, LoaderSettings(batch_size=4, num_workers=0),
+                     image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.01)
     expected = r"train-000008\.tar could not be opened after 3 tries"
     with pytest.raises(ShardUnavailableError, match=expected):
         for _ in batches:
@@ -179,4 +179,4 @@ def test_info_and_plain_webdataset_reach_s3_through_fsspec(even):
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(even):
     with pytest.raises(ValueError, match="8 shards cannot feed 2 rank"):
-        loader(even, batch_size=4, image_size=SIZE, rank=0, world_size=2, num_workers=8)
+        loader(even, LoaderSettings(batch_size=4, num_workers=8), image_size=SIZE, rank=0, world_size=2)

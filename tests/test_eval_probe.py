@@ -93,7 +93,7 @@ def probe_stage_inputs(tmp_path_factory) -> tuple:
     from raptor.data import synthetic_source, write_shards
     from raptor.models import Raptor, Teacher, save_student
     from raptor.service.spec import parse_spec
-    from raptor.train.job import TeacherRef
+    from raptor.train.settings import TeacherSettings
 
     root = tmp_path_factory.mktemp("probe_stage")
     write_shards(synthetic_source(32, num_classes=3, size=32), str(root / "train"), prefix="train", max_samples=32)
@@ -112,7 +112,7 @@ def probe_stage_inputs(tmp_path_factory) -> tuple:
         "probe": {"epochs": 2, "batch_size": 16, "lrs": [1e-3, 1e-2], "warmup_steps": 1},
         "storage": {"url": str(root / "run")},
     })
-    ref = TeacherRef(name=spec.teacher.name, img_size=28, checkpoint=spec.teacher.checkpoint, model_kwargs=arch, precision="fp32")
+    ref = TeacherSettings(name=spec.teacher.name, img_size=28, checkpoint=spec.teacher.checkpoint, model_kwargs=arch, precision="fp32")
     return spec, ref, str(root / "student.safetensors")
 
 

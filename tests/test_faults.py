@@ -37,9 +37,10 @@ from raptor.service.spec.translate import teacher_ref
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.engine.pipeline import run_pipeline
 from raptor.service.spec import JobSpec, parse_spec
+from raptor.service.stages import STAGES
 from tests.s3proxy import S3Relay
 from tests.secrets_scan import Scan
-from tests.test_service import RAPTOR, REPO, _job, _wait_for, kill_job, layout_of, tiny_spec, variant
+from tests.test_service import RAPTOR, REPO, _job, _wait_for, kill_job, run_folder_of, tiny_spec, variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]  # `make test-faults`
 
@@ -50,12 +51,12 @@ SECRETS = {
     "WANDB_API_KEY": "0123456789abcdef0123456789abcdefdeadbeef",
 }
 SPEC_SECRETS = {"WANDB_API_KEY": "spec-wandb-key-4b1d0c9e", "MY_SERVICE_TOKEN": "spec-token-93a7e5f2c1"}
-COUNTS: dict[str, Any] = {"faults": [], "outages": [], "corrupt": [], "secret_hits": None}  # the README's table
+COUNTS: dict[str, Any] = {"faults": [], "outages": [], "corrupt": [], "secret_hits": None}  # the table in docs/reliability.md
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
-    """Print what the module injected and what survived (``pytest -s``), for the README's table."""
+    """Print what the module injected and what survived (``pytest -s``), for the table in docs/reliability.md."""
     yield
     print(f"fault summary: {json.dumps(COUNTS)}")
 
@@ -163,9 +164,9 @@ def reference(cluster, bucket, tmp_path_factory) -> dict[str, Any]:
     out = _raptor_run(spec_file, cluster, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(f"reference run: {time.perf_counter() - t0:.0f}s")
-    layout = layout_of(spec)
-    return {"spec": spec, "layout": layout, "console": out.stdout + out.stderr, "spec_file": spec_file,
-            "teacher": layout.teacher, "boundaries": layout.boundaries()}
+    run_folder = run_folder_of(spec)
+    return {"spec": spec, "run_folder": run_folder, "console": out.stdout + out.stderr, "spec_file": spec_file,
+            "teacher": run_folder.teacher, "boundaries": run_folder.boundaries()}
 
 
 def _given_teacher(reference: dict[str, Any], bucket: str, name: str, *overrides: str) -> JobSpec:
@@ -210,12 +211,12 @@ def _same_student(a: RunFolder, b: RunFolder, stage: str, teacher_url: str, spec
         assert torch.equal(x, y), f"{stage} {name}: max |diff| {(x - y).abs().max().item():.3g}"
 
 
-def _manifest(layout: RunFolder, stage: str) -> dict:
-    return storage.read_json(storage.join(layout.folder(stage), "manifest.json"))
+def _manifest(run_folder: RunFolder, stage: str) -> dict:
+    return storage.read_json(storage.join(run_folder.folder(stage), "manifest.json"))
 
 
-def _steps(layout: RunFolder, stage: str) -> list[int]:
-    return [row["step"] for row in storage.read_json(layout.history(stage))]
+def _steps(run_folder: RunFolder, stage: str) -> list[int]:
+    return [row["step"] for row in storage.read_json(run_folder.history(stage))]
 
 
 def _copy_store(direct, src: str, dst: str) -> None:
@@ -236,7 +237,7 @@ def test_worker_nodes_killed_in_stage1_and_stage2_resume_to_the_same_student(ref
     from ray.util.state import list_actors
 
     spec = _given_teacher(reference, bucket, "nodes")
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
     killed: list[str] = []
@@ -244,7 +245,7 @@ def test_worker_nodes_killed_in_stage1_and_stage2_resume_to_the_same_student(ref
     proc = _popen_run(spec_file, cluster)
     try:
         for stage in ("stage1", "stage2"):
-            _wait_for(lambda: _registered(direct, layout.folder(stage), 20), 600, f"{stage}'s first checkpoint")
+            _wait_for(lambda: _registered(direct, run_folder.folder(stage), 20), 600, f"{stage}'s first checkpoint")
             workers = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
                                                               ("state", "=", "ALIVE")], detail=True)}
             controller = {a.node_id for a in list_actors(filters=[("class_name", "=", "TrainController"),
@@ -260,12 +261,12 @@ def test_worker_nodes_killed_in_stage1_and_stage2_resume_to_the_same_student(ref
     assert proc.returncode == 0, out[-4000:]
     assert killed == ["stage1", "stage2"]
     for stage in ("stage1", "stage2"):
-        (resumed,) = _manifest(layout, stage)["resumed_at"]
+        (resumed,) = _manifest(run_folder, stage)["resumed_at"]
         assert resumed in (20, 40), (stage, resumed)
-        assert _steps(layout, stage) == list(range(5, 61, 5))
-        _same_student(layout, reference["layout"], stage, reference["teacher"], spec)
+        assert _steps(run_folder, stage) == list(range(5, 61, 5))
+        _same_student(run_folder, reference["run_folder"], stage, reference["teacher"], spec)
         COUNTS["faults"].append(("worker node killed", stage, resumed))
-    print(f"node kills: resumed at {[_manifest(layout, s)['resumed_at'] for s in ('stage1', 'stage2')]}, "
+    print(f"node kills: resumed at {[_manifest(run_folder, s)['resumed_at'] for s in ('stage1', 'stage2')]}, "
           f"{time.perf_counter() - t0:.0f}s")
 
 
@@ -275,10 +276,10 @@ def test_object_store_outage_is_waited_out_without_a_restart(reference, relay, b
     the checkpoint writes, Ray's bookkeeping and the shard reads wait with backoff; the stage never
     restarts (its export records no resume) and ends with the reference's student."""
     spec = _given_teacher(reference, bucket, "outage")
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
 
     def outage() -> None:
-        _wait_for(lambda: _registered(direct, layout.folder("stage2"), 20), 600, "stage 2's first checkpoint")
+        _wait_for(lambda: _registered(direct, run_folder.folder("stage2"), 20), 600, "stage 2's first checkpoint")
         relay.down()
         time.sleep(25)
         relay.up()
@@ -288,9 +289,9 @@ def test_object_store_outage_is_waited_out_without_a_restart(reference, relay, b
     run_pipeline(spec)
     blip.join(timeout=60)
     assert relay.outages and relay.outages[-1] >= 25
-    assert _manifest(layout, "stage2")["resumed_at"] == []  # waited out, not restarted from a checkpoint
-    assert _steps(layout, "stage2") == list(range(5, 61, 5))
-    _same_student(layout, reference["layout"], "stage2", reference["teacher"], spec)
+    assert _manifest(run_folder, "stage2")["resumed_at"] == []  # waited out, not restarted from a checkpoint
+    assert _steps(run_folder, "stage2") == list(range(5, 61, 5))
+    _same_student(run_folder, reference["run_folder"], "stage2", reference["teacher"], spec)
     COUNTS["outages"].append(("25 s outage in stage 2", "survived, no restart"))
 
 
@@ -299,12 +300,12 @@ def test_outage_past_patience_stops_in_one_line_and_resumes(reference, relay, cl
     and one line saying so, stage 2 is not marked done; once S3 is back, the same command resumes
     from the last checkpoint and ends with the reference's student."""
     spec = _given_teacher(reference, bucket, "patience", "storage.patience=10")
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
     proc = _popen_run(spec_file, cluster)
     try:
-        _wait_for(lambda: _registered(direct, layout.folder("stage2"), 20), 600, "stage 2's first checkpoint")
+        _wait_for(lambda: _registered(direct, run_folder.folder("stage2"), 20), 600, "stage 2's first checkpoint")
         relay.down()
         out, _ = proc.communicate(timeout=400)
     finally:
@@ -314,11 +315,11 @@ def test_outage_past_patience_stops_in_one_line_and_resumes(reference, relay, cl
     last = out.rstrip().splitlines()[-1]
     assert proc.returncode == 3, out[-4000:]
     assert last.startswith("raptor run: stopped: ") and "unreachable" in last and "Traceback" not in out, last
-    assert not direct.exists(f"{_key_path(layout.folder('stage2'))}/stage.json")
+    assert not direct.exists(f"{_key_path(run_folder.folder('stage2'))}/stage.json")
 
     run_pipeline(spec)
-    assert _manifest(layout, "stage2")["resumed_at"] == [20]
-    _same_student(layout, reference["layout"], "stage2", reference["teacher"], spec)
+    assert _manifest(run_folder, "stage2")["resumed_at"] == [20]
+    _same_student(run_folder, reference["run_folder"], "stage2", reference["teacher"], spec)
     COUNTS["outages"].append(("outage past storage.patience", "stopped in one line, resumed"))
 
 
@@ -329,29 +330,29 @@ def test_kill_during_a_checkpoint_write_never_resumes_the_half_written_one(refer
     PUTs): a half-written folder is left in S3. The re-run resumes from step 20 (the last whole,
     registered checkpoint), never from the half-written one, and ends with the reference's student."""
     spec = _given_teacher(reference, bucket, "halfwritten")
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
     # only rank 1's optimizer shard stalls: rank 0's files and rank 1's others land, a half-written folder
-    stalled = relay.hold(re.escape(f"PUT /{_key_path(layout.folder('stage2'))}/checkpoints/checkpoint_step00000040/"
+    stalled = relay.hold(re.escape(f"PUT /{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040/"
                                    "step00000040/zero_pp_rank_1_").encode())
     proc = _popen_run(spec_file, cluster)
     try:
         _wait_for(stalled.is_set, 600, "the upload of stage 2's step-40 checkpoint")
-        half = f"{_key_path(layout.folder('stage2'))}/checkpoints/checkpoint_step00000040"
+        half = f"{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040"
         _wait_for(lambda: direct.invalidate_cache() or direct.exists(f"{half}/step00000040/mp_rank_00_model_states.pt"),
                   60, "rank 0's shard")
         # Ray Train registers a checkpoint when its controller next polls the ranks' reports, which can
         # lag the next checkpoint's upload: the premise is a registered step 20 and a half-written step 40
-        _wait_for(lambda: _registered(direct, layout.folder("stage2"), 20), 120, "stage 2's step-20 registration")
+        _wait_for(lambda: _registered(direct, run_folder.folder("stage2"), 20), 120, "stage 2's step-20 registration")
     finally:
         kill_job(proc)
         relay.release()
     direct.invalidate_cache()
-    assert direct.exists(half) and not _registered(direct, layout.folder("stage2"), 40)
+    assert direct.exists(half) and not _registered(direct, run_folder.folder("stage2"), 40)
     run_pipeline(spec)
-    assert _manifest(layout, "stage2")["resumed_at"] == [20]
-    _same_student(layout, reference["layout"], "stage2", reference["teacher"], spec)
+    assert _manifest(run_folder, "stage2")["resumed_at"] == [20]
+    _same_student(run_folder, reference["run_folder"], "stage2", reference["teacher"], spec)
     COUNTS["faults"].append(("job killed during a checkpoint upload", "stage2", 20))
 
 
@@ -359,12 +360,12 @@ def test_kill_during_a_checkpoint_write_never_resumes_the_half_written_one(refer
 def interrupted(reference, cluster, bucket, direct, tmp_path_factory) -> JobSpec:
     """A run whose stage 2 was killed after its step-40 checkpoint: checkpoints 20 and 40 in S3."""
     spec = _given_teacher(reference, bucket, "interrupted")
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
     spec_file = tmp_path_factory.mktemp("interrupted") / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
     proc = _popen_run(spec_file, cluster)
     try:
-        _wait_for(lambda: _registered(direct, layout.folder("stage2"), 40), 600, "stage 2's step-40 checkpoint")
+        _wait_for(lambda: _registered(direct, run_folder.folder("stage2"), 40), 600, "stage 2's step-40 checkpoint")
     finally:
         kill_job(proc)
     return spec
@@ -412,8 +413,8 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault, interrupted,
     name = f"corrupt-{fault.replace(' ', '-')}"
     spec = variant(interrupted, f"storage.url={bucket}/{name}")
     _copy_store(direct, interrupted.storage.store_url, spec.storage.store_url)
-    layout = layout_of(spec)
-    folder = f"{_key_path(layout.folder('stage2'))}/checkpoints/checkpoint_step00000040/step00000040"
+    run_folder = run_folder_of(spec)
+    folder = f"{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040/step00000040"
     marker = tmp_path / "payload-ran"
     file = {"bit flip": "zero_pp_rank_1_mp_rank_00_optim_states.pt", "truncated": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "planted pickle": "mp_rank_00_model_states.pt"}[fault]
@@ -424,8 +425,8 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault, interrupted,
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     warning = next((line for line in out.stderr.splitlines() if "not used" in line), "")
     assert "checkpoint_step00000040" in warning and file in warning, out.stderr[-3000:]
-    assert _manifest(layout, "stage2")["resumed_at"] == [20]
-    _same_student(layout, reference["layout"], "stage2", reference["teacher"], spec)
+    assert _manifest(run_folder, "stage2")["resumed_at"] == [20]
+    _same_student(run_folder, reference["run_folder"], "stage2", reference["teacher"], spec)
     assert not marker.exists(), "the planted pickle was executed"
     COUNTS["corrupt"].append((fault, file))
 
@@ -438,16 +439,16 @@ def test_a_corrupt_export_is_never_loaded_and_is_made_again(reference, bucket, d
 
     spec = variant(reference["spec"], f"storage.url={bucket}/export", f"storage.store={reference['spec'].storage.store_url}",
                    "runtime_env={}")
-    layout = layout_of(spec)
-    teacher = teacher_ref(spec, layout).load()
-    before, _ = load_student(layout.student("stage1"), teacher)
-    _bit_flip(direct, _key_path(layout.student("stage1")))
+    run_folder = run_folder_of(spec)
+    teacher = teacher_ref(spec, run_folder).load()
+    before, _ = load_student(run_folder.student("stage1"), teacher)
+    _bit_flip(direct, _key_path(run_folder.student("stage1")))
     changed = variant(spec, "stage2.lr=0.0007")
     steps = {s.name: s for s in plan(changed)[0]}
     assert steps["stage1"].status == "will run", steps["stage1"].why
     assert steps["stage1"].why.startswith("corrupt: ") and "student.safetensors" in steps["stage1"].why
     assert "stage1" in run_pipeline(changed)
-    after, manifest = load_student(layout.student("stage1"), teacher)
+    after, manifest = load_student(run_folder.student("stage1"), teacher)
     assert manifest["resumed_at"] == [60]  # re-exported from the final checkpoint, not retrained
     for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
         assert torch.equal(a, b), name
@@ -520,10 +521,10 @@ def test_a_diverging_stage_stops_with_a_checkpoint_and_is_never_exported(referen
     m = re.fullmatch(r"raptor run: stopped: stage2 stopped at step (\d+): 4 optimizer steps in a row had a non-finite "
                      r"loss or gradient \(the last one: (loss in block \d .*|gradient .*)\).*", last)
     assert m, last
-    layout = layout_of(spec)
+    run_folder = run_folder_of(spec)
     step = int(m.group(1))
-    assert storage.exists(storage.join(layout.folder("stage2"), "checkpoints", f"checkpoint_step{step:08d}"))
-    assert not storage.exists(layout.student("stage2")) and not storage.exists(layout.marker("stage2"))
+    assert storage.exists(storage.join(run_folder.folder("stage2"), "checkpoints", f"checkpoint_step{step:08d}"))
+    assert not storage.exists(run_folder.student("stage2")) and not storage.exists(run_folder.marker("stage2"))
     with pytest.raises(TrainingDiverged):
         run_pipeline(spec)  # the same spec stops again, from its checkpoint
     COUNTS["faults"].append(("diverged stage (lr 1e6)", "stage2", f"stopped at step {step}"))
@@ -540,9 +541,9 @@ def test_no_secret_reaches_an_artifact_a_log_or_a_manifest(reference, cluster, d
     run's S3 folder, each holding a dummy value) must each be found exactly once, and the scan must have
     read what a run must write (every stage's marker, spec.yaml, run.json, the log file) and at least
     ``search_floor`` things in all."""
-    spec, layout = reference["spec"], reference["layout"]
+    spec, run_folder = reference["spec"], reference["run_folder"]
     run_key = _key_path(spec.storage.url)
-    stages = ("teacher", "distances", "discovery", "stage1", "stage2", "probe", "report")  # the keyed store stages
+    stages = [s.name for s in STAGES if s.complete is None and not s.given(spec)]  # the keyed store stages (with a stage.json)
     # console 1 + the log file 1 + Ray's head session >= 4 (gcs_server and raylet .out/.err are always made)
     # + S3 >= 16 (each store stage's stage.json and >= 1 artifact file, spec.yaml, run.json) + 2 k8s renders
     search_floor = 1 + 1 + 4 + (2 * len(stages) + 2) + 2
@@ -565,7 +566,7 @@ def test_no_secret_reaches_an_artifact_a_log_or_a_manifest(reference, cluster, d
         planted_file.parent.rmdir()
         direct.rm_file(planted_object)
     searched = set(scan.searched)
-    must = {f"{run_key}/spec.yaml", f"{run_key}/run.json", *(_key_path(layout.marker(s)) for s in stages)}
+    must = {f"{run_key}/spec.yaml", f"{run_key}/run.json", *(_key_path(run_folder.marker(s)) for s in stages)}
     assert must <= searched, f"never searched: {sorted(must - searched)}"
     assert any(Path(p).match("raptor-*.log") for p in searched), "no raptor-*.log was searched"
     saved = yaml.safe_load(direct.cat_file(f"{run_key}/spec.yaml"))

@@ -29,7 +29,7 @@ from tests.inprocess import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
-STATS = {"inputs": 0, "rejected": 0, "accepted": 0}  # reported by the README's reliability table
+STATS = {"inputs": 0, "rejected": 0, "accepted": 0}  # reported by the table in docs/reliability.md
 
 # values of every wrong kind a YAML spec can hold
 BAD_VALUES = st.one_of(
@@ -42,7 +42,7 @@ BAD_VALUES = st.one_of(
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
-    """What the properties fed in, for the README's table (``pytest -s``); printed whichever of them ran."""
+    """What the properties fed in, for the table in docs/reliability.md (``pytest -s``); printed whichever of them ran."""
     yield
     print(f"fuzzed inputs: {STATS['inputs']}, rejected in one line: {STATS['rejected']}, valid: {STATS['accepted']}")
 

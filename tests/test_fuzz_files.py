@@ -307,10 +307,10 @@ def test_checkpoint_and_export_contents_raise_user_errors(models):
     ``.pth`` with integer keys, CheckpointError that was a plain ValueError): each must load or raise
     a UserError naming the file, which the CLI shows as one line."""
     from raptor.models import load_student
-    from raptor.train.job import TeacherRef
+    from raptor.train.settings import TeacherSettings
 
     teacher, path = models["teacher"], models["root"] / "fuzzed"
-    ref = TeacherRef(name=models["name"], img_size=28, checkpoint=str(path), model_kwargs=teacher.model_kwargs)
+    ref = TeacherSettings(name=models["name"], img_size=28, checkpoint=str(path), model_kwargs=teacher.model_kwargs)
 
     @fuzz(25)
     @given(st.one_of(lying_safetensors(models["teacher_bytes"]), lying_safetensors(models["student_bytes"]),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from raptor.distill import StageConfig, stage1_loss, stage2_loss
 from raptor.errors import UserError
+from raptor.execution import DEEPSPEED_BUCKET, DeepSpeedSettings
 from raptor.models import Raptor, Teacher
 from raptor.perf.flops import StudentShape, TeacherShape
 from raptor.perf.memory import PlanError, Setup, activation_bytes, plan, teacher_working_bytes
@@ -126,15 +128,15 @@ def test_zero_stages_partition_what_they_should():
     parameters; offload moves the optimizer to host memory; bf16 mode halves parameters."""
     t, s = vit_g()
     P = s.params()
-    mem = {z: plan(t, s, batch=8, world_size=8, zero_stage=z).memory for z in range(4)}
+    mem = {z: plan(t, s, batch=8, world_size=8, deepspeed=DeepSpeedSettings(zero_stage=z)).memory for z in range(4)}
     assert mem[0]["AdamW states (fp32)"] == 8 * P and mem[1]["AdamW states (fp32)"] == 8 * P // 8
     assert mem[1]["student gradients (fp32)"] == 4 * P and mem[2]["student gradients (fp32)"] == 4 * P // 8
     assert mem[2]["student parameters (fp32)"] == 4 * P and mem[3]["student parameters (fp32)"] == 4 * P // 8
-    one = plan(t, s, batch=8, world_size=1, zero_stage=3).memory  # nothing to shard on one GPU
+    one = plan(t, s, batch=8, deepspeed=DeepSpeedSettings(zero_stage=3)).memory  # one GPU: nothing to shard
     assert one["student parameters (fp32)"] + one["ZeRO-3 gathered parameters"] == 4 * P
-    off = plan(t, s, batch=8, world_size=8, zero_stage=2, offload_optimizer=True)
+    off = plan(t, s, batch=8, world_size=8, deepspeed=DeepSpeedSettings(zero_stage=2, offload_optimizer="cpu"))
     assert off.memory["AdamW states (fp32)"] == 0 and off.cpu_memory
-    low = plan(t, s, batch=8, precision="bf16")
+    low = plan(t, s, batch=8, deepspeed_bf16=True)
     assert low.memory["student parameters (bf16)"] == 2 * P
     assert plan(t, s, batch=8, teacher_dtype="bf16").total < plan(t, s, batch=8).total
 
@@ -146,14 +148,13 @@ def test_plan_advice_fits_and_max_batch_is_the_boundary():
     p = plan(t, s, batch=128, device="H100")
     assert not p.fits and p.suggestions
     for sug in p.suggestions:
-        again = plan(t, s, batch=sug.setup.batch, device="H100",
-                     **{k: v for k, v in vars(sug.setup).items() if k != "batch"})
+        again = plan(t, s, device="H100", **vars(sug.setup))
         assert again.fits, sug.change
     assert any("checkpointing" in sug.change for sug in p.suggestions)
     split = [sug.setup.batch for sug in p.suggestions if "accumulation" in sug.change]
     assert split and all(128 % b == 0 and b <= p.max_batch for b in split)  # same effective batch
     assert plan(t, s, batch=p.max_batch).fits and not plan(t, s, batch=p.max_batch + 1).fits
-    ckpt = plan(t, s, batch=128, checkpointing=True)
+    ckpt = plan(t, s, batch=128, deepspeed=DeepSpeedSettings(activation_checkpointing=True))
     assert ckpt.fits and ckpt.samples_per_s < p.samples_per_s and ckpt.mfu < ckpt.utilisation
     assert not plan(t, s, batch=64).fits and plan(t, s, batch=64, device="H200").fits  # 80 vs 141 GB
     text = p.table()
@@ -162,14 +163,54 @@ def test_plan_advice_fits_and_max_batch_is_the_boundary():
 
 
 def test_plan_bad_input_is_one_line_user_error():
-    """Catches impossible setups passing silently (offload without ZeRO, unknown precision...)."""
+    """Catches impossible setups passing silently: a modelling input out of range (batch, stage,
+    storage dtype, DeepSpeed's bf16 mode over an fp32 engine) or an unknown device."""
     t, s = vit_g()
-    for kw, msg in [(dict(zero_stage=4), "zero_stage"), (dict(precision="fp16"), "precision"),
-                    (dict(offload_params=True, zero_stage=2), "zero_stage 3"),
-                    (dict(offload_optimizer=True, zero_stage=0), "zero_stage >= 1")]:
+    for kw, msg in [(dict(stage=3), "stage"), (dict(teacher_dtype="fp16"), "teacher_dtype"),
+                    (dict(deepspeed=DeepSpeedSettings(precision="fp32"), deepspeed_bf16=True), "deepspeed_bf16"),
+                    (dict(deepspeed={"zero_stage": 3}), "DeepSpeedSettings")]:
         with pytest.raises(PlanError, match=msg):
             plan(t, s, batch=8, **kw)
     with pytest.raises(UserError, match="unknown device"):
         plan(t, s, batch=8, device="Voodoo 5")
     with pytest.raises(UserError, match="batch"):
         Setup(batch=0)
+
+
+def test_engine_rules_are_the_settings_own():
+    """Catches the plan accepting an engine the runner would reject (ZeRO stage 4, an unknown
+    precision, parameter offload without ZeRO-3, optimizer offload without ZeRO): the rules are
+    DeepSpeedSettings's validators, and a setup changed by the advice goes through them too."""
+    for kw, msg in [(dict(zero_stage=4), "zero_stage"), (dict(precision="fp16"), "precision"),
+                    (dict(offload_param="cpu", zero_stage=2), "zero_stage 3"),
+                    (dict(offload_optimizer="cpu", zero_stage=0), "zero_stage >= 1")]:
+        with pytest.raises(ValidationError, match=msg):
+            DeepSpeedSettings(**kw)
+    compiled = Setup(batch=8, deepspeed=DeepSpeedSettings(compile="blocks"))
+    with pytest.raises(ValidationError, match="zero_stage <= 2"):
+        compiled.with_deepspeed(zero_stage=3)
+    t, s = vit_g()
+    advice = {compile: plan(t, s, batch=1, world_size=16, memory_gib=8, reduce_bucket_elems=s.params(),
+                            deepspeed=DeepSpeedSettings(zero_stage=0, compile=compile)).suggestions
+              for compile in ("auto", "blocks")}
+    assert any(sug.setup.zero_stage == 3 for sug in advice["auto"])
+    assert advice["blocks"] and all(sug.setup.zero_stage < 3 for sug in advice["blocks"])
+
+
+def test_setup_reads_the_engine_settings():
+    """Catches a derived value that drifts from the runner's engine: autocast for auto and bf16 (the
+    plan is for GPUs), fp32 for fp32, DeepSpeed's bf16 mode only when asked; the block list sorted;
+    offload flags from the offload devices; the bucket DeepSpeed allocates by default."""
+    ds = DeepSpeedSettings
+    modelled = [Setup(batch=1, deepspeed=ds(precision=p)).precision for p in ("auto", "bf16", "fp32")]
+    assert modelled == ["amp", "amp", "fp32"]
+    assert Setup(batch=1, deepspeed_bf16=True).precision == "bf16"
+    ck = Setup(batch=1, deepspeed=ds(activation_checkpointing=[2, 0]))
+    assert ck.checkpointing == (0, 2) and ck.checkpointing_label == "blocks [0, 2]"
+    assert Setup(batch=1, deepspeed=ds(activation_checkpointing=[])).checkpointing_label == "off"
+    assert Setup(batch=1, deepspeed=ds(activation_checkpointing=True)).checkpointing_label == "on"
+    off = Setup(batch=1, deepspeed=ds(zero_stage=3, offload_param="nvme", offload_optimizer="cpu"))
+    assert off.zero_stage == 3 and off.offload_params and off.offload_optimizer
+    assert not Setup(batch=1).offload_params and not Setup(batch=1).offload_optimizer
+    assert Setup(batch=1).reduce_bucket_elems == DEEPSPEED_BUCKET
+    assert Setup(batch=1, deepspeed=ds(zero_stage=3)).to_dict()["deepspeed"]["zero_stage"] == 3

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from raptor.cli import main
+from raptor.execution import DeepSpeedSettings
 from raptor.perf import Setup, StudentShape, TeacherShape, plan
 from raptor.service.deploy.sizing import even_boundaries, plan_spec
 from raptor.service.spec import load_spec
@@ -32,12 +33,14 @@ def test_distill_k3_fits_and_plans_what_the_runner_runs(capsys):
     assert rc == 0 and out["fits"] and out["boundaries"] == [4, 8] and out["boundaries_from"].startswith("an even split")
     t = TeacherShape.from_timm("vit_base_patch14_reg4_dinov2")
     s = StudentShape.from_teacher(t, [4, 8], mlp="swiglu")
+    engine = DeepSpeedSettings(zero_stage=2, precision="bf16")  # the spec's deepspeed section
     for stage in (1, 2):
-        want = plan(t, s, batch=64, device="H100", world_size=16, zero_stage=2, precision="amp", stage=stage,
+        want = plan(t, s, batch=64, device="H100", world_size=16, deepspeed=engine, stage=stage,
                     reduce_bucket_elems=s.params())
+        assert want.setup.precision == "amp"  # bf16 autocast in the fp32 engine, not DeepSpeed's bf16 mode
         got = out["stages"][f"stage{stage}"]
-        assert got["setup"] == {**vars(Setup(batch=64, world_size=16, precision="amp", stage=stage,
-                                             reduce_bucket_elems=s.params()))}
+        assert got["setup"] == Setup(batch=64, world_size=16, deepspeed=engine, stage=stage,
+                                     reduce_bucket_elems=s.params()).to_dict()
         assert got["total_gib"] == round(want.total / GIB, 3) and got["samples_per_s"] == round(want.samples_per_s, 1)
     zero = out["student_state_gib_by_zero_stage"]
     assert zero["0"] > zero["1"] > zero["2"]  # sharding optimizer states, then gradients
@@ -65,6 +68,19 @@ def test_a_spec_that_does_not_fit_names_the_switches_that_make_it_fit(capsys):
     assert any(f["set"] == ["deepspeed.activation_checkpointing=true"] for f in out["fixes"])
     speeds = [sum(1 / r for r in f["samples_per_s"].values()) for f in out["fixes"]]
     assert speeds == sorted(speeds)  # fastest first
+
+
+def test_fixes_are_engines_the_spec_accepts(capsys):
+    """Catches advice the spec's own rules reject (ZeRO-3 under the ViT-g spec's compiled blocks stopped
+    `raptor plan` with a validation error instead of advising), and --set switches printed out of order."""
+    assert load_spec(VITG).deepspeed.compile == "blocks"  # compile=blocks needs ZeRO <= 2
+    overrides = ["--set", "deepspeed.zero_stage=0", "--set", "data.batch_size=1",
+                 "--set", "deepspeed.gradient_accumulation_steps=1", "--memory-gib", "8"]
+    rc, out = run_json(capsys, VITG, *overrides)
+    sets = [f["set"] for f in out["fixes"]]
+    assert rc == 3 and sets and not any("deepspeed.zero_stage=3" in f for f in sets), sets
+    offload = ["deepspeed.zero_stage=1", "deepspeed.offload_optimizer=cpu", "deepspeed.activation_checkpointing=true"]
+    assert offload in sets
 
 
 @pytest.mark.parametrize("spec", [VITL, VITG])

@@ -24,16 +24,10 @@ from raptor.distill import StageConfig, fidelity
 from raptor.models import Raptor, Teacher, load_student
 from raptor.models.checkpoints import read_checkpoint
 from raptor.train.export import export_student
-from raptor.train.job import (
-    CheckpointPlan,
-    DeepSpeedPlan,
-    LogPlan,
-    ScalingPlan,
-    ShardSource,
-    StageJob,
-    StudentPlan,
-    TeacherRef,
-)
+from raptor.execution import DeepSpeedSettings
+from raptor.data.settings import LoaderSettings
+from raptor.train.job import RunLabels, ShardSource, StageJob
+from raptor.train import settings as runner
 from raptor.train.trainer import Validator, build_engine
 
 KW = dict(embed_dim=64, depth=6, num_heads=4, init_values=0.1)
@@ -74,13 +68,16 @@ def setup(tmp_path_factory):
 
 
 def job_for(root, cfg: StageConfig, **deepspeed) -> StageJob:
-    source = ShardSource(url=str(root / "val"), batch_size=8, image_size=28)
+    source = ShardSource(url=str(root / "val"), image_size=28, settings=LoaderSettings(batch_size=8, num_workers=0))
     return StageJob(
         stage="stage2", config=cfg,
-        teacher=TeacherRef("vit_small_patch14_reg4_dinov2", 28, str(root / "teacher.safetensors"), KW, "fp32"),
-        student=StudentPlan(boundaries=(2, 4)), train=source, val=source, scaling=ScalingPlan(),
-        deepspeed=DeepSpeedPlan(zero_stage=2, **deepspeed), checkpoints=CheckpointPlan(str(root / "ckpt")),
-        logging=LogPlan("test", "test"), out_url=str(root / "out-{precision}-{compile}".format(**deepspeed)),
+        teacher=runner.TeacherSettings(name="vit_small_patch14_reg4_dinov2", img_size=28, model_kwargs=KW,
+                                       checkpoint=str(root / "teacher.safetensors"), precision="fp32"),
+        student=runner.StudentSettings(), boundaries=(2, 4), init_url=None, train=source, val=source,
+        scaling=runner.ScalingSettings(), deepspeed=DeepSpeedSettings(zero_stage=2, **deepspeed),
+        storage=runner.StorageSettings(), faults=runner.FaultSettings(), logging=runner.LoggingSettings(),
+        labels=RunLabels("test", "test", wandb_dir=str(root / "wandb")),
+        out_url=str(root / "out-{precision}-{compile}".format(**deepspeed)),
     )
 
 

@@ -8,10 +8,13 @@ import torch
 from raptor.distill import StageConfig
 from raptor.models import Raptor, Teacher
 from raptor.perf import StudentShape, TeacherShape, flops_per_sample
-from raptor.train.job import LogPlan
+from raptor.train.job import RunLabels
+from raptor.train.settings import LoggingSettings
 from raptor.train.metrics import Progress, Utilisation, device_peak
 
 CPU = torch.device("cpu")
+NO_WANDB = LoggingSettings(wandb_mode="disabled")
+LABELS = RunLabels("t", "t", wandb_dir="wandb")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,10 @@ def test_progress_rows_carry_the_cost(pair, caplog):
     """Catches the perf figures computed but not logged (console line, returned row for history/wandb)."""
     teacher, student = pair
     util = Utilisation(teacher, student, StageConfig.paper_stage2(steps=10), world_size=1, device=CPU, peak_tflops=1.0)
-    progress = Progress("stage2", 10, 8, LogPlan("t", "t", wandb_mode="disabled"), enabled=True, utilisation=util)
+    progress = Progress("stage2", 10, 8, NO_WANDB, LABELS, enabled=True, utilisation=util)
     with caplog.at_level("INFO", logger="raptor.train.metrics"):
         row = progress.log(5, {"loss": 1.0, "lambda": 0.0, "lr": 1e-3})
     assert row["samples_per_s"] > 0 and row["perf/mfu"] > 0 and "perf/peak_mem_gib" in row
     assert "MFU" in caplog.text
-    quiet = Progress("stage2", 10, 8, LogPlan("t", "t", wandb_mode="disabled"), enabled=False, utilisation=util)
+    quiet = Progress("stage2", 10, 8, NO_WANDB, LABELS, enabled=False, utilisation=util)
     assert quiet.log(5, {"loss": 1.0}) == {"loss": 1.0}  # other ranks log nothing

@@ -19,6 +19,7 @@ import yaml
 from raptor.cli import build_parser, main
 from raptor.service.spec import SpecError, apply_overrides, load_spec, parse_spec
 from raptor.service.deploy.submit import redacted_entrypoint, submission
+from tests.jobclient import RecordingClient
 from tests.secrets_scan import Hit, Scan, scan
 
 # AWS's documented example key pair: the secret holds "/" and "+", as about half of real ones do
@@ -181,26 +182,13 @@ def test_submission_and_its_printed_line_never_carry_a_runtime_env_credential(tm
         "raptor run 's3://<redacted>@b/s.yaml' --set stage2.steps=3"
 
 
-class _FakeClient:
-    """Ray's JobSubmissionClient, recording what it was sent."""
-
-    sent: list[dict[str, Any]] = []
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-
-    def submit_job(self, **job: Any) -> str:
-        _FakeClient.sent.append(job)
-        return "raysubmit_fake"
-
-
 def test_raptor_submit_prints_the_entrypoint_without_the_credential(tmp_path, capsys, monkeypatch):
     """Catches the ``submitted ...`` line (or anything else `raptor submit` prints) quoting a credential
     given with ``--set``, and the job being sent it in its entrypoint."""
     import ray.job_submission
 
-    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
-    _FakeClient.sent.clear()
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", RecordingClient)
+    RecordingClient.sent.clear()
     spec_file = _write(tmp_path, _raw(tmp_path))
     argv = ["submit", str(spec_file), "--set", SECRET_OVERRIDES[0], "--set", "stage2.steps=3",
             "--address", "http://127.0.0.1:8265", "--no-wait"]
@@ -208,9 +196,9 @@ def test_raptor_submit_prints_the_entrypoint_without_the_credential(tmp_path, ca
     out, err = capsys.readouterr()
     for text in (out, err):
         assert TOKEN not in text and "file-wandb-key-0c4e" not in text
-    assert out.startswith("submitted raysubmit_fake to http://127.0.0.1:8265: raptor run ")
+    assert out.startswith("submitted raysubmit_recorded to http://127.0.0.1:8265: raptor run ")
     assert "'runtime_env.env_vars.MY_TOKEN=<redacted>'" in out and "stage2.steps=3" in out
-    (job,) = _FakeClient.sent
+    (job,) = RecordingClient.sent
     assert TOKEN not in job["entrypoint"] and job["runtime_env"]["env_vars"]["MY_TOKEN"] == TOKEN
 
 

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.spec.translate import deepspeed_plan, shard_source, stage_config
+from raptor.models import Raptor, Teacher
+from raptor.service.spec.translate import shard_source, stage_config
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.engine.pipeline import save_spec
 from raptor.service.spec import load_spec, parse_spec
@@ -54,7 +55,7 @@ def test_deepspeed_config_batch_precision_and_offload(quickstart):
     student, or fused AdamW where the optimizer steps on CPU."""
     quickstart["deepspeed"].update(zero_stage=3, gradient_accumulation_steps=4, precision="auto", offload_optimizer="cpu")
     spec = parse_spec(quickstart)
-    plan = deepspeed_plan(spec)
+    plan = spec.deepspeed
     cpu = plan.config(spec.data.batch_size, world_size=2, student_params=1234)
     assert cpu["train_batch_size"] == spec.data.batch_size * 2 * 4 == spec.effective_batch
     assert cpu["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
@@ -66,7 +67,7 @@ def test_deepspeed_config_batch_precision_and_offload(quickstart):
     assert not plan.fused_adamw(gpu)  # offloaded: AdamW steps on CPU
     assert plan.compile_mode(gpu) == "off"  # ZeRO-3
     quickstart["deepspeed"].update(zero_stage=2, offload_optimizer="none", precision="bf16")
-    plan = deepspeed_plan(parse_spec(quickstart))
+    plan = parse_spec(quickstart).deepspeed
     assert plan.compile_mode(gpu) == "loss" and plan.compile_mode(torch.device("cpu")) == "off"
     assert plan.fused_adamw(gpu) and not plan.fused_adamw(torch.device("cpu"))
     assert plan.amp(torch.device("cpu")) == torch.bfloat16  # bf16 asked for: autocast on CPU too
@@ -86,12 +87,15 @@ def test_bad_engine_settings_are_one_line_errors(quickstart, deepspeed, message)
         parse_spec(quickstart, source="q.yaml")
 
 
-def test_selective_checkpointing_reaches_the_runner(quickstart):
-    """Catches the spec's block list lost on its way to the runner's plan (or left a mutable list)."""
-    quickstart["deepspeed"]["activation_checkpointing"] = [0, 2]
-    assert deepspeed_plan(parse_spec(quickstart)).activation_checkpointing == (0, 2)
-    quickstart["deepspeed"]["activation_checkpointing"] = True
-    assert deepspeed_plan(parse_spec(quickstart)).activation_checkpointing is True
+def test_selective_checkpointing_reaches_the_student(quickstart):
+    """Catches the spec's block list in a form the student cannot take (the runner passes the spec's
+    ``deepspeed`` section to ``Raptor.set_checkpointing`` as it is): the wrong blocks recomputed."""
+    teacher = Teacher.from_timm("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=32, depth=6, num_heads=2)
+    student = Raptor.from_teacher(teacher, [2, 4], seed=0)
+    for setting, chosen in (([0, 2], [True, False, True]), (True, [True] * 3), (False, [False] * 3)):
+        quickstart["deepspeed"]["activation_checkpointing"] = setting
+        student.set_checkpointing(parse_spec(quickstart).deepspeed.activation_checkpointing)
+        assert [b.checkpointing for b in student.blocks] == chosen
 
 
 def test_wandb_is_offline_without_a_key(monkeypatch):

@@ -1,12 +1,15 @@
 """The stage graph without training: which keys a spec change moves, the plan's status and its "why".
 
 The end-to-end tests (tests/test_service.py) show the same behaviour on real runs; these pin the
-rules down exactly and in seconds.
+rules down exactly and in seconds. Which stages a change makes again is derived from the graph
+(the stages that read the field, and everything after them), so a new stage needs no edit here.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -15,7 +18,8 @@ import yaml
 from pydantic import BaseModel
 
 from raptor import storage
-from raptor.service.engine.graph import content_key, inputs
+from raptor.service import stages
+from raptor.service.engine.graph import Stage, content_key, downstream, inputs, registry
 from raptor.service.engine.pipeline import plan, write_index
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.service.stages import BY_NAME, NOT_INPUTS, STAGES
@@ -37,37 +41,47 @@ def _keys(spec: JobSpec) -> dict[str, str]:
 
 def _moved(tmp_path: Path, *overrides: str) -> list[str]:
     before, after = _keys(_spec(tmp_path)), _keys(_spec(tmp_path, *overrides))
-    return [name for name in ORDER if before[name] != after[name]]
+    return [name for name in after if before[name] != after[name]]  # in the order the stages run
+
+
+def _readers(before: JobSpec, after: JobSpec) -> list[str]:
+    """The stages whose own inputs differ between the two specs (not counting their upstream)."""
+    return [s.name for s in STAGES if inputs(s, before) != inputs(s, after)]
 
 
 @pytest.mark.parametrize(
-    "overrides, moved",
+    "overrides, readers",
     [
-        (["stage2.lr=0.002"], ["stage2", "probe", "report"]),
-        (["teacher.drop_path_rate=0.2"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),
-        (["stage1.lambda_rho=0.5"], ["stage1", "stage2", "probe", "report"]),
-        (["discovery.k=4"], ["discovery", "stage1", "stage2", "probe", "report"]),  # the distances are shared over k
-        (["discovery.metric=cka"], ["distances", "discovery", "stage1", "stage2", "probe", "report"]),
-        (["scaling.num_workers=4"], ["stage1", "stage2", "probe", "report"]),  # the effective batch; not the teacher
-        (["probe.epochs=2"], ["probe", "report"]),
-        (["data.distill_transform=centre"], ["stage1", "stage2", "probe", "report"]),  # the teacher keeps its augmentation
-        (["teacher.train.seed=7"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),
-        (["data.seed=3"], ["teacher", "distances", "discovery", "stage1", "stage2", "probe", "report"]),  # seeds the teacher too
+        (["stage2.lr=0.002"], ["stage2"]),
+        (["teacher.drop_path_rate=0.2"], ["teacher"]),
+        (["stage1.lambda_rho=0.5"], ["stage1"]),
+        (["discovery.k=4"], ["discovery"]),  # the distances are shared over k
+        (["discovery.metric=cka"], ["distances"]),
+        (["scaling.num_workers=4"], ["stage1", "stage2"]),  # the effective batch; not the teacher
+        (["probe.epochs=2"], ["probe"]),
+        (["data.distill_transform=centre"], ["stage1", "stage2"]),  # the teacher keeps its augmentation
+        (["teacher.train.seed=7"], ["teacher"]),
+        (["data.seed=3"], ["teacher", "stage1", "stage2", "probe"]),  # seeds the teacher too
         (["logging.log_interval=7", "logging.val_interval=9", "storage.keep=5", "storage.checkpoint_interval=3",
           "name=renamed", "deepspeed.zero_stage=3", "scaling.max_failures=0", "cluster.gpus_per_node=4",
           "storage.patience=30", "stage1.max_nonfinite_steps=0", "stage2.max_nonfinite_steps=3"], []),
     ],
 )
-def test_a_change_moves_exactly_the_keys_of_the_stages_that_read_it(tmp_path, overrides, moved):
-    """Catches a stage that misses an input (stale artifact reused) or reads one it should not (needless recompute)."""
-    assert _moved(tmp_path, *overrides) == moved
+def test_a_change_moves_exactly_the_keys_of_the_stages_that_read_it(tmp_path, overrides, readers):
+    """Catches a stage that misses an input (stale artifact reused) or reads one it should not (needless
+    recompute): exactly ``readers`` see the change in their own inputs, and exactly they and the stages
+    downstream of them (derived from the graph) get new keys."""
+    assert _readers(_spec(tmp_path), _spec(tmp_path, *overrides)) == readers
+    assert _moved(tmp_path, *overrides) == downstream(STAGES, readers)
 
 
 def test_a_teacher_with_its_own_seed_is_shared_across_data_seeds(tmp_path):
     """Catches a teacher keyed on data.seed after teacher.train.seed took over its seeding (a sweep over
     student seeds would retrain one identical teacher per seed)."""
-    before, after = _keys(_spec(tmp_path, "teacher.train.seed=0")), _keys(_spec(tmp_path, "teacher.train.seed=0", "data.seed=3"))
-    assert [n for n in ORDER if before[n] != after[n]] == ["stage1", "stage2", "probe", "report"]
+    base, seeded = _spec(tmp_path, "teacher.train.seed=0"), _spec(tmp_path, "teacher.train.seed=0", "data.seed=3")
+    before, after = _keys(base), _keys(seeded)
+    assert _readers(base, seeded) == ["stage1", "stage2", "probe"]
+    assert [n for n in ORDER if before[n] != after[n]] == downstream(STAGES, ["stage1", "stage2", "probe"])
 
 
 def test_explicit_defaults_and_implicit_ones_give_the_same_keys(tmp_path):
@@ -115,10 +129,11 @@ def test_key_is_over_inputs_and_upstream_keys():
 
 
 def _finish(spec: JobSpec, upto: str) -> None:
-    """Pretend a run finished every stage up to ``upto``: each keyed folder gets its marker, and run.json is written."""
-    steps, layout = plan(spec)
+    """Pretend a run finished every stage up to ``upto``: each keyed folder gets its marker, the generated
+    data folders their info files, and run.json is written."""
+    steps, run_folder = plan(spec)
     for step in steps:
-        if step.name == "data":
+        if step.stage.complete is not None:  # the data folders: complete with their _info.json
             for folder in ("train", "val"):
                 storage.write_json(str(Path(spec.data.train).parent / folder / "_info.json"), {})
         elif not step.done:
@@ -126,7 +141,7 @@ def _finish(spec: JobSpec, upto: str) -> None:
             step.status = "done"
         if step.name == upto:
             break
-    write_index(spec, layout, plan(spec)[0])
+    write_index(spec, run_folder, plan(spec)[0])
 
 
 def _plan(spec: JobSpec) -> dict[str, tuple[str, str]]:
@@ -149,14 +164,14 @@ def test_plan_says_what_runs_and_which_field_changed(tmp_path):
 
     teacher = _plan(_spec(tmp_path, "teacher.drop_path_rate=0.3"))
     assert teacher["teacher"] == ("will run", "teacher.drop_path_rate: 0.1 -> 0.3")
-    assert [s for s, (status, _) in teacher.items() if status != "done"] == ORDER[1:]
+    assert [s for s, (status, _) in teacher.items() if status != "done"] == downstream(STAGES, ["teacher"])
 
 
 def test_a_folder_without_its_marker_is_not_done_and_checkpoints_mean_resume(tmp_path):
     """Catches a half-written artifact counted as done, and a resume across changed hyperparameters."""
     spec = _spec(tmp_path)
     _finish(spec, "discovery")
-    steps, layout = plan(spec)
+    steps, _ = plan(spec)
     stage1 = next(s for s in steps if s.name == "stage1")
     storage.write_json(storage.join(stage1.url, "manifest.json"), {})  # the export, but no stage.json: a crash
     checkpoints = storage.join(stage1.url, "checkpoints")
@@ -204,7 +219,7 @@ def test_a_given_teacher_replaced_at_the_same_url_moves_every_key_downstream(tmp
     assert all(status == "done" for status, _ in _plan(spec).values())
     _rewrite(ckpt, b"b" * 64)
     after = _keys(spec)
-    assert [n for n in ORDER if before[n] != after[n]] == ORDER[1:]
+    assert [n for n in ORDER if before[n] != after[n]] == downstream(STAGES, ["teacher"])
     rows = _plan(spec)
     assert rows["teacher"][0] == "done" and "teacher.checkpoint (content): 1 file, 64 B, " in rows["teacher"][1]
     assert rows["distances"] == ("will run", "upstream teacher changed")
@@ -223,7 +238,7 @@ def test_given_shards_rewritten_in_place_move_every_key_downstream(tmp_path):
     assert _keys(spec) == before  # listing the same files gives the same keys
     _rewrite(data / "train-000001.tar", b"\xff" * 512)
     after = _keys(spec)
-    assert [n for n in ORDER if before[n] != after[n]] == ORDER, (before, after)
+    assert [n for n in ORDER if before[n] != after[n]] == downstream(STAGES, ["data"]), (before, after)
 
 
 def test_a_teacher_reuploaded_to_s3_with_the_same_size_moves_the_key(tmp_path, s3_bucket):
@@ -247,8 +262,8 @@ def test_a_data_folder_generated_with_other_settings_is_refused_and_kept(tmp_pat
 
     small = "data.generate={train_samples: 24, val_samples: 8, num_classes: 2, image_size: 16}"
     spec = _spec(tmp_path, small)
-    steps, layout = plan(spec)
-    execute(spec, layout, steps[0])
+    steps, run_folder = plan(spec)
+    execute(spec, run_folder, steps[0])
     assert _plan(spec)["data"][0] == "done"
     before = {p: p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file()}
     with pytest.raises(UserError, match=rf"data.train: {tmp_path / 'data' / 'train'} holds a dataset generated with other"):
@@ -267,15 +282,142 @@ def test_a_corrupt_artifact_is_made_again_under_a_sweeps_guard(tmp_path):
     from raptor.service.engine.pipeline import execute, make
 
     spec = _spec(tmp_path, "discovery.k=3")
-    steps, layout = plan(spec)
+    steps, run_folder = plan(spec)
     by_name = {s.name: s for s in steps}
     np.save(tmp_path / "d.npy", np.random.default_rng(0).random((12, 12)))
-    storage.write_bytes(layout.distances, (tmp_path / "d.npy").read_bytes())
+    storage.write_bytes(run_folder.distances, (tmp_path / "d.npy").read_bytes())
     storage.write_json(storage.join(by_name["distances"].url, "stage.json"), {"files": {}})
-    execute(spec, layout, by_name["discovery"])
-    segmentation = Path(layout.segmentation)
+    execute(spec, run_folder, by_name["discovery"])
+    segmentation = Path(run_folder.segmentation)
     segmentation.write_text(segmentation.read_text().replace("[", "[ "))  # same content for JSON, other bytes
     step = by_name["discovery"]
-    assert make(spec, layout, step, guard=lambda s: nullcontext()) is not None
-    assert step.done and storage.read_json(layout.segmentation)["boundaries"]
-    assert make(spec, layout, step, guard=lambda s: nullcontext()) is None  # now whole: found done
+    assert make(spec, run_folder, step, guard=lambda s: nullcontext()) is not None
+    assert step.done and storage.read_json(run_folder.segmentation)["boundaries"]
+    assert make(spec, run_folder, step, guard=lambda s: nullcontext()) is None  # now whole: found done
+
+
+# ---------------------------------------------------------------- a stage is a module and a registry line
+
+# A new stage as its own module, the way the stages in raptor/service/stages/ declare themselves: an
+# export of the stage-2 student, keyed on a field of its own and on stage 2.
+EXPORT_MODULE = '''
+from raptor import storage
+from raptor.service.engine.graph import Stage
+
+
+def run(ctx):
+    student = ctx.run_folder.student("stage2")
+    storage.write_json(storage.join(ctx.folder, "export.json"), {"student": student, "lr": ctx.spec.stage2.lr})
+    return {"exported": student}
+
+
+STAGE = Stage("export", reads=("stage2.lr",), upstream=("stage2",), run=run)
+'''
+
+
+@pytest.fixture
+def with_export(tmp_path, monkeypatch) -> Stage:
+    """The registry with one more stage: a module written here and one entry added to ``STAGES``."""
+    path = tmp_path / "export_stage.py"
+    path.write_text(EXPORT_MODULE)
+    loaded = importlib.util.spec_from_file_location("export_stage", path)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    monkeypatch.setattr(stages, "STAGES", registry((*STAGES, module.STAGE)))
+    monkeypatch.setattr(stages, "BY_NAME", {s.name: s for s in stages.STAGES})
+    return module.STAGE
+
+
+def test_a_stage_added_as_a_module_and_a_registry_line_is_planned_keyed_and_run(tmp_path, with_export, capsys):
+    """Catches the engine knowing its stages by name (a branch per stage, a hard-coded list of artifacts):
+    a stage declared in a module of its own and added to the registry must get a key over its reads and
+    its upstream (leaving every other key as it was), a row in `raptor run --dry-run`, and be made
+    (stage.json with its checksums) by `raptor run` exactly once, with nothing else in the engine edited."""
+    from raptor.cli import main
+    from raptor.service.engine.pipeline import run_pipeline
+
+    spec = _spec(tmp_path)
+    keys = _keys(spec)
+    assert list(keys) == [*ORDER, "export"]
+    assert {n: k for n, k in keys.items() if n != "export"} == {s.name: s.key for s in _plan_with(STAGES, spec)}
+    steps = {s.name: s for s in plan(spec)[0]}
+    export = steps["export"]
+    assert export.upstream == {"stage2": keys["stage2"]} and export.inputs == {"stage2.lr": 0.001}
+    assert export.url == storage.join(spec.storage.store_url, "export", export.key)
+    assert (export.status, export.why) == ("will run", "not made yet")
+
+    graph = stages.STAGES
+    assert _moved(tmp_path, "stage2.lr=0.002") == downstream(graph, ["stage2", "export"])
+    assert _moved(tmp_path, "probe.epochs=2") == downstream(graph, ["probe"]) and "export" not in downstream(graph, ["probe"])
+    assert _moved(tmp_path, "teacher.drop_path_rate=0.2")[-1] == "export"  # everything after the teacher
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    assert main(["run", str(spec_file), "--dry-run"]) == 0
+    rows = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("export ")]
+    assert rows == [["export", export.key[:12], "will", "run", "not", "made", "yet"]]
+
+    _finish(spec, "report")
+    assert [s.name for s in plan(spec)[0] if not s.done] == ["export"]
+    assert list(run_pipeline(spec)) == ["export"]
+    marker = storage.read_json(storage.join(export.url, "stage.json"))
+    assert marker["stage"] == "export" and marker["key"] == export.key and list(marker["files"]) == ["export.json"]
+    assert storage.read_json(storage.join(export.url, "export.json"))["lr"] == 0.001
+    assert all(s.done for s in plan(spec)[0]) and run_pipeline(spec) == {}
+    assert storage.read_json(storage.join(spec.storage.url, "run.json"))["stages"]["export"]["url"] == export.url
+
+
+def _plan_with(graph: tuple[Stage, ...], spec: JobSpec):
+    """The plan of ``spec`` over ``graph`` instead of the registry."""
+    kept = stages.STAGES
+    stages.STAGES = graph
+    try:
+        return plan(spec)[0]
+    finally:
+        stages.STAGES = kept
+
+
+def _stage_names_in(source: str, names: list[str]) -> list[str]:
+    """The stage names ``source`` mentions (code, strings and docstrings alike), module paths of imports aside."""
+    text = re.sub(r"^\s*(from\s+[\w.]+\s+import|import\s+[\w.]+)", "", source, flags=re.M)
+    return [n for n in names if re.search(rf"\b{re.escape(n)}\b", text)]
+
+
+def test_the_engine_names_no_stage():
+    """Catches a stage-name branch back in the engine (``if step.name == "data"``, ``step.name in
+    ("stage1", "stage2")``, ``layout.report``): what differs between stages must come from their
+    declarations, or adding a stage means editing the pipeline again."""
+    names = [s.name for s in STAGES]
+    assert _stage_names_in('if step.name == "data":\n    return folders["report"]', names) == ["data", "report"]
+    assert _stage_names_in("from raptor.data.shards import dataset_folder\n", names) == []
+    engine = ROOT / "raptor" / "service" / "engine"
+    for module in ("pipeline.py", "graph.py"):
+        assert _stage_names_in((engine / module).read_text(), names) == [], module
+
+
+def test_each_stage_is_one_module_in_the_registry():
+    """Catches a module that holds two stages again (as discovery once held the distances too), and a stage
+    module left out of the registry (its artifact would never be made): each module of
+    raptor/service/stages/ declares at most one stage, named after the module, and the registry holds
+    exactly those."""
+    declared = {}
+    for path in sorted((ROOT / "raptor" / "service" / "stages").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        module = importlib.import_module(f"raptor.service.stages.{path.stem}")
+        found = [v for v in vars(module).values() if isinstance(v, Stage)]
+        assert len(found) <= 1, f"{path.name} declares {len(found)} stages"
+        if found:
+            assert found[0] is getattr(module, "STAGE") and found[0].name == path.stem, path.name
+            declared[path.stem] = found[0]
+    assert sorted(declared) == sorted(ORDER) and all(declared[s.name] is s for s in STAGES)
+
+
+def test_the_registry_refuses_a_stage_before_what_it_consumes():
+    """Catches a registry entry put in the wrong place or twice: the plan would key a stage before its
+    upstream has a key (a KeyError mid-plan) or make one artifact under two declarations."""
+    with pytest.raises(ValueError, match="'distances' consumes teacher, which no stage before it makes"):
+        registry([BY_NAME["data"], BY_NAME["distances"], BY_NAME["teacher"]])
+    with pytest.raises(ValueError, match="'data' is declared twice"):
+        registry([BY_NAME["data"], BY_NAME["data"]])
+    assert registry(STAGES) == STAGES

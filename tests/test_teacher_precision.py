@@ -21,9 +21,10 @@ from raptor.models import Raptor, Teacher, save_student
 from raptor.service.spec.translate import shard_source, stage_config, teacher_ref
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import parse_spec
-from raptor.service.stages.discovery import distance_matrix
+from raptor.service.cli import Studies, run_studies
+from raptor.service.stages.distances import distance_matrix
 from raptor.service.stages.probe import probe
-from raptor.service.stages.report import Studies, analyze_run
+from raptor.service.stages.report import analyze_run
 from raptor.service.stages.teacher import train_teacher
 from raptor.train.hotpath import HotPath
 from raptor.train.trainer import Validator
@@ -78,9 +79,9 @@ def teacher_calls():
 def test_every_stage_runs_the_teacher_in_the_specs_precision(files, teacher_calls, tmp_path, precision, expected):
     """Catches a stage that picks the teacher's precision itself instead of from teacher.precision."""
     spec = spec_for(files, precision)
-    layout = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"), folders={"stage2": str(files)},
-                    teacher_checkpoint=str(files / "teacher.safetensors"))
-    ref = teacher_ref(spec, layout)
+    run_folder = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"), folders={"stage2": str(files)},
+                           given={"teacher": str(files / "teacher.safetensors")})
+    ref = teacher_ref(spec, run_folder)
     calls, current = teacher_calls
     cpu = torch.device("cpu")
 
@@ -97,6 +98,8 @@ def test_every_stage_runs_the_teacher_in_the_specs_precision(files, teacher_call
     current["stage"] = "probe"
     probe(spec, ref, str(files / "student.safetensors"))
     current["stage"] = "report"
-    analyze_run(spec, layout, str(tmp_path / "report"), max_samples=4, studies=Studies(layer_swap=True), device="cpu")
+    layer_swap = Studies(layer_swap=True)
+    analyze_run(spec, run_folder, str(tmp_path / "report"), max_samples=4, device="cpu",
+                studies=lambda t, s, b, amp: run_studies(spec, t, s, b, layer_swap, val_samples=4, amp=amp, seed=0))
 
     assert dict(calls) == {stage: {expected} for stage in ("teacher", "distances", "runner", "probe", "report")}

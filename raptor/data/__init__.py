@@ -21,29 +21,25 @@ files with no info at all (``samples=`` states the count, else it is counted onc
 headers and cached in ``_raptor_counts.json``). ``Shards.resolve(url, split=...)`` and
 ``describe(url, ...)`` (what ``raptor shards info`` prints) say what the loader will read.
 
-Reading, one call per rank (see :mod:`raptor.data.loader` for who reads which shards)::
+Reading, one call per rank (see :mod:`raptor.data.streaming` for who reads which shards)::
 
-    from raptor.data import loader
-    train = loader("s3://bucket/synth", batch_size=64, image_size=112, num_workers=2)
+    from raptor.data import LoaderSettings, loader
+    train = loader("s3://bucket/synth", LoaderSettings(batch_size=64, num_workers=2), image_size=112)
     for epoch in range(epochs):
         train.set_epoch(epoch)
         for images, labels in train:   # exactly len(train) batches on every rank
             ...
         metrics.update(train.stats.as_dict())   # seen / skipped / shard_errors / repeated / read_retries
 
-    in1k = loader("s3://bucket/in1k", split="train", label_key="cls", batch_size=256,
-                  image_size=224, decode="gpu", device="cuda")   # decoded + normalised on the GPU
+    in1k = loader("s3://bucket/in1k", LoaderSettings(batch_size=256, decode="gpu"), split="train",
+                  image_size=224, device="cuda")   # decoded + normalised on the GPU
 
-- ``loader(url, *, batch_size, image_size, train=True, shuffle=None, seed=0, epoch=0,
-  num_workers=2, batches_per_epoch=None, resampled=False, rank=None, world_size=None,
-  error_budget=0.01, dense=False, drop_last=True, patch_size=None, crop_scale=(0.08, 1.0),
-  shuffle_buffer=1000, retries=3, backoff_s=1.0, pin_memory=False, split=None, samples=None,
-  num_classes=None, label_key="cls", decode="cpu", device=None, normalize=True) -> ShardLoader``.
-  Batches are ``(images float32 normalised, labels)`` on ``device`` (uint8 images with
-  ``normalize=False``); dense batches are ``(images, labels, masks, depth)``. ``label_key``:
-  ``cls`` or ``MEMBER:FIELD`` (``json:label``). ``decode="gpu"``: the training process decodes
-  the JPEGs on ``device`` (:mod:`raptor.data.decode`). ``ShardLoader`` has ``len()`` (batches
-  per epoch per rank), ``set_epoch(e)``, ``stats`` (:class:`DataStats`) and ``num_classes``.
+- ``loader(url, settings, *, image_size, rank, world_size, device, ...)`` (:func:`raptor.data.streaming.loader`):
+  ``settings`` (:class:`~raptor.data.settings.LoaderSettings`, the job spec's ``data`` section extends it)
+  says how shards are read; the keywords say what this call reads. Batches are ``(images float32
+  normalised, labels)`` on ``device`` (uint8 images with ``normalize=False``); dense batches are
+  ``(images, labels, masks, depth)``. ``ShardLoader`` has ``len()`` (batches per epoch per rank),
+  ``set_epoch(e)``, ``stats`` (:class:`DataStats`) and ``num_classes``.
 - Errors: :class:`ErrorBudgetExceeded` (too much bad data), :class:`ShardUnavailableError`
   (a shard stayed unreachable through its retries, at open or mid-read),
   :class:`DatasetError` and ``raptor.errors.MissingInput`` (one-line user errors: a damaged info file,
@@ -52,34 +48,39 @@ Reading, one call per rank (see :mod:`raptor.data.loader` for who reads which sh
   transform for one image, outside the loader.
 """
 
-from raptor.data.errors import DatasetError
-from raptor.data.gopen import ShardUnavailableError
-from raptor.data.formats import Shards, count_shards, describe
-from raptor.data.loader import ShardLoader, loader, resolve_rank
-from raptor.data.reader import DataStats, ErrorBudgetExceeded
-from raptor.data.shards import read_info, write_shards
-from raptor.data.sources import Source, imagefolder_source, listfile_source
-from raptor.data.synthetic import synthetic_source
-from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_transform
+import importlib
+from typing import Any
 
-__all__ = [
-    "DataStats",
-    "DatasetError",
-    "ErrorBudgetExceeded",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ShardLoader",
-    "ShardUnavailableError",
-    "Shards",
-    "Source",
-    "count_shards",
-    "describe",
-    "image_transform",
-    "imagefolder_source",
-    "listfile_source",
-    "loader",
-    "read_info",
-    "resolve_rank",
-    "synthetic_source",
-    "write_shards",
-]
+# Loaded on first use: the job spec imports raptor.data.settings, and `raptor --help` or `raptor k8s render`
+# must not pay for torch through this package's other modules.
+_EXPORTS = {
+    "count_shards": "raptor.data.formats",
+    "DatasetError": "raptor.data.errors",
+    "DataStats": "raptor.data.reader",
+    "describe": "raptor.data.formats",
+    "ErrorBudgetExceeded": "raptor.data.reader",
+    "image_transform": "raptor.data.transforms",
+    "imagefolder_source": "raptor.data.sources",
+    "IMAGENET_MEAN": "raptor.data.transforms",
+    "IMAGENET_STD": "raptor.data.transforms",
+    "listfile_source": "raptor.data.sources",
+    "loader": "raptor.data.streaming",
+    "LoaderSettings": "raptor.data.settings",
+    "read_info": "raptor.data.shards",
+    "resolve_rank": "raptor.data.streaming",
+    "ShardLoader": "raptor.data.streaming",
+    "Shards": "raptor.data.formats",
+    "ShardUnavailableError": "raptor.data.gopen",
+    "Source": "raptor.data.sources",
+    "synthetic_source": "raptor.data.synthetic",
+    "write_shards": "raptor.data.shards",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'raptor.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -15,9 +15,10 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
 from raptor.data import tarstream
+from raptor.data.settings import LoaderSettings
 from raptor.data.decode import JPEG_EXTS
 from raptor.data.gopen import open_shard
-from raptor.data.loader import loader
+from raptor.data.streaming import loader
 from raptor.errors import UserError
 
 
@@ -45,22 +46,10 @@ def bench(
     in this process. ``bare`` adds the bare loop's img/s over as many of the shards' JPEGs and
     the ratio of the two (per worker).
     """
-    stream = loader(
-        url,
-        batch_size=batch_size,
-        image_size=image_size,
-        train=train,
-        num_workers=num_workers,
-        batches_per_epoch=batches + 1,
-        rank=0,
-        world_size=1,
-        error_budget=1.0,
-        split=split,
-        label_key=label_key,
-        decode=decode,  # type: ignore[arg-type]
-        device=device,
-        normalize=normalize,
-    )
+    settings = LoaderSettings(batch_size=batch_size, num_workers=num_workers, error_budget=1.0, label_key=label_key,
+                              decode=decode)
+    stream = loader(url, settings, image_size=image_size, train=train, batches_per_epoch=batches + 1, rank=0,
+                    world_size=1, split=split, device=device, normalize=normalize)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

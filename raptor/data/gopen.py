@@ -4,7 +4,7 @@ WebDataset opens shard URLs through its own ``gopen_schemes`` table, which by de
 ``curl``/``gsutil`` or knows nothing of ``s3://``. Registering an fsspec-backed handler here routes
 every such URL through :mod:`raptor.storage`, so the endpoint and credentials come from the standard
 AWS variables like everything else. The registration runs when this module is imported, and
-:mod:`raptor.data.loader` imports it, so DataLoader workers get it whether they fork or spawn.
+:mod:`raptor.data.streaming` imports it, so DataLoader workers get it whether they fork or spawn.
 """
 
 from __future__ import annotations

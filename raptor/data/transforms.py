@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import to_image
 
+from raptor.data.settings import check_crop_scale
 from raptor.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,11 +39,6 @@ def check_size(size: int, patch_size: int | None = None) -> None:
         raise UserError(f"image size must be positive, got {size}")
     if patch_size is not None and size % patch_size:
         raise UserError(f"image size {size} is not a multiple of the patch size {patch_size}")
-
-
-def check_crop_scale(crop_scale: tuple[float, float]) -> None:
-    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
 
 
 def crop_box(

@@ -1,7 +1,8 @@
 """Performance models and tools: FLOPs, MFU, the per-GPU memory plan, the compiled hot path.
 
 Plain PyTorch (no Ray, no DeepSpeed, no job spec), so benchmarks, ``raptor plan`` and the
-runner's logs all use the same FLOP model.
+runner's logs all use the same FLOP model. The memory plan takes the engine's settings as the runner
+does (:class:`raptor.execution.DeepSpeedSettings`), not a copy of them.
 """
 
 from raptor.perf.compile import CompileCounter, CompiledLoss, compile_blocks, compile_trajectory

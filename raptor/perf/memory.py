@@ -13,22 +13,30 @@ and one application's backward (checked against a live-tensor count of a real st
 is eager PyTorch's; under ``torch.compile`` inductor recomputes cheap elementwise results in
 backward instead of saving them, so compiled steps use less: the plan is their upper bound.
 
-Precisions (``amp`` is the training policy: it keeps fp32 fidelity, issue 11):
-  ``fp32``  everything fp32.
-  ``amp``   fp32 parameters (the master weights), residual stream, norms, gains and loss; matmul
-            and attention operands in bf16 under ``torch.autocast`` (their saved inputs are bf16,
-            plus one bf16 copy of each linear weight cached for the step).
-  ``bf16``  DeepSpeed's bf16 mode: bf16 parameters, gradients and residual stream, fp32 master
-            weights and AdamW states in the optimizer (loses fidelity; kept for comparison).
+The training configuration is the runner's own: :class:`Setup` holds a
+:class:`~raptor.execution.DeepSpeedSettings` (the job spec's ``deepspeed`` section) and derives what
+the model reads from it, so the engine's settings and their rules are declared once. Precisions
+modelled:
+  ``fp32``  everything fp32 (``deepspeed.precision`` fp32).
+  ``amp``   the training policy, which keeps fp32 fidelity (``deepspeed.precision`` bf16, or auto: the
+            plan is for GPUs): fp32 parameters (the master weights), residual stream, norms, gains and
+            loss; matmul and attention operands in bf16 under ``torch.autocast`` (their saved inputs
+            are bf16, plus one bf16 copy of each linear weight cached for the step).
+  ``bf16``  DeepSpeed's bf16 mode (``Setup.deepspeed_bf16``; the runner never uses it): bf16
+            parameters, gradients and residual stream, fp32 master weights and AdamW states in the
+            optimizer (loses fidelity; kept for comparison).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import combinations
 from typing import Any, Sequence
 
+from pydantic import ValidationError
+
 from raptor.errors import UserError
+from raptor.execution import DEEPSPEED_BUCKET, DeepSpeedSettings
 from raptor.perf.devices import GIB, DeviceSpec, lookup
 from raptor.perf.flops import StudentShape, TeacherShape, stage_terms
 
@@ -45,49 +53,82 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class Setup:
-    """The per-GPU training configuration a plan is made for (plain values; no job spec)."""
+    """The per-GPU training configuration a plan is made for: the DeepSpeed engine's settings as the
+    runner takes them (``deepspeed``) and the modelling inputs that are not engine settings.
+
+    ``deepspeed`` is validated by :class:`~raptor.execution.DeepSpeedSettings` (offload rules
+    included); the properties below are what the model reads, derived from it."""
 
     batch: int  # per-GPU micro-batch
     world_size: int = 1  # data-parallel GPUs
-    zero_stage: int = 2
-    precision: str = "amp"  # fp32 | amp | bf16
-    checkpointing: bool | tuple[int, ...] = False  # recompute in backward: every block, or these blocks
-    offload_optimizer: bool = False  # AdamW states (and fp32 master partition) in CPU memory
-    offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    # model DeepSpeed's own bf16 mode (bf16 parameters, gradients and residual stream) instead of
+    # bf16 autocast in the fp32 engine: the runner never uses it; the plan keeps it for comparison
+    deepspeed_bf16: bool = False
     stage: int = 2  # distillation stage
     lam: float = 0.5  # stage 1: TF weight; 0 < lam < 1 (the anneal) runs both TF and AR: the peak
     teacher_dtype: str = "fp32"  # storage of the frozen teacher's weights
     target_dtype: str = "fp32"  # storage of the trajectory buffer (the student's targets)
     online_teacher: bool = True  # the teacher runs in the step (False: precomputed trajectories)
-    reduce_bucket_elems: int = 500_000_000  # DeepSpeed reduce_bucket_size: ZeRO >= 1 allocates a bucket this big
+    reduce_bucket_elems: int = DEEPSPEED_BUCKET  # DeepSpeed reduce_bucket_size: ZeRO >= 1 allocates a bucket this big
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.world_size < 1:
             raise PlanError(f"batch and world_size must be >= 1, got {self.batch}, {self.world_size}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise PlanError(f"zero_stage must be 0-3, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise PlanError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.offload_params and self.zero_stage != 3:
-            raise PlanError("offload_params needs zero_stage 3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise PlanError("offload_optimizer needs zero_stage >= 1")
+        if not isinstance(self.deepspeed, DeepSpeedSettings):
+            raise PlanError(f"deepspeed must be a DeepSpeedSettings, got {type(self.deepspeed).__name__}")
+        if self.deepspeed_bf16 and self.deepspeed.precision == "fp32":
+            raise PlanError("deepspeed_bf16 (DeepSpeed's bf16 mode) contradicts deepspeed.precision fp32")
         for name in ("teacher_dtype", "target_dtype"):
             if getattr(self, name) not in _BYTES:
                 raise PlanError(f"{name} must be fp32 or bf16, got {getattr(self, name)!r}")
         if self.stage not in (1, 2):
             raise PlanError(f"stage must be 1 or 2, got {self.stage}")
-        if not isinstance(self.checkpointing, bool):
-            blocks = tuple(sorted({int(b) for b in self.checkpointing}))
-            if any(b < 0 for b in blocks):
-                raise PlanError(f"checkpointing blocks must be >= 0, got {list(self.checkpointing)}")
-            object.__setattr__(self, "checkpointing", blocks)
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed.zero_stage
+
+    @property
+    def precision(self) -> str:
+        """The modelled precision (:data:`PRECISIONS`): ``bf16`` is DeepSpeed's bf16 mode, ``amp``
+        bf16 autocast in the fp32 engine (``deepspeed.precision`` bf16, or auto on a GPU)."""
+        if self.deepspeed_bf16:
+            return "bf16"
+        return "fp32" if self.deepspeed.precision == "fp32" else "amp"
+
+    @property
+    def checkpointing(self) -> bool | tuple[int, ...]:
+        """Recompute in backward: every block (True), none (False), or these blocks (sorted)."""
+        ck = self.deepspeed.activation_checkpointing
+        return ck if isinstance(ck, bool) else tuple(sorted(ck))
+
+    @property
+    def offload_optimizer(self) -> bool:
+        """AdamW states (and the fp32 master partition) in host memory."""
+        return self.deepspeed.offload_optimizer != "none"
+
+    @property
+    def offload_params(self) -> bool:
+        """Parameters in host memory (ZeRO-3)."""
+        return self.deepspeed.offload_param != "none"
 
     @property
     def checkpointing_label(self) -> str:
         if isinstance(self.checkpointing, bool):
             return "on" if self.checkpointing else "off"
         return f"blocks {list(self.checkpointing)}" if self.checkpointing else "off"
+
+    def with_deepspeed(self, **changes: Any) -> Setup:
+        """This setup with these DeepSpeed settings changed, validated as a spec's would be (a
+        combination :class:`~raptor.execution.DeepSpeedSettings` rejects raises ``ValidationError``)."""
+        return replace(self, deepspeed=DeepSpeedSettings.model_validate({**self.deepspeed.model_dump(), **changes}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values (``deepspeed`` as the spec section's dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["deepspeed"] = self.deepspeed.model_dump(mode="json")
+        return out
 
 
 def checkpointed_blocks(checkpointing: bool | Sequence[int], k: int) -> tuple[int, ...]:
@@ -238,7 +279,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "setup": asdict(self.setup),
+            "setup": self.setup.to_dict(),
             "device": {"name": self.device.name, "memory_gib": self.device.memory_gib},
             "memory_gib": {k: round(v / GIB, 3) for k, v in self.memory.items()},
             "cpu_memory_gib": {k: round(v / GIB, 3) for k, v in self.cpu_memory.items()},
@@ -306,15 +347,15 @@ def plan(
 ) -> Plan:
     """Memory and throughput per GPU of a distillation stage; advice when it does not fit.
 
-    ``setup`` takes the :class:`Setup` fields (``world_size``, ``zero_stage``, ``precision``,
-    ``checkpointing``, ``offload_optimizer``, ``offload_params``, ``stage``, ``lam``,
-    ``teacher_dtype``, ``target_dtype``, ``online_teacher``, ``reduce_bucket_elems``).
+    ``setup`` takes the :class:`Setup` fields (``world_size``, ``deepspeed`` (the engine:
+    ``DeepSpeedSettings(zero_stage=3, offload_param="cpu")``), ``deepspeed_bf16``, ``stage``,
+    ``lam``, ``teacher_dtype``, ``target_dtype``, ``online_teacher``, ``reduce_bucket_elems``).
     ``device``: a table name (``"H100"``, ``"H200"``, ``"A100"``, ...) or a
     :class:`~raptor.perf.devices.DeviceSpec`; ``memory_gib`` / ``peak_tflops`` override it.
-    ``utilisation``: the fraction of the peak the step sustains (hardware FLOPs); 0.35 is what
-    the issue measured for the compiled ViT-B step on an H100 (1,904 samples/s x 185 GFLOP
-    against the 989 TFLOP/s datasheet peak). The usable memory is the device's minus
-    ``CONTEXT_GIB`` for the CUDA context and workspaces, times ``1 - FRAGMENTATION``.
+    ``utilisation``: the fraction of the peak the step sustains (hardware FLOPs), a stated
+    assumption: the default is about what the compiled ViT-B step sustains on an H100 (see
+    docs/performance.md). The usable memory is the device's minus ``CONTEXT_GIB`` for the CUDA
+    context and workspaces, times ``1 - FRAGMENTATION``.
     """
     cfg = Setup(batch=batch, **setup)
     spec = device if isinstance(device, DeviceSpec) else lookup(device)
@@ -408,29 +449,39 @@ def _suggestions(teacher: TeacherShape, student: StudentShape, cfg: Setup, spec:
     checkpointing alone does not), selective checkpointing (the fastest subset of blocks that
     fits: it recomputes fewer applications than checkpointing all), and the batch split into
     gradient-accumulation steps that fits at the same effective batch; fastest first."""
-    def fitting(name: str, c: Setup) -> Suggestion | None:
+    def fitting(name: str, c: Setup | None) -> Suggestion | None:
+        if c is None:  # a combination DeepSpeedSettings rejects (e.g. ZeRO-3 with a compiled hot path)
+            return None
         p = _plan(teacher, student, c, spec, peak, utilisation, budget)
         return Suggestion(name, c, p.total / GIB, p.samples_per_s) if p.fits else None
+
+    def engine(c: Setup, **changes: Any) -> Setup | None:
+        try:
+            return c.with_deepspeed(**changes)
+        except ValidationError:
+            return None
 
     others: list[tuple[str, dict[str, Any]]] = [(f"ZeRO stage {z}", {"zero_stage": z})
                                                 for z in range(cfg.zero_stage + 1, 4)]
     if not cfg.offload_optimizer:
         others.append(("optimizer offload (CPU AdamW: slower steps)",
-                       {"offload_optimizer": True, "zero_stage": max(cfg.zero_stage, 1)}))
-    found = [fitting(name, replace(cfg, **kw)) for name, kw in others]
+                       {"offload_optimizer": "cpu", "zero_stage": max(cfg.zero_stage, 1)}))
+    found = [fitting(name, engine(cfg, **kw)) for name, kw in others]
     current = checkpointed_blocks(cfg.checkpointing, student.k)
     if len(current) < student.k:
-        alone = fitting("activation checkpointing", replace(cfg, checkpointing=True))
+        alone = fitting("activation checkpointing", engine(cfg, activation_checkpointing=True))
         found.append(alone)
         subsets = [c for n in range(1, student.k) for c in combinations(range(student.k), n) if set(current) < set(c)]
-        selective = [fitting(f"activation checkpointing of blocks {list(c)}", replace(cfg, checkpointing=c))
-                     for c in subsets]
+        selective = [fitting(f"activation checkpointing of blocks {list(c)}",
+                             engine(cfg, activation_checkpointing=list(c))) for c in subsets]
         found.append(max((x for x in selective if x is not None), key=lambda x: x.samples_per_s, default=None))
         if alone is None:
-            found += [fitting(f"activation checkpointing + {name}", replace(cfg, checkpointing=True, **kw))
+            found += [fitting(f"activation checkpointing + {name}", engine(cfg, activation_checkpointing=True, **kw))
                       for name, kw in others]
     for ckpt in dict.fromkeys([cfg.checkpointing, True]):
-        c = replace(cfg, checkpointing=ckpt)
+        c = cfg if ckpt == cfg.checkpointing else engine(cfg, activation_checkpointing=True)
+        if c is None:
+            continue
         most = _max_batch(teacher, student, c, spec, peak, utilisation, budget)
         if 0 < most < cfg.batch:  # the largest divisor of the batch: the same effective batch
             b = max(d for d in range(1, most + 1) if cfg.batch % d == 0)

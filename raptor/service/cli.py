@@ -9,14 +9,20 @@ through Ray's job API (``raptor.service.deploy.submit``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
-from raptor.errors import UserError
+from raptor.errors import CorruptArtifact, UserError
 from raptor.service.spec import JobSpec, SpecError, load_spec
+
+if TYPE_CHECKING:
+    from raptor.distill import StageConfig
+    from raptor.models import Raptor, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +247,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
+    """``raptor teacher train``: the teacher stage's training (:func:`raptor.service.stages.teacher.train_teacher`)
+    outside the pipeline, by default into the teacher's keyed place in the spec's store."""
     from raptor.service.spec.translate import absolute_paths
     from raptor.service.engine.pipeline import plan
     from raptor.service.stages.teacher import train_teacher
@@ -254,9 +262,111 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from raptor.service.stages.report import Studies, analyze
+# ---------------------------------------------------------------- raptor analyze
 
+
+@dataclasses.dataclass(frozen=True)
+class Studies:
+    """Which optional studies ``raptor analyze`` runs (each costs far more than the analysis itself).
+
+    ``partition`` = number of random partitions (0: none); the partition and ablation studies distil
+    students on ``samples`` train images with the run's stage recipes (``steps`` overrides both
+    stages' step counts); ``dense`` = segmentation and depth probes on ``samples`` images.
+    """
+
+    layer_swap: bool = False
+    partition: int = 0
+    ablation: bool = False
+    dense: bool = False
+    samples: int = 512
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.partition < 0 or self.samples < 1 or (self.steps is not None and self.steps < 1):
+            raise UserError(f"studies need partition >= 0, samples >= 1, steps >= 1 (got {self.partition}, {self.samples}, {self.steps})")
+
+
+def run_dense_probes(spec: JobSpec, teacher: Teacher, student: Raptor | None, *, samples: int, amp: bool) -> dict[str, Any]:
+    """Segmentation and depth probes for teacher and student, when the run's shards carry masks and depth."""
+    from raptor.data import Shards
+    from raptor.eval.dense import dense_probes
+    from raptor.service.stages.report import split_batches
+
+    if not Shards.resolve(spec.data.train, split=spec.data.train_split).dense:
+        raise UserError(f"{spec.data.train}: these shards carry no masks or depth maps (write them with dense=True)")
+    log.info("dense probes on %d train / val images", samples)
+    return dense_probes(teacher, student, split_batches(spec, "train", dense=True),
+                        split_batches(spec, "val", dense=True), max_samples=samples, amp=amp)
+
+
+def _study_configs(spec: JobSpec, steps: int | None) -> tuple[StageConfig, StageConfig]:
+    """The run's own stage recipes (same budget as the run unless ``steps`` overrides both stages)."""
+    from raptor.service.spec.translate import stage_config
+
+    configs = []
+    for name in ("stage1", "stage2"):
+        cfg = stage_config(spec, name)
+        if steps:
+            cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 10))
+        configs.append(cfg)
+    return configs[0], configs[1]
+
+
+def run_studies(
+    spec: JobSpec, teacher: Teacher, student: Raptor | None, boundaries: list[int], opts: Studies, *, val_samples: int, amp: bool, seed: int
+) -> dict[str, Any]:
+    """The eval studies on the run's data: layer swap (val), partition and ablation (students distilled on train), dense probes."""
+    from raptor.analysis.analyze import collect_trajectories
+    from raptor.eval.structure import ablation_study, layer_swap_study, partition_study
+    from raptor.service.stages.report import split_batches
+
+    studies: dict[str, Any] = {}
+    if (opts.partition or opts.ablation) and not boundaries:
+        raise UserError("the partition and ablation studies need boundaries (run the discovery stage first)")
+    if opts.layer_swap or opts.partition or opts.ablation:
+        traj, _, labels = collect_trajectories(teacher, None, split_batches(spec), max_samples=val_samples, amp=amp)
+        val = [(traj, labels)]
+    if opts.layer_swap:
+        log.info("layer-swap study on %d samples", traj.shape[0])
+        swap = layer_swap_study(teacher, val, amp=amp)
+        studies["layer_swap"] = {**swap.to_dict(), "within_across": swap.within_across(boundaries) if boundaries else None}
+    if opts.partition or opts.ablation:
+        t_train, _, y_train = collect_trajectories(teacher, None, split_batches(spec, "train"), max_samples=opts.samples, amp=amp)
+        bs = spec.data.batch_size
+        train = [(t_train[i : i + bs], y_train[i : i + bs]) for i in range(0, t_train.shape[0], bs)]
+        stage1, stage2 = _study_configs(spec, opts.steps)
+        if opts.partition:
+            log.info("partition study: max-cut %s against %d random partitions, %d stage-1 steps each", boundaries, opts.partition, stage1.steps)
+            studies["partition"] = partition_study(teacher, train, val, boundaries=boundaries, n_random=opts.partition, stage1=stage1, seed=seed)
+        if opts.ablation:
+            log.info("ablation study: %d students, %d + %d steps", 4, stage1.steps, stage2.steps)
+            studies["ablation"] = ablation_study(teacher, train, val, boundaries=boundaries, stage1=stage1, stage2=stage2, seed=seed)
+    if opts.dense:
+        studies["dense"] = run_dense_probes(spec, teacher, student, samples=opts.samples, amp=amp)
+    return studies
+
+
+def analyze(run_url: str, out_url: str | None = None, *, max_samples: int = 64, studies: Studies = Studies(),
+            device: str | None = None, seed: int = 0) -> dict[str, str]:
+    """``raptor analyze``: the report of the run at ``run_url`` (its spec and artifacts from ``run.json``),
+    with ``studies``; by default into the run folder's copy of the report."""
+    from raptor.service.engine.artifacts import RunFolder, corrupt_file
+    from raptor.service.stages.report import PUBLISHED, analyze_run
+
+    run_folder = RunFolder.from_index(run_url)
+    for folder in run_folder.folders.values():  # never analyse a file that is not the one its stage wrote
+        if (problem := corrupt_file(folder)) is not None:
+            raise CorruptArtifact(f"{problem}; `raptor run` on the run's spec makes it again")
+    spec = load_spec(run_folder.spec_file)
+
+    def extra(teacher: Teacher, student: Raptor | None, boundaries: list[int], amp: bool) -> dict[str, Any]:
+        return run_studies(spec, teacher, student, boundaries, studies, val_samples=max_samples, amp=amp, seed=seed)
+
+    return analyze_run(spec, run_folder, out_url or run_folder.run(PUBLISHED), max_samples=max_samples, studies=extra,
+                       device=device, seed=seed)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1 (got {args.samples})")
     if args.sweep:

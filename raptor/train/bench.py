@@ -33,7 +33,7 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     device = device or torch.device("cuda" if job.scaling.use_gpu else "cpu")
     ds, cfg = job.deepspeed, job.config
     teacher = job.teacher.load(device)
-    student = build_student(job.student, teacher)
+    student = build_student(job, teacher)
     hot = HotPath.for_job(job, teacher, student, device)
     optimizer = make_optimizer(student, cfg, fused=ds.fused_adamw(device))
     scheduler = lr_scheduler(optimizer, cfg)
@@ -60,7 +60,7 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
         step(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return steps * job.train.batch_size * accum / (time.perf_counter() - t0)
+    return steps * job.train.settings.batch_size * accum / (time.perf_counter() - t0)
 
 
 def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
@@ -73,9 +73,9 @@ def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
         measured = dataclasses.replace(
             job,
             config=dataclasses.replace(job.config, steps=steps),
-            scaling=dataclasses.replace(job.scaling, num_workers=workers, max_failures=0),
-            checkpoints=dataclasses.replace(job.checkpoints, folder=tmp, interval=steps),  # one, at the end
-            logging=dataclasses.replace(job.logging, log_interval=interval, val_interval=steps, wandb_mode="disabled"),
+            scaling=job.scaling.model_copy(update={"num_workers": workers, "max_failures": 0}),
+            storage=job.storage.model_copy(update={"checkpoint_interval": steps}),  # one, at the end
+            logging=job.logging.model_copy(update={"log_interval": interval, "val_interval": steps, "wandb_mode": "disabled"}),
             out_url=tmp,
         )
         run_stage(measured)
@@ -89,7 +89,7 @@ def compare(job: StageJob, steps: int, warmup: int = 3, workers: tuple[int, ...]
     device = torch.device("cuda" if job.scaling.use_gpu else "cpu")
     threads = torch.get_num_threads()
     if device.type == "cpu":  # the bare step gets one worker's share of the cores, as Ray gives a worker
-        torch.set_num_threads(max(1, int(job.scaling.resources_per_worker.get("CPU", 1))))
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     try:
         bare = bare_rate(job, steps, warmup)
     finally:
@@ -97,7 +97,7 @@ def compare(job: StageJob, steps: int, warmup: int = 3, workers: tuple[int, ...]
     rows = []
     for w in workers:
         total = runner_rate(job, steps, w)
-        rows.append({"stage": job.stage, "batch": job.train.batch_size, "device": device.type,
+        rows.append({"stage": job.stage, "batch": job.train.settings.batch_size, "device": device.type,
                      "compile": job.deepspeed.compile_mode(device), "zero_stage": job.deepspeed.zero_stage,
                      "workers": w, "bare_samples_per_s": round(bare, 1), "runner_samples_per_s": round(total, 1),
                      "runner_per_worker": round(total / w, 1), "ratio": round(total / w / bare, 3)})

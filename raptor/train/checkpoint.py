@@ -37,7 +37,6 @@ import torch
 from pyarrow.fs import FileSelector, FileType
 
 from raptor.train import integrity
-from raptor.train.job import CheckpointPlan
 from raptor.train.registered import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
@@ -113,8 +112,8 @@ class Checkpointer:
     loaded it, so ranks never continue from different states.
     """
 
-    def __init__(self, plan: CheckpointPlan, fresh: Callable[[], Any]):
-        self.plan, self.fresh = plan, fresh
+    def __init__(self, interval: int, fresh: Callable[[], Any]):
+        self.interval, self.fresh = interval, fresh
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.engine = self._new_engine()
@@ -125,7 +124,7 @@ class Checkpointer:
         return engine
 
     def due(self, step: int, last: bool) -> bool:
-        return step % self.plan.interval == 0 or last
+        return step % self.interval == 0 or last
 
     def save(self, step: int, micro_batches: int, metrics: dict[str, float], resumed: Resumed) -> None:
         """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier).

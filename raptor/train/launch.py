@@ -42,20 +42,20 @@ def ray_storage(folder: str, patience_s: float) -> dict[str, Any]:
 def run_config(job: StageJob) -> ray.train.RunConfig:
     """RunConfig(name="checkpoints", storage_path=<the stage's key folder>): the same on every re-run, hence resume.
 
-    A stage that reports while it trains (``logging.report_interval``: a sweep trial) forwards its
+    A stage that reports while it trains (``labels.report_interval``: a sweep trial) forwards its
     reports to the Ray Tune trial it runs in, so Tune's scheduler sees them.
     """
     callbacks = []
-    if job.logging.report_interval:
+    if job.labels.report_interval:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
     return ray.train.RunConfig(
         name=CHECKPOINTS,
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoints.keep),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep),
         callbacks=callbacks,
-        **ray_storage(job.checkpoints.folder, job.faults.storage_patience_s),
+        **ray_storage(job.out_url, job.storage.patience),
     )
 
 
@@ -64,7 +64,7 @@ def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(
         num_workers=s.num_workers,
         use_gpu=s.use_gpu,
-        resources_per_worker=dict(s.resources_per_worker),
+        resources_per_worker=s.worker_resources(),
         placement_strategy=s.placement_strategy,
     )
 

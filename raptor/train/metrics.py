@@ -20,7 +20,8 @@ from raptor.distill import StageConfig
 from raptor.models import Raptor, Teacher
 from raptor.perf import StudentShape, TeacherShape, UnknownDeviceError, current_device, flops_per_sample, mfu
 from raptor.perf.devices import GIB
-from raptor.train.job import LogPlan
+from raptor.train.job import RunLabels
+from raptor.train.settings import LoggingSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class Progress:
         stage: str,
         total_steps: int,
         samples_per_step: int,
-        plan: LogPlan,
+        settings: LoggingSettings,
+        labels: RunLabels,
         *,
         enabled: bool,
         start_step: int = 0,
@@ -112,22 +114,22 @@ class Progress:
         self._mark_step, self._mark_time = start_step, time.perf_counter()
         self.samples_per_s = 0.0
         self.run = None
-        mode = wandb_mode(plan.wandb_mode)
+        mode = wandb_mode(settings.wandb_mode)
         if enabled and mode != "disabled":
             import wandb
 
-            os.makedirs(plan.wandb_dir, exist_ok=True)
+            os.makedirs(labels.wandb_dir, exist_ok=True)
             # a fixed id (the stage's key) + resume="allow": a resumed stage continues the same wandb run
             self.run = wandb.init(
-                project=plan.wandb_project,
-                entity=plan.wandb_entity,
-                name=plan.run_name,
-                id=plan.run_id,
-                group=plan.wandb_group,
+                project=settings.wandb_project,
+                entity=settings.wandb_entity,
+                name=labels.run_name,
+                id=labels.run_id,
+                group=settings.wandb_group,
                 resume="allow",
                 mode=mode,
-                dir=plan.wandb_dir,
-                config=plan.config,
+                dir=labels.wandb_dir,
+                config=labels.wandb_config,
                 settings=wandb.Settings(silent=True, console="off"),
             )
 

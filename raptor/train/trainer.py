@@ -32,7 +32,7 @@ from raptor.models.teacher import autocast
 from raptor.train.checkpoint import Checkpointer, Resumed
 from raptor.train.export import export_student
 from raptor.train.hotpath import HotPath
-from raptor.train.job import ShardSource, StageJob, StudentPlan
+from raptor.train.job import ShardSource, StageJob
 from raptor.train.logs import quiet_worker
 from raptor.train.metrics import Progress, Utilisation, device_peak
 from raptor.train.nonfinite import NonFiniteGuard
@@ -40,13 +40,15 @@ from raptor.train.nonfinite import NonFiniteGuard
 log = logging.getLogger(__name__)
 
 
-def build_student(plan: StudentPlan, teacher: Teacher) -> Raptor:
-    """Stage 1 starts from fresh blocks on the boundaries; stage 2 chains the blocks stage 1 exported."""
-    if plan.init_url is not None:
-        student, _ = load_student(plan.init_url, teacher)
+def build_student(job: StageJob, teacher: Teacher) -> Raptor:
+    """Stage 1 starts from fresh blocks on the boundaries (seeded by the data seed); stage 2 chains the
+    blocks stage 1 exported."""
+    if job.init_url is not None:
+        student, _ = load_student(job.init_url, teacher)
         return student
-    return Raptor.from_teacher(teacher, list(plan.boundaries), init=plan.init, mlp=plan.mlp,
-                               depth_scaling=plan.depth_scaling, seed=plan.seed)
+    s = job.student
+    return Raptor.from_teacher(teacher, list(job.boundaries), init=s.init, mlp=s.mlp, depth_scaling=s.depth_scaling,
+                               seed=job.train.settings.seed)
 
 
 def batches_from(loader: data.ShardLoader, micro_batches: int) -> Iterator[torch.Tensor]:
@@ -134,7 +136,7 @@ def build_engine(job: StageJob, teacher: Teacher, student: Raptor, device: torch
         model=hot.objective,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler(optimizer, job.config),
-        config=ds.config(job.train.batch_size, world_size, sum(p.numel() for p in student.parameters())),
+        config=ds.config(job.train.settings.batch_size, world_size, sum(p.numel() for p in student.parameters())),
     )
     return engine, hot
 
@@ -165,7 +167,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
         self.teacher = job.teacher.load(self.device)
-        self.checkpointer = Checkpointer(job.checkpoints, lambda: self._fresh(world))
+        self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world))
         self.resumed = self.checkpointer.restore()
         self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, device=self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
@@ -173,7 +175,7 @@ class Trainer:
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
                                   peak_tflops=device_peak(self.device, job.deepspeed.amp(self.device),
                                                           job.logging.peak_tflops)) if self.rank == 0 else None
-        self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging,
+        self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging, job.labels,
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
         self.guard = NonFiniteGuard(job.stage, self.engine, self.student, job.faults.max_nonfinite_steps,
                                     self.resumed.nonfinite, report=self.rank == 0)
@@ -181,8 +183,8 @@ class Trainer:
     def _fresh(self, world_size: int) -> Any:
         """The stage's start on this rank: the per-rank noise stream seeded, the initial student, a new
         engine around it (the checkpointer calls it, and again to undo a checkpoint another rank refused)."""
-        torch.manual_seed(self.job.train.seed * 7919 + self.rank)  # per-rank noise stream; restored on resume
-        self.student = build_student(self.job.student, self.teacher)
+        torch.manual_seed(self.job.train.settings.seed * 7919 + self.rank)  # per-rank noise stream; restored on resume
+        self.student = build_student(self.job, self.teacher)
         self.engine, self.hot = build_engine(self.job, self.teacher, self.student, self.device, world_size)
         return self.engine
 
@@ -221,13 +223,13 @@ class Trainer:
             if row:
                 history.append({"step": done, **row})
                 latest.update(row)
-            reported = {**_headline(latest), "global_step": lg.step_offset + done}
+            reported = {**_headline(latest), "global_step": job.labels.step_offset + done}
             if self.checkpointer.due(done, last):
                 state.nonfinite = self.guard.counters()
                 stop = {"stopped": self.guard.stopped} if self.guard.stopped else {}
                 self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
                                        {**reported, **stop}, state)
-            elif lg.report_interval and done % lg.report_interval == 0:
+            elif job.labels.report_interval and done % job.labels.report_interval == 0:
                 ray.train.report(reported)  # every rank: a Ray Train report is collective
             if self.guard.stopped:  # diverged: the checkpoint holds the state, the driver raises TrainingDiverged
                 self.logger.finish(latest)

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.spec import ClusterSpec, JobSpec, ScalingSpec, load_spec, secrets_in
+from raptor.service.spec import ClusterSpec, JobSpec, load_spec, secrets_in
+from raptor.train.settings import ScalingSettings
 from raptor.service.deploy.submit import entrypoint
 
 # overlay -> the --set overrides it applies on top of the spec
@@ -59,7 +60,7 @@ class WorkerPacking:
     memory_gib: int
 
 
-def worker_packing(scaling: ScalingSpec, cluster: ClusterSpec, trials: int = 1) -> WorkerPacking:
+def worker_packing(scaling: ScalingSettings, cluster: ClusterSpec, trials: int = 1) -> WorkerPacking:
     """Pack workers onto pods of ``cluster.gpus_per_node`` GPUs (one worker per pod on CPU).
 
     ``trials`` > 0 for a sweep: that many trials' pods, each pod with one extra CPU for trial drivers.

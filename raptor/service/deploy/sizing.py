@@ -27,7 +27,7 @@ import yaml
 from raptor.perf import Plan, Setup, StudentShape, TeacherShape, activation_bytes, plan, stage_terms
 from raptor.perf.devices import GIB, DeviceSpec, current_device, lookup
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
-from raptor.train.job import bucket_elems
+from raptor.execution import DeepSpeedSettings, bucket_elems
 
 UTILISATION = 0.35  # of the dense peak: the issue's compiled ViT-B step on an H100 (see raptor.perf.plan)
 STAGES = (1, 2)
@@ -46,20 +46,10 @@ def _teacher_shape(name: str, img_size: int, model_kwargs: str) -> TeacherShape:
 
 
 def setup_of(spec: JobSpec, stage: int, student: StudentShape) -> Setup:
-    """The per-GPU configuration the runner trains ``stage`` of ``spec`` with."""
-    ds = spec.deepspeed
-    ckpt = ds.activation_checkpointing
-    return Setup(
-        batch=spec.data.batch_size,
-        world_size=spec.scaling.num_workers,
-        zero_stage=ds.zero_stage,
-        precision="fp32" if ds.precision == "fp32" else "amp",  # auto and bf16: autocast on GPU
-        checkpointing=tuple(ckpt) if isinstance(ckpt, list) else ckpt,
-        offload_optimizer=ds.offload_optimizer != "none",
-        offload_params=ds.offload_param != "none",
-        stage=stage,
-        reduce_bucket_elems=bucket_elems(student.params()),
-    )
+    """The per-GPU configuration the runner trains ``stage`` of ``spec`` with: its DeepSpeed settings
+    as they are, with the buckets the runner sizes to the student."""
+    return Setup(batch=spec.data.batch_size, world_size=spec.scaling.num_workers, deepspeed=spec.deepspeed,
+                 stage=stage, reduce_bucket_elems=bucket_elems(student.params()))
 
 
 def _device(name: str | None) -> tuple[DeviceSpec, str]:
@@ -157,16 +147,20 @@ class SpecPlan:
         return "\n".join(lines)
 
 
+# the order the fixes name the engine's switches in; any other changed setting follows
+_SWITCHES = ("zero_stage", "offload_optimizer", "activation_checkpointing")
+
+
+def _yaml(value: Any) -> str:
+    """A ``--set`` value: YAML booleans, lists without spaces."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value).replace(" ", "")
+
+
 def _overrides(spec: JobSpec, old: Setup, new: Setup) -> list[str]:
     """The spec fields that turn ``old`` into ``new``."""
-    out = []
-    if new.zero_stage != old.zero_stage:
-        out.append(f"deepspeed.zero_stage={new.zero_stage}")
-    if new.offload_optimizer and not old.offload_optimizer:
-        out.append("deepspeed.offload_optimizer=cpu")
-    if new.checkpointing != old.checkpointing:
-        ck = new.checkpointing
-        out.append(f"deepspeed.activation_checkpointing={'true' if ck is True else list(ck)}".replace(" ", ""))
+    out = [f"deepspeed.{name}={_yaml(getattr(new.deepspeed, name))}"
+           for name in dict.fromkeys([*_SWITCHES, *DeepSpeedSettings.model_fields])
+           if getattr(new.deepspeed, name) != getattr(old.deepspeed, name)]
     if new.batch != old.batch:
         accum = spec.deepspeed.gradient_accumulation_steps * old.batch // new.batch
         out += [f"data.batch_size={new.batch}", f"deepspeed.gradient_accumulation_steps={accum}"]
@@ -202,8 +196,9 @@ def plan_spec(
     base = stages[2].setup
     state = {}
     for z in range(4):
-        p = plan(teacher, student, **kw, suggest=False,
-                 **{**vars(base), "zero_stage": z, "offload_optimizer": False, "offload_params": False})
+        # the engine at ZeRO-z without offload (compile does not change the plan; auto is valid at every stage)
+        bare = base.with_deepspeed(zero_stage=z, offload_optimizer="none", offload_param="none", compile="auto")
+        p = plan(teacher, student, **kw, suggest=False, **vars(bare))
         state[z] = sum(b for name, b in p.memory.items() if name.startswith(_STATE_ROWS))
     acts: dict[str, dict[int, int]] = {}
     variants = [("no checkpointing", False), ("every block checkpointed", True)]

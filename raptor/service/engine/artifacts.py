@@ -29,12 +29,19 @@ MARKER_FILE = "stage.json"
 
 @dataclass
 class RunFolder:
-    """Where each artifact of one run lives: ``folders`` maps a stage to its keyed folder in the store."""
+    """Where each artifact of one run lives: ``folders`` maps a stage to its artifact (a keyed folder in the
+    store, or where the spec puts it); ``given`` the artifacts the spec supplies, used where they are.
+
+    The stages say where their artifacts live (``Stage.location``); :func:`raptor.service.engine.pipeline.plan`
+    records each one here. The named files below are conveniences for the readers of a run (the
+    spec's translation, sweeps, the analysis, tests), which the stage modules import and so cannot
+    import in turn; each is a file of one stage's folder (:meth:`file`).
+    """
 
     run_url: str
     store_url: str
     folders: dict[str, str] = field(default_factory=dict)
-    teacher_checkpoint: str | None = None  # a teacher the spec gives, used where it is
+    given: dict[str, str] = field(default_factory=dict)
 
     def run(self, *parts: str) -> str:
         return storage.join(self.run_url, *parts)
@@ -43,14 +50,24 @@ class RunFolder:
         """The store folder of ``stage``'s artifact with ``key``."""
         return storage.join(self.store_url, stage, key)
 
+    def record(self, stage: str, url: str, given: bool = False) -> None:
+        """``stage``'s artifact is at ``url`` (``given``: the spec supplies it)."""
+        self.folders[stage] = url
+        if given:
+            self.given[stage] = url
+
     def folder(self, stage: str) -> str:
         try:
             return self.folders[stage]
         except KeyError:
             raise MissingInput(f"{self.run_url}: the run has no {stage} artifact yet") from None
 
+    def file(self, stage: str, name: str) -> str:
+        """The file ``name`` of ``stage``'s artifact."""
+        return storage.join(self.folder(stage), name)
+
     def marker(self, stage: str) -> str:
-        return storage.join(self.folder(stage), MARKER_FILE)
+        return self.file(stage, MARKER_FILE)
 
     # ---- the run's own files
     @property
@@ -62,68 +79,71 @@ class RunFolder:
         return self.run(INDEX_FILE)
 
     @property
-    def run_report(self) -> str:
-        return self.run("report")
-
-    @property
     def logs(self) -> str:
         return self.run("logs")
 
-    # ---- artifacts, by stage
+    # ---- named files of the artifacts, for their readers
+    @property
+    def teacher_checkpoint(self) -> str | None:
+        """A teacher the spec gives (``teacher.checkpoint``), used where it is."""
+        return self.given.get("teacher")
+
     @property
     def teacher(self) -> str:
-        return self.teacher_checkpoint or storage.join(self.folder("teacher"), "teacher.safetensors")
+        return self.teacher_checkpoint or self.file("teacher", "teacher.safetensors")
 
     @property
     def teacher_metrics(self) -> str:
-        return storage.join(self.folder("teacher"), "metrics.json")
+        return self.file("teacher", "metrics.json")
 
     @property
     def distances(self) -> str:
-        return storage.join(self.folder("distances"), "distances.npy")
+        return self.file("distances", "distances.npy")
 
     @property
     def segmentation(self) -> str:
-        return storage.join(self.folder("discovery"), "segmentation.json")
+        return self.file("discovery", "segmentation.json")
 
     def boundaries(self) -> list[int]:
         return [int(b) for b in storage.read_json(self.segmentation)["boundaries"]]
 
     def student(self, stage: str) -> str:
-        return storage.join(self.folder(stage), "student.safetensors")
+        return self.file(stage, "student.safetensors")
 
     def history(self, stage: str) -> str:
-        return storage.join(self.folder(stage), "history.json")
+        return self.file(stage, "history.json")
 
     @property
     def probe(self) -> str:
-        return storage.join(self.folder("probe"), "results.json")
+        return self.file("probe", "results.json")
 
-    @property
-    def report(self) -> str:
-        return self.folder("report")
+    # ---- run.json
+    def header(self) -> dict[str, Any]:
+        """What ``run.json`` records of this object beside each stage's URL (:meth:`from_index` reads it back)."""
+        return {"store": self.store_url, "teacher_checkpoint": self.teacher_checkpoint}
 
     @classmethod
     def from_index(cls, run_url: str) -> "RunFolder":
-        """The layout a finished (or partly finished) run recorded in its ``run.json``."""
+        """Where a finished (or partly finished) run's artifacts are, as its ``run.json`` recorded them."""
         url = storage.join(run_url, INDEX_FILE)
         if not storage.exists(url):
             raise UserError(f"{run_url} is not a raptor run (no {INDEX_FILE})")
         index: dict[str, Any] = storage.read_json(url)
         try:
             stages = index.get("stages", {})
-            layout = cls(
+            teacher_checkpoint = index.get("teacher_checkpoint")
+            run_folder = cls(
                 run_url=run_url,
                 store_url=index["store"],
                 folders={name: s["url"] for name, s in stages.items() if s.get("status") == "done"},
-                teacher_checkpoint=index.get("teacher_checkpoint"),
+                given={"teacher": teacher_checkpoint} if teacher_checkpoint else {},
             )
         except (AttributeError, KeyError, TypeError) as e:
             raise CorruptArtifact(f"{url}: not a raptor run index ({type(e).__name__}: {e})") from None
-        paths = [layout.store_url, *layout.folders.values(), layout.teacher_checkpoint or ""]
+        paths = [run_folder.store_url, *run_folder.folders.values(), *run_folder.given.values()]
         if not all(isinstance(p, str) for p in paths):  # they are joined into paths: a number would be a TypeError
             raise CorruptArtifact(f"{url}: not a raptor run index (store, stage urls and teacher_checkpoint must be strings)")
-        return layout
+        return run_folder
 
 
 def corrupt_file(folder: str) -> str | None:

@@ -9,6 +9,10 @@ reads. A stage is
 done when the artifact for ITS key exists, so re-running a changed spec redoes exactly the stages
 whose inputs changed, and runs or sweep trials whose inputs agree share one artifact.
 
+A stage also says where its artifact lives, how its status is decided and whether it resumes (the
+hooks of :class:`Stage`), so the engine (``raptor.service.engine.pipeline``) treats every stage alike:
+adding one is a module that declares it and a line in the registry (``raptor.service.stages``).
+
 :func:`plan` computes every key up front (keys depend on inputs, never on outputs) and says for each
 stage: done, will run, or will resume, and why (which field differs from the artifact this run
 used before), like ``make -n``.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 from raptor.service.spec import JobSpec
 
@@ -30,16 +34,32 @@ KEY_LENGTH = 16  # hex digits: 64 bits, no collision among any realistic number 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline and what its artifact is made from.
+    """One step of the pipeline: what its artifact is made from, where it lives, when it is done, how it is made.
+
+    What goes into the key (:func:`content_key`):
 
     ``reads``: dotted spec paths (a section name covers the whole section), or a function of the
-    spec when the inputs depend on it (a given teacher checkpoint vs a teacher trained here).
+    spec when the inputs depend on it (an artifact the spec gives vs one made here).
+    ``upstream``: the stages whose artifacts it consumes (their keys are part of its key).
     ``ignores``: fields the stage uses (or that lie under ``reads``) that do not change its
     artifact, each with the reason.
-    ``given``: the spec supplies the artifact itself (e.g. ``teacher.checkpoint``); it is checked,
-    never made. ``content``: for a given artifact, what its files are by content (``raptor.storage.identity``),
-    as extra inputs: a file replaced at the same URL changes this key and every key downstream.
+    ``given``: the spec supplies the artifact itself; it is checked, never made. ``content``: for a
+    given artifact, what its files are by content (``raptor.storage.identity``), as extra inputs: a
+    file replaced at the same URL changes this key and every key downstream.
     ``version``: bumped when the stage computes something else from the same inputs.
+
+    Where the artifact lives and how its status is decided (none of these changes the key):
+
+    ``location``: where the artifact is when it is not a keyed folder of the store (the URL the spec
+    gives, or a folder the spec names); ``None``: ``{store}/{name}/{key}/``.
+    ``missing``: for a given artifact at ``location``, why it is not usable (``None``: it is); the
+    plan then says ``missing`` and the run stops before anything starts.
+    ``complete``: an artifact outside the store that gets no ``stage.json`` says itself whether it is
+    complete; ``None``: it is done when its folder holds the ``stage.json`` written last.
+    ``resumable``: an unfinished artifact continues from the Ray Train checkpoints under its folder.
+    ``publish``: a copy of the finished artifact goes to this folder of the run (what a person opens).
+    ``check``: validates the spec before anything runs (one line naming the field, not a failure mid-run).
+    ``run``: makes the artifact into ``StageContext.folder``; returns the summary kept in ``stage.json``.
     """
 
     name: str
@@ -50,9 +70,37 @@ class Stage:
     given: Callable[[JobSpec], bool] = lambda spec: False
     content: Callable[[JobSpec], dict[str, str]] = lambda spec: {}
     version: int = 1
+    location: Callable[[JobSpec], str | None] = lambda spec: None
+    missing: Callable[[JobSpec, str], str | None] = lambda spec, url: None
+    complete: Callable[[JobSpec], bool] | None = None
+    resumable: bool = False
+    publish: str | None = None
+    check: Callable[[JobSpec], None] = lambda spec: None
 
     def fields(self, spec: JobSpec) -> tuple[str, ...]:
         return self.reads(spec) if callable(self.reads) else self.reads
+
+
+def registry(stages: Sequence[Stage]) -> tuple[Stage, ...]:
+    """``stages`` as the pipeline runs them, checked: names unique, each stage after the ones it consumes."""
+    seen: set[str] = set()
+    for stage in stages:
+        if stage.name in seen:
+            raise ValueError(f"stage {stage.name!r} is declared twice")
+        if unknown := [u for u in stage.upstream if u not in seen]:
+            raise ValueError(f"stage {stage.name!r} consumes {', '.join(unknown)}, which no stage before it makes")
+        seen.add(stage.name)
+    return tuple(stages)
+
+
+def downstream(stages: Sequence[Stage], names: Collection[str]) -> list[str]:
+    """``names`` and every stage that consumes one of them, directly or not, in the order of ``stages``:
+    the stages a change to what ``names`` read makes again."""
+    out: set[str] = set(names)
+    for stage in stages:
+        if out & set(stage.upstream):
+            out.add(stage.name)
+    return [s.name for s in stages if s.name in out]
 
 
 def _lookup(tree: Any, path: str) -> Any:
@@ -120,17 +168,18 @@ class StageContext:
     """What a running stage gets: the spec, every artifact path, and its own step of the plan."""
 
     spec: JobSpec
-    layout: "RunFolder"
+    run_folder: "RunFolder"
     step: Step
-    report_interval: int | None = None  # training stages report metrics this often (a sweep trial's scheduler)
+    report_interval: int | None = None  # how often training stages send metrics (a sweep trial's scheduler)
 
     @property
     def folder(self) -> str:
+        """Where this stage writes its artifact."""
         return self.step.url
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 3) -> str:
-    """``stage2.lr: 0.001 -> 0.002, ...`` for the fields whose values differ."""
+    """``section.field: 0.001 -> 0.002, ...`` for the fields whose values differ."""
     diffs = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
     return ", ".join(diffs[:limit]) + more

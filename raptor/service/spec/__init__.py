@@ -12,7 +12,7 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raptor import storage
 from raptor.recipe import (
@@ -23,7 +23,11 @@ from raptor.recipe import (
     PAPER_WEIGHT_DECAY,
     paper_warmup,
 )
+from raptor.data.settings import LoaderSettings
 from raptor.errors import UserError
+from raptor.execution import DeepSpeedSettings
+from raptor.settings import Settings
+from raptor.train import settings as runner
 
 # Schemes fsspec reaches without extra code here; others need their fsspec plugin installed.
 READ_SCHEMES = {"file", "s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf"}
@@ -41,11 +45,6 @@ _DINOV2_DEPTHS = {"small": 12, "base": 12, "large": 24, "giant": 40}
 
 class SpecError(UserError):
     """A job spec that does not validate; the message is one line naming the field."""
-
-
-class _Section(BaseModel):
-    # NaN and infinity are never a setting: `lr: .inf` would pass `gt=0` and diverge at step 1
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_url(url: str, allowed: set[str], field: str) -> str:
@@ -81,7 +80,7 @@ def secrets_in(value: Any, prefix: str) -> list[str]:
     return []
 
 
-class TeacherTrainSpec(_Section):
+class TeacherTrainSpec(Settings):
     """Supervised training of the teacher on the shards (``raptor teacher train``); used when no checkpoint is given."""
 
     epochs: int = Field(10, gt=0, description="passes over the training shards")
@@ -96,15 +95,10 @@ class TeacherTrainSpec(_Section):
         "(sweep it for replicate teachers)")
 
 
-class TeacherSpec(_Section):
+class TeacherSpec(runner.TeacherSettings):
     """The frozen teacher: a timm ViT, loaded from a checkpoint or trained first."""
 
-    name: str = Field("vit_base_patch14_reg4_dinov2", description="timm model name of the teacher ViT; a DINOv2 name fixes its depth L")
-    checkpoint: str | None = Field(None, description="local path or fsspec URL; .pth (official DINOv2), safetensors (timm/HF) or a raptor export")
-    img_size: int = Field(224, gt=0, description="input resolution in pixels (224 for ViT-B/14: 16 x 16 patches)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth when training the teacher")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm overrides, e.g. embed_dim, depth, num_heads")
     train: TeacherTrainSpec | None = None
 
     @field_validator("checkpoint")
@@ -134,7 +128,7 @@ class TeacherSpec(_Section):
         return _DINOV2_DEPTHS[m.group(1)] if m else None
 
 
-class GenerateSpec(_Section):
+class GenerateSpec(Settings):
     """Procedurally generated labelled shards (the embedded default); written when missing."""
 
     train_samples: int = Field(4000, gt=0, description="labelled images written to the training shards")
@@ -144,7 +138,9 @@ class GenerateSpec(_Section):
     seed: int = Field(0, description="seed of the generator")
 
 
-class DataSpec(_Section):
+class DataSpec(LoaderSettings):
+    """The shards of each split and how the stages read them (the loader's settings, extended)."""
+
     train: str = Field(..., description="shard URL with brace expansion, e.g. s3://bucket/imagenet/train-{000000..001023}.tar")
     val: str | None = Field(None, description="validation shard URL (probe, fidelity checks); null = none")
     train_split: str | None = Field(
@@ -152,15 +148,6 @@ class DataSpec(_Section):
     val_split: str | None = Field(None, description="the same for data.val, e.g. validation")
     train_samples: int | None = Field(
         None, gt=0, description="training samples where no info file gives the count; null = count the tars once (cached beside them)")
-    num_classes: int | None = Field(None, gt=1, description="class count where no info file gives it (the teacher's classifier is sized by it)")
-    label_key: str = Field("cls", description="where a sample's label is: cls (a member holding the class index) or MEMBER:FIELD, e.g. json:label")
-    decode: Literal["cpu", "gpu"] = Field(
-        "cpu", description="where training JPEGs are decoded: cpu (loader workers) or gpu (the training process, batched on its GPU)")
-    batch_size: int = Field(64, gt=0, description="per worker")
-    num_workers: int = Field(4, ge=0, description="loader workers per training worker")
-    seed: int = Field(0, description="seed of shuffling and augmentation")
-    error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range of the train transform (DINOv2: 0.08-1; raise the floor for tiny images)")
     distill_transform: Literal["augment", "centre"] = Field(
         "augment", description="images of the distillation stages: augment (RandomResizedCrop over crop_scale + flip, "
         "shuffled) or centre (Resize 256/224 + CentreCrop, no augmentation, shuffled: the paper's fixed states)")
@@ -171,15 +158,8 @@ class DataSpec(_Section):
     def _scheme(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, READ_SCHEMES, "data URL")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _crop(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {list(v)}")
-        return v
 
-
-class DiscoverySpec(_Section):
+class DiscoverySpec(Settings):
     metric: Literal["cosine", "mse", "cka", "swap"] = Field(
         "cosine", description="layer distance: cosine (1 - cos of [cls, mean patch]), mse, linear cka, or swap (damage of swapping two layers)")
     method: Literal["dp", "bisection"] = Field(
@@ -199,15 +179,7 @@ class DiscoverySpec(_Section):
         return self
 
 
-class StudentSpec(_Section):
-    """Architecture of the k student blocks: fixed for both stages, so it lives outside them."""
-
-    mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="block MLP: swiglu (D -> 2 x 4D, silu(a) * b, -> D) or gelu")
-    depth_scaling: bool = Field(True, description="(g1, g2, g3) = 1 + MLP_t(t) for the layer index t: a non-autonomous block")
-    init: Literal["random", "teacher"] = Field("random", description="initial block weights: random or from the teacher's layers")
-
-
-class TokenWeights(_Section):
+class TokenWeights(Settings):
     cls: float = Field(1 / 3, ge=0, description="loss weight of the cls token")
     reg: float = Field(1 / 3, ge=0, description="loss weight of the register tokens")
     patch: float = Field(1 / 3, ge=0, description="loss weight of the patch tokens")
@@ -220,7 +192,7 @@ class TokenWeights(_Section):
         return (self.cls, self.reg, self.patch)
 
 
-class StageSpec(_Section):
+class StageSpec(runner.FaultSettings):
     """Optimiser and loss of one training stage (the paper's recipe is the default)."""
 
     steps: int = Field(..., gt=0, description="optimizer steps of the stage")
@@ -234,9 +206,6 @@ class StageSpec(_Section):
         "mse", description="mse over all tokens, token (cls/reg/patch MSE weighted by token_weights) or cosine")
     token_weights: TokenWeights = Field(default_factory=TokenWeights)
     sigma: float = Field(0.0, ge=0, description="input noise on teacher states")
-    max_nonfinite_steps: int = Field(
-        10, ge=0, description="optimizer steps in a row that may be skipped for a NaN/Inf loss or gradient; one more "
-        "stops the stage with a checkpoint (a diverged stage is never exported)")
 
     @model_validator(mode="after")
     def _warmup(self) -> "StageSpec":
@@ -272,7 +241,7 @@ class Stage2Spec(StageSpec):
     token_weights: TokenWeights = Field(default_factory=lambda: TokenWeights.of(PAPER_STAGE2_TOKEN_WEIGHTS))
 
 
-class ProbeSpec(_Section):
+class ProbeSpec(Settings):
     """Linear classification probe on frozen features (DINOv2 protocol)."""
 
     epochs: int = Field(15, gt=0, description="passes over the training set")
@@ -285,69 +254,12 @@ class ProbeSpec(_Section):
         True, description="also report the paper's variant: the student's head fine-tuned from the teacher's probe head")
 
 
-class ScalingSpec(_Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks; one per GPU on GPU clusters)")
-    use_gpu: bool = Field(False, description="train on GPUs (NCCL) rather than CPUs (gloo)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves (its data loading runs there)")
-    gpus_per_worker: float = Field(1, ge=0, description="GPUs each worker reserves when use_gpu is true")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for the workers")
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
+class StorageSpec(runner.StorageSettings):
+    """Where the run's folder and its artifacts live, and how the workers checkpoint there."""
 
-    def worker_resources(self) -> dict[str, float]:
-        """Resources one Ray Train worker asks for."""
-        res = {"CPU": self.cpus_per_worker, **self.resources_per_worker}
-        if self.use_gpu:
-            res["GPU"] = self.gpus_per_worker
-        return res
-
-
-class DeepSpeedSpec(_Section):
-    """The student's training engine (always fp32 in DeepSpeed: mixed precision is autocast) and its hot path."""
-
-    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 none, 1 shards optimizer states, 2 also gradients, 3 also parameters")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="student step: bf16 = bf16 autocast matmuls with fp32 weights, residual stream, gains, loss, "
-        "optimizer and export; auto = bf16 on GPU, fp32 on CPU")
-    gradient_clipping: float = Field(1.0, ge=0, description="global gradient-norm clip (0 = off)")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    activation_checkpointing: bool | list[int] = Field(
-        False, description="recompute block applications in backward to save memory: true = every block, "
-        "a list = those blocks (0-based; `raptor plan` says which fit)")
-    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="optimizer states to cpu or nvme (ZeRO >= 1)")
-    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="parameters to cpu or nvme (ZeRO-3 only)")
-    compile: Literal["auto", "off", "loss", "blocks"] = Field(
-        "auto", description="torch.compile of the hot path: loss = teacher trajectory and whole stage loss, blocks = each "
-        "block (compile time independent of depth), off = eager; auto = loss on GPU with ZeRO <= 2, else off")
-
-    @field_validator("activation_checkpointing")
-    @classmethod
-    def _blocks(cls, v: bool | list[int]) -> bool | list[int]:
-        if isinstance(v, list) and (any(b < 0 for b in v) or len(set(v)) != len(v)):
-            raise ValueError(f"activation_checkpointing blocks must be distinct indices >= 0, got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _offload(self) -> "DeepSpeedSpec":
-        if self.offload_param != "none" and self.zero_stage != 3:
-            raise ValueError(f"offload_param needs zero_stage 3 (got zero_stage={self.zero_stage})")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
-        if self.compile in ("loss", "blocks") and self.zero_stage == 3:
-            raise ValueError(f"compile={self.compile} needs zero_stage <= 2 (ZeRO-3's parameter gathering breaks the graph)")
-        return self
-
-
-class StorageSpec(_Section):
     url: str = Field(..., description="this run's folder: spec.yaml, run.json (stage -> artifact), report/, logs/; local path or fsspec URL")
     store: str | None = Field(
         None, description="content-addressed artifact store, shared by runs and sweep trials; null = <url>/store")
-    checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
-    keep: int = Field(2, gt=0, description="checkpoints kept per stage")
-    patience: float = Field(
-        storage.DEFAULT_PATIENCE_S, gt=0, le=86_400, description="seconds an unreachable object store is retried (with backoff) before "
-        "the run stops, resumable; checkpoint, artifact and index writes and reads wait this long")
 
     @field_validator("url", "store")
     @classmethod
@@ -359,19 +271,7 @@ class StorageSpec(_Section):
         return self.store or storage.join(self.url, "store")
 
 
-class LoggingSpec(_Section):
-    wandb_project: str = Field("raptor", description="wandb project")
-    wandb_entity: str | None = Field(None, description="wandb team or user; null = the key's default")
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline")
-    wandb_group: str | None = Field(None, description="wandb group of the stages' runs; null = the job's name (a sweep groups its trials under its own name)")
-    log_interval: int = Field(50, gt=0, description="steps between metric logs (console and wandb)")
-    val_interval: int = Field(500, gt=0, description="steps between fidelity checks on the fixed validation batch")
-    peak_tflops: float | None = Field(
-        None, gt=0, description="device peak TFLOP/s for the logged MFU; null = the GPU's dense peak from raptor.perf's "
-        "table (bf16 or fp32 as the step runs); no MFU on CPU unless set")
-
-
-class ClusterSpec(_Section):
+class ClusterSpec(Settings):
     """Where the job runs on Kubernetes (KubeRay); read only by ``raptor k8s render``, never by training."""
 
     image: str = Field("ghcr.io/raptor-distill/raptor:0.1.0", description="image built from cluster/Dockerfile, for head, workers and submitter")
@@ -409,7 +309,7 @@ def tied(key: str) -> list[str]:
     return [p.strip() for p in key.split(",")]
 
 
-class Domain(_Section):
+class Domain(Settings):
     """The values of one swept field: exactly one of grid, choice, uniform, loguniform or randint."""
 
     grid: list[Any] | None = Field(None, min_length=1, description="every value, crossed with the other grid fields")
@@ -441,7 +341,7 @@ class Domain(_Section):
         return getattr(self, self.kind)
 
 
-class SweepSpec(_Section):
+class SweepSpec(Settings):
     """A Ray Tune sweep over this spec (``raptor sweep``): one trial per point of ``space``, sharing the store."""
 
     space: dict[str, Domain] = Field(
@@ -501,21 +401,21 @@ class SweepSpec(_Section):
         return SWEEP_METRICS[self.metric]
 
 
-class JobSpec(_Section):
+class JobSpec(Settings):
     """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="name of the job; the RayJob and its pods are named after it")
     teacher: TeacherSpec
     data: DataSpec
     discovery: DiscoverySpec = Field(default_factory=DiscoverySpec)
-    student: StudentSpec = Field(default_factory=StudentSpec)
+    student: runner.StudentSettings = Field(default_factory=runner.StudentSettings)
     stage1: Stage1Spec
     stage2: Stage2Spec
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
-    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: runner.ScalingSettings = Field(default_factory=runner.ScalingSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     storage: StorageSpec
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    logging: runner.LoggingSettings = Field(default_factory=runner.LoggingSettings)
     runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env for `raptor submit`; entries named like a credential are "
         "redacted in the saved spec and refused by `raptor k8s render`")

@@ -1,8 +1,8 @@
-"""The job-spec reference in the README, generated from the pydantic model so it cannot drift.
+"""The job-spec reference in docs/spec.md, generated from the pydantic model so it cannot drift.
 
 Field names, types, bounds, defaults and meanings (``Field(description=...)``) come from ``JobSpec``
-itself. A test fails when the README's copy differs from ``reference_markdown()`` or when a field has
-no description; refresh with ``python -m raptor.service.spec.reference --update README.md``.
+itself. A test fails when the copy in docs/spec.md differs from ``reference_markdown()`` or when a field
+has no description; refresh with ``python -m raptor.service.spec.reference --update``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from raptor.service.spec import JobSpec
 
 BEGIN, END = "<!-- spec-reference:begin -->", "<!-- spec-reference:end -->"
+DOCS_FILE = Path("docs/spec.md")  # where the reference lives, relative to the repository root
 
 _BOUNDS = ((at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, "le", "<="))
 
@@ -117,13 +118,14 @@ def replace_block(text: str) -> str:
     """``text`` with the block between the markers replaced by the current reference."""
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
     if not pattern.search(text):
-        raise ValueError(f"no {BEGIN} ... {END} block to replace")
+        raise ValueError(f"no {BEGIN} ... {END} block to replace (the reference lives in {DOCS_FILE.as_posix()})")
     return pattern.sub(lambda _: reference_markdown(), text, count=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the job-spec reference, or refresh it in a Markdown file.")
-    parser.add_argument("--update", metavar="FILE", help="replace the reference block in FILE (README.md)")
+    parser.add_argument("--update", metavar="FILE", nargs="?", const=str(DOCS_FILE),
+                        help=f"replace the reference block in FILE (default {DOCS_FILE.as_posix()})")
     args = parser.parse_args(argv)
     if args.update:
         path = Path(args.update)

@@ -1,6 +1,6 @@
 """From the job spec to what the libraries and the runner take: the one place a spec field is translated.
 
-The teacher (:class:`~raptor.train.job.TeacherRef`), each split's shards
+The teacher (:class:`~raptor.train.settings.TeacherSettings`), each split's shards
 (:class:`~raptor.train.job.ShardSource`), a stage's hyperparameters (the core's
 :class:`~raptor.distill.StageConfig`) and a whole distillation stage for the Ray workers
 (:class:`~raptor.train.job.StageJob`) are built here, so one setting (image size, seed, crop scale,
@@ -19,18 +19,9 @@ from raptor import storage
 from raptor.distill import StageConfig
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import JobSpec, SpecError, Stage1Spec, Stage2Spec, TokenWeights
-from raptor.train.job import (
-    CheckpointPlan,
-    DeepSpeedPlan,
-    FaultPlan,
-    LogPlan,
-    ScalingPlan,
-    ShardSource,
-    StageJob,
-    StageName,
-    StudentPlan,
-    TeacherRef,
-)
+from raptor.data.settings import LoaderSettings
+from raptor.train.job import RunLabels, ShardSource, StageJob, StageName
+from raptor.train.settings import FaultSettings, StorageSettings, TeacherSettings, part
 
 
 def absolute(url: str) -> str:
@@ -64,10 +55,9 @@ def check_teacher(spec: JobSpec) -> None:
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
-def teacher_ref(spec: JobSpec, layout: RunFolder) -> TeacherRef:
-    t = spec.teacher
-    return TeacherRef(name=t.name, img_size=t.img_size, checkpoint=layout.teacher, model_kwargs=dict(t.model_kwargs),
-                      precision=t.precision)
+def teacher_ref(spec: JobSpec, layout: RunFolder) -> TeacherSettings:
+    """The teacher the stages load: the spec's settings with the checkpoint this run trained or was given."""
+    return part(spec.teacher, TeacherSettings).model_copy(update={"checkpoint": layout.teacher})
 
 
 def shard_source(
@@ -83,14 +73,11 @@ def shard_source(
         split = "train"
         num_workers = 0 if num_workers is None else num_workers
     train = split == "train"
-    return ShardSource(
-        url=d.train if train else d.val, batch_size=d.batch_size, image_size=spec.teacher.img_size,
-        seed=d.seed if seed is None else seed,
-        num_workers=d.num_workers if num_workers is None else num_workers, error_budget=d.error_budget,
-        crop_scale=tuple(d.crop_scale), split=d.train_split if train else d.val_split,
-        samples=d.train_samples if train else None, num_classes=d.num_classes, label_key=d.label_key, decode=d.decode,
-        augment=augment,
-    )
+    settings = part(d, LoaderSettings).model_copy(update={
+        "seed": d.seed if seed is None else seed, "num_workers": d.num_workers if num_workers is None else num_workers})
+    return ShardSource(url=d.train if train else d.val, image_size=spec.teacher.img_size, settings=settings,
+                       split=d.train_split if train else d.val_split, samples=d.train_samples if train else None,
+                       augment=augment)
 
 
 def distill_source(spec: JobSpec) -> ShardSource:
@@ -133,14 +120,6 @@ def stage_config(spec: JobSpec, stage: StageName) -> StageConfig:
     return StageConfig(**cfg)
 
 
-def deepspeed_plan(spec: JobSpec) -> DeepSpeedPlan:
-    """The engine and hot path of the training stages (``activation_checkpointing``: a bool or block indices)."""
-    ds = spec.deepspeed.model_dump()
-    if isinstance(ds["activation_checkpointing"], list):
-        ds["activation_checkpointing"] = tuple(ds["activation_checkpointing"])
-    return DeepSpeedPlan(**ds)
-
-
 def wandb_dir(spec: JobSpec) -> str:
     """Offline wandb runs go beside a local run; for object storage, to $WANDB_DIR or a temp folder."""
     if storage.scheme(spec.storage.url) == "file":
@@ -156,36 +135,27 @@ def stage_job(
     ``report_interval``: steps between metric reports to Ray Train while the stage trains (a sweep
     trial's scheduler reads them); stage 2's steps are counted on from stage 1's.
     """
-    sc, lg = spec.scaling, spec.logging
-    student = StudentPlan(
-        boundaries=tuple(layout.boundaries()), mlp=spec.student.mlp, depth_scaling=spec.student.depth_scaling,
-        init=spec.student.init, seed=spec.data.seed,
-        init_url=layout.student("stage1") if stage == "stage2" else None,
-    )
     return StageJob(
         stage=stage,
         config=stage_config(spec, stage),
         teacher=teacher_ref(spec, layout),
-        student=student,
+        student=spec.student,
+        boundaries=tuple(layout.boundaries()),
+        init_url=layout.student("stage1") if stage == "stage2" else None,
         train=distill_source(spec),
         val=shard_source(spec, "val", num_workers=0),
-        scaling=ScalingPlan(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.worker_resources(),
-                            placement_strategy=sc.placement_strategy, max_failures=sc.max_failures),
-        deepspeed=deepspeed_plan(spec),
-        checkpoints=CheckpointPlan(folder=layout.folder(stage), interval=spec.storage.checkpoint_interval,
-                                   keep=spec.storage.keep),
-        logging=LogPlan(
-            run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", log_interval=lg.log_interval,
-            val_interval=lg.val_interval, wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
-            wandb_mode=lg.wandb_mode, wandb_dir=wandb_dir(spec), wandb_group=lg.wandb_group or spec.name,
-            peak_tflops=lg.peak_tflops,
-            config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
+        scaling=spec.scaling,
+        deepspeed=spec.deepspeed,
+        storage=part(spec.storage, StorageSettings),
+        faults=part(getattr(spec, stage), FaultSettings),
+        logging=spec.logging.model_copy(update={"wandb_group": spec.logging.wandb_group or spec.name}),
+        labels=RunLabels(
+            run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", wandb_dir=wandb_dir(spec),
+            wandb_config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
             report_interval=report_interval, step_offset=spec.stage1.steps if stage == "stage2" else 0,
         ),
         out_url=layout.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},
-        faults=FaultPlan(storage_patience_s=spec.storage.patience,
-                         max_nonfinite_steps=getattr(spec, stage).max_nonfinite_steps),
     )
 
 

@@ -1,6 +1,8 @@
 """The data stage: writes the procedurally generated shards when ``data.generate`` is set and they are missing.
 
-Its artifact is the data folders themselves (the spec names them), not a folder in the store. A
+Its artifact is the data folders themselves (the spec names them), not a folder in the store, and it
+is complete when every folder is (no ``stage.json``). Without ``data.generate`` the shards are given:
+they are identified by their content, so shards rewritten in place move every key downstream. A
 folder that already holds a dataset generated with other settings is never overwritten: the run
 stops with a one-line error naming the folder.
 """
@@ -15,7 +17,7 @@ import braceexpand
 from raptor import data, storage
 from raptor.data.shards import INFO, PLAN, dataset_folder
 from raptor.errors import UserError
-from raptor.service.engine.graph import StageContext
+from raptor.service.engine.graph import Stage, StageContext
 from raptor.service.spec import JobSpec
 
 
@@ -63,3 +65,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
         info = data.write_shards(source, folder, prefix=prefix, max_samples=per_shard)
         written[field] = info["total"]
     return {"written": written}
+
+
+def content(spec: JobSpec) -> dict[str, str]:
+    """Given shards by content: every shard of each split and its info file, by size and version."""
+    from raptor.data import Shards
+
+    out = {}
+    for field, url, split in (("data.train", spec.data.train, spec.data.train_split),
+                              ("data.val", spec.data.val, spec.data.val_split)):
+        if url is not None:
+            shards = Shards.resolve(url, split=split)
+            out[f"{field} (content)"] = storage.identity([*shards.urls, storage.join(shards.folder, INFO)])
+    return out
+
+
+STAGE = Stage(
+    "data", reads=("data.train", "data.val", "data.generate"), upstream=(), run=run,
+    given=lambda spec: spec.data.generate is None, content=content,
+    location=lambda spec: dataset_folder(spec.data.train), complete=is_done,
+)

@@ -1,64 +1,29 @@
-"""Block discovery as two stages: the layer-distance matrix, then the max-cut boundaries on it.
+"""The discovery stage: the max-cut block boundaries on the teacher's layer distances (or the spec's fixed ones).
 
-They are separate artifacts because they are made from different things: the distances from the
-teacher, the metric and the images; the boundaries from the distances and k. A sweep over k (or
-over the segmentation method) computes the distances once.
+``segmentation.json`` holds the boundaries and ``distances.png`` the distance heatmap with them drawn.
+The distances are a stage of their own (``distances``): a sweep over k or the segmentation method
+computes them once.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import torch
 
 from raptor import storage
-from raptor.discovery import bisection, layer_distances, plot_distances, segment, swap_distances
-from raptor.service.spec.translate import shard_source, single_device, single_process, teacher_ref
-from raptor.service.engine.graph import StageContext
-from raptor.service.spec import JobSpec
-from raptor.train.job import TeacherRef
+from raptor.discovery import bisection, plot_distances, segment
+from raptor.service.engine.graph import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 
-def distance_matrix(spec: JobSpec, teacher: TeacherRef) -> np.ndarray:
-    """``discovery.metric`` distances between the teacher's layers over ``discovery.num_images`` val images."""
-    d = spec.discovery
-    device = single_device(spec)
-    model = teacher.load(device)
-    amp = teacher.amp(device)
-
-    def images() -> Iterator[torch.Tensor]:
-        seen = 0
-        for x, _ in shard_source(spec, "val", num_workers=0).loader(train=False):
-            yield x[: d.num_images - seen].to(device)
-            seen += len(x)
-            if seen >= d.num_images:
-                return
-
-    if d.metric == "swap":
-        dist = swap_distances(model, images(), amp=amp)
-    else:
-        dist = layer_distances((model.trajectory(x, amp=amp) for x in images()), d.metric, model.geometry)
-    return np.asarray(dist.cpu(), dtype=np.float64)
-
-
-def run_distances(ctx: StageContext) -> dict[str, Any]:
-    spec = ctx.spec
-    dist = single_process(spec, distance_matrix, spec, teacher_ref(spec, ctx.layout))
-    buf = io.BytesIO()
-    np.save(buf, dist)
-    storage.write_bytes(ctx.layout.distances, buf.getvalue())
-    return {"depth": int(dist.shape[0]), "metric": spec.discovery.metric}
-
-
-def run_discovery(ctx: StageContext) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     """Max-cut boundaries on the distances (or the spec's fixed ones), and the heatmap with them drawn."""
     d = ctx.spec.discovery
-    dist = np.load(io.BytesIO(storage.read_bytes(ctx.layout.distances)))
+    dist = np.load(io.BytesIO(storage.read_bytes(ctx.run_folder.distances)))
     if d.boundaries is not None:
         result: dict[str, Any] = {"boundaries": list(d.boundaries), "method": "fixed", "k": d.k}
     else:
@@ -68,6 +33,10 @@ def run_discovery(ctx: StageContext) -> dict[str, Any]:
     result.update(metric=d.metric, num_images=d.num_images, depth=int(dist.shape[0]))
     plot_distances(dist, result["boundaries"], storage.join(ctx.folder, "distances.png"),
                    title=f"{d.metric} distances, k={d.k}: {result['boundaries']}")
-    storage.write_json(ctx.layout.segmentation, result)
+    storage.write_json(ctx.run_folder.segmentation, result)
     log.info("discovery: boundaries %s (%s on %s distances)", result["boundaries"], result["method"], d.metric)
     return {"boundaries": result["boundaries"]}
+
+
+STAGE = Stage("discovery", reads=("discovery.k", "discovery.method", "discovery.boundaries"),
+              upstream=("distances",), run=run)

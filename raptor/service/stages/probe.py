@@ -25,9 +25,10 @@ from raptor.errors import UserError
 from raptor.eval import ProbeResult, extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
 from raptor.service.spec.translate import shard_source, single_device, single_process, teacher_ref
-from raptor.service.engine.graph import StageContext
+from raptor.service.engine.graph import Stage, StageContext
 from raptor.service.spec import JobSpec
-from raptor.train.job import TeacherRef
+from raptor.service.stages.fields import EVAL_DATA
+from raptor.train.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _head_init(res: ProbeResult) -> dict[str, str]:
     return {str(lr): fp for lr, fp in sorted(res.init_fingerprints.items())}
 
 
-def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str, Any]:
+def probe(spec: JobSpec, teacher_ref: TeacherSettings, student_url: str) -> dict[str, Any]:
     """Teacher, student and fine-tuned student linear probes (train split -> val split)."""
     if not spec.data.val:
         raise UserError("data.val: the probe stage needs a validation split")
@@ -91,9 +92,13 @@ def probe(spec: JobSpec, teacher_ref: TeacherRef, student_url: str) -> dict[str,
 
 def run(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
-    result = single_process(spec, probe, spec, teacher_ref(spec, ctx.layout), ctx.layout.student("stage2"))
-    storage.write_json(ctx.layout.probe, result)
+    result = single_process(spec, probe, spec, teacher_ref(spec, ctx.run_folder), ctx.run_folder.student("stage2"))
+    storage.write_json(ctx.run_folder.probe, result)
     log.info("probe: teacher top-1 %.3f, student top-1 %.3f (share %.1f%%)%s", result["teacher"]["top1"],
              result["student"]["top1"], 100 * (result["student_share"] or 0),
              f", fine-tuned from the teacher's head {result['student_finetuned']['top1']:.3f}" if "student_finetuned" in result else "")
     return {m: result[m]["top1"] for m in ("teacher", "student", "student_finetuned") if m in result}
+
+
+STAGE = Stage("probe", reads=("probe", *EVAL_DATA, "data.seed", "teacher.precision", "scaling.use_gpu"),
+              upstream=("stage2",), run=run)

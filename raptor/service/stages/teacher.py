@@ -1,4 +1,4 @@
-"""The teacher stage (and ``raptor teacher train``): supervised training of a timm ViT on the shards.
+"""The teacher stage: supervised training of a timm ViT on the shards, or the checkpoint the spec gives.
 
 The embedded default has no pretrained DINOv2 to download, so its teacher is trained here first:
 any timm ViT by name (``model_kwargs`` shrink it to a laptop-sized DINOv2 architecture), timm's
@@ -6,7 +6,9 @@ drop-path rate (higher rates make layers more alike and the teacher easier to di
 section 7), AdamW with warm-up + cosine and label smoothing. The result is a raptor teacher export
 whose linear head is the trained classifier, so the probe stage can start the student's head from
 it. One process (on the GPU when there is one): a teacher for a large run comes as a checkpoint,
-and then this stage only checks that the checkpoint is there (``given``).
+and then this stage only checks that the checkpoint is there (``given``), used where it is and
+identified by its content. ``raptor teacher train`` (``raptor.service.cli``) runs :func:`train_teacher`
+outside the pipeline.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from raptor.errors import UserError
 from raptor.eval import collect, topk_accuracy
 from raptor.models import Teacher
 from raptor.models.teacher import autocast
-from raptor.service.spec.translate import shard_source, single_device, single_process
-from raptor.service.engine.graph import StageContext
+from raptor.service.spec.translate import check_teacher, shard_source, single_device, single_process
+from raptor.service.engine.graph import Stage, StageContext
 from raptor.service.spec import JobSpec, TeacherTrainSpec
-from raptor.train.job import autocast_dtype
+from raptor.service.stages.fields import EVAL_DATA, TRAIN_DATA
+from raptor.execution import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,32 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
 
 def run(ctx: StageContext) -> dict[str, Any]:
     """Train the spec's teacher into this key's folder: ``teacher.safetensors``, then ``metrics.json``."""
-    metrics = single_process(ctx.spec, train_teacher, ctx.spec, ctx.layout.teacher)
-    storage.write_json(ctx.layout.teacher_metrics, metrics)
+    metrics = single_process(ctx.spec, train_teacher, ctx.spec, ctx.run_folder.teacher)
+    storage.write_json(ctx.run_folder.teacher_metrics, metrics)
     return {"val_top1": metrics.get("val_top1")}
+
+
+def reads(spec: JobSpec) -> tuple[str, ...]:
+    if spec.teacher.checkpoint is not None:  # given: the file and how to build the model around it
+        return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
+    # data.seed seeds the teacher only while teacher.train.seed leaves it open (then a sweep over data.seed keeps one teacher)
+    seed = ("data.seed",) if spec.teacher.train is not None and spec.teacher.train.seed is None else ()
+    return ("teacher", *(f for f in TRAIN_DATA if f != "data.seed"), *EVAL_DATA, "data.generate", *seed,
+            "scaling.use_gpu")
+
+
+def content(spec: JobSpec) -> dict[str, str]:
+    """A given teacher checkpoint (official .pth, timm/HF safetensors or a raptor export) by content."""
+    assert spec.teacher.checkpoint is not None
+    return {"teacher.checkpoint (content)": storage.identity([spec.teacher.checkpoint])}
+
+
+def missing(spec: JobSpec, url: str) -> str | None:
+    return None if storage.exists(url) else f"teacher.checkpoint: no such file {url}"
+
+
+STAGE = Stage(
+    "teacher", reads=reads, upstream=("data",), run=run,
+    given=lambda spec: spec.teacher.checkpoint is not None, content=content,
+    location=lambda spec: spec.teacher.checkpoint, missing=missing, check=check_teacher,
+)

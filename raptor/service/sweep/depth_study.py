@@ -27,7 +27,7 @@ from raptor.errors import UserError
 from raptor.service.spec.translate import teacher_ref
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.spec import JobSpec, load_spec
-from raptor.service.stages.discovery import distance_matrix
+from raptor.service.stages.distances import distance_matrix
 from raptor.service.sweep.trials import SWEEP_FOLDER, load_results
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ def _float(value: str) -> float | None:
         return None
 
 
-def teacher_blockiness(spec: JobSpec, layout: RunFolder, *, samples: int, seed: int) -> dict[str, Any]:
+def teacher_blockiness(spec: JobSpec, run_folder: RunFolder, *, samples: int, seed: int) -> dict[str, Any]:
     """Cosine and swap distances of the trial's teacher on ``samples`` val images, and their max-cut vs random partitions."""
-    ref = teacher_ref(spec, layout)
+    ref = teacher_ref(spec, run_folder)
     out: dict[str, Any] = {"teacher": ref.checkpoint}
     for metric in METRICS:
         probe = spec.model_copy(update={"discovery": spec.discovery.model_copy(update={"metric": metric, "num_images": samples})})
@@ -54,8 +54,8 @@ def teacher_blockiness(spec: JobSpec, layout: RunFolder, *, samples: int, seed: 
         base = random_baseline(dist, k, RANDOM_PARTITIONS, seed=seed)
         out[metric] = {"z": base.z, "ratio": base.objective / base.mean if base.mean else math.nan,
                        "boundaries": list(segment(dist, k).boundaries), "distances": dist.tolist()}
-    if storage.exists(layout.teacher_metrics):
-        out["teacher_top1"] = storage.read_json(layout.teacher_metrics).get("val_top1")
+    if storage.exists(run_folder.teacher_metrics):
+        out["teacher_top1"] = storage.read_json(run_folder.teacher_metrics).get("val_top1")
     return out
 
 
@@ -81,13 +81,13 @@ def depth_study(url: str, out: str | None = None, *, samples: int = 256, seed: i
     teachers: dict[str, dict[str, Any]] = {}
     trials = []
     for row in rows:
-        layout = RunFolder.from_index(row["run"])
-        spec = load_spec(layout.spec_file)
-        key = layout.folders["teacher"]
+        run_folder = RunFolder.from_index(row["run"])
+        spec = load_spec(run_folder.spec_file)
+        key = run_folder.folders["teacher"]
         if key not in teachers:
             log.info("study: teacher %s (drop-path %s, seed %s)", key, spec.teacher.drop_path_rate,
                      spec.teacher.train.seed if spec.teacher.train else None)
-            teachers[key] = teacher_blockiness(spec, layout, samples=samples, seed=seed)
+            teachers[key] = teacher_blockiness(spec, run_folder, samples=samples, seed=seed)
         trials.append({"rate": spec.teacher.drop_path_rate, "teacher": key,
                        "seed": spec.teacher.train.seed if spec.teacher.train else None,
                        "update_r2": _float(row.get("update_r2")), "student_share": _float(row.get("student_share")),

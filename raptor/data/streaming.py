@@ -30,7 +30,7 @@ import logging
 import random
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from raptor.data.decode import Augment, EncodedBatch, LabelKey, cpu_item, decode_on_device, gpu_item
 from raptor.data.formats import Shards
 from raptor.data.reader import DataStats, ErrorBudgetExceeded, Reader, count_bad
-from raptor.data.transforms import check_crop_scale, check_size, normalise_batch
+from raptor.data.settings import LoaderSettings
+from raptor.data.transforms import check_size, normalise_batch
 from raptor.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -347,73 +348,57 @@ class ShardLoader:
 
 def loader(
     url: str,
+    settings: LoaderSettings,
     *,
-    batch_size: int,
     image_size: int,
-    train: bool = True,
-    shuffle: bool | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    num_workers: int = 2,
-    batches_per_epoch: int | None = None,
-    resampled: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
-    error_budget: float = 0.01,
+    device: str | torch.device | None = None,
+    train: bool = True,
+    shuffle: bool | None = None,
+    epoch: int = 0,
+    split: str | None = None,
+    samples: int | None = None,
     dense: bool = False,
     drop_last: bool = True,
+    batches_per_epoch: int | None = None,
+    resampled: bool = False,
     patch_size: int | None = None,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
+    pin_memory: bool = False,
+    normalize: bool = True,
     shuffle_buffer: int = 1000,
     retries: int = 3,
     backoff_s: float = 1.0,
-    pin_memory: bool = False,
-    split: str | None = None,
-    samples: int | None = None,
-    num_classes: int | None = None,
-    label_key: str = "cls",
-    decode: Literal["cpu", "gpu"] = "cpu",
-    device: str | torch.device | None = None,
-    normalize: bool = True,
 ) -> ShardLoader:
     """Stream batches for this rank from WebDataset shards at ``url`` (any fsspec URL).
 
+    ``settings`` says how the shards are read (batch size, loader workers, seed, error budget,
+    crop scale, class count, label key, where JPEGs are decoded; see
+    :class:`~raptor.data.settings.LoaderSettings`); the keywords say what this call reads.
     ``url`` is a dataset folder (raptor's or timm's, with ``_info.json``, or any folder of
     ``.tar`` shards), a brace pattern of shards, or one shard; ``split`` picks a split of a timm
     dataset or a set of tars in a folder (see :mod:`raptor.data.formats`). ``samples`` states
-    the total where no info file gives it (else it is counted once and cached);
-    ``num_classes`` the class count (labels outside it are bad samples). ``label_key``: ``cls``
-    (a member holding the class index) or ``MEMBER:FIELD`` (``json:label``).
-    ``train`` selects the DINOv2 train transform (RandomResizedCrop over ``crop_scale`` of the
-    area; raise its lower end for small images whose object an 8% crop would miss), else the
-    eval transform; ``shuffle`` (default: ``train``) shuffles shards and samples, else they come
-    in file order. ``patch_size`` checks that ``image_size`` is a multiple of the ViT's patch.
-    ``batches_per_epoch`` (per rank) defaults to total samples // (world_size * batch_size).
-    ``drop_last=False`` instead reads every sample once with a final
+    the total where no info file gives it (else it is counted once and cached).
+    ``train`` selects the DINOv2 train transform (RandomResizedCrop over the settings' crop
+    scale), else the eval transform; ``shuffle`` (default: ``train``) shuffles shards and
+    samples, else they come in file order. ``patch_size`` checks that ``image_size`` is a
+    multiple of the ViT's patch. ``batches_per_epoch`` (per rank) defaults to total samples //
+    (world_size * batch_size). ``drop_last=False`` instead reads every sample once with a final
     partial batch (single-process evaluation only, since counts would differ by rank; inside a
     distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
-    ``error_budget`` is the fraction of a reader's samples that may be bad before it stops the
-    run. ``rank``/``world_size`` default to the torch.distributed context.
-    ``decode``: ``cpu`` (loader workers decode) or ``gpu`` (the training process decodes JPEGs on
-    ``device``, see :mod:`raptor.data.decode`). ``device``: where batches are delivered and
-    normalised (default: the CPU; for ``decode="gpu"`` CUDA when available).
+    ``rank``/``world_size`` default to the torch.distributed context. ``device``: where batches
+    are delivered and normalised (default: the CPU; with GPU decoding CUDA when available).
     """
     rank, world_size = resolve_rank(rank, world_size)
-    if batch_size < 1 or num_workers < 0:
-        raise UserError("batch_size must be positive and num_workers not negative")
-    if not 0 <= error_budget <= 1:
-        raise UserError(f"error_budget is a fraction in [0, 1], got {error_budget}")
-    if decode not in ("cpu", "gpu"):
-        raise UserError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+    batch_size, decode = settings.batch_size, settings.decode  # validated where LoaderSettings is made
     if decode == "gpu" and dense:
         raise UserError("decode='gpu' is for (image, label) batches; dense batches decode on the CPU")
     check_size(image_size, patch_size)
-    check_crop_scale(crop_scale)
-    key = LabelKey.parse(label_key)
+    key = LabelKey.parse(settings.label_key)
     if device is None:
         device = "cuda" if decode == "gpu" and torch.cuda.is_available() else "cpu"
     needs_total = drop_last and batches_per_epoch is None
-    shards = Shards.resolve(url, split=split, samples=samples, num_classes=num_classes,
+    shards = Shards.resolve(url, split=split, samples=samples, num_classes=settings.num_classes,
                             count=needs_total)
     if not drop_last:
         if world_size > 1 or resampled:
@@ -433,9 +418,9 @@ def loader(
     stream = ShardStream(
         shards=shards, rank=rank, world_size=world_size, batch_size=batch_size,
         batches_per_epoch=batches_per_epoch, image_size=image_size, train=train,
-        shuffle=train if shuffle is None else shuffle, seed=seed,
-        epoch=epoch, resampled=resampled, dense=dense, error_budget=error_budget,
+        shuffle=train if shuffle is None else shuffle, seed=settings.seed,
+        epoch=epoch, resampled=resampled, dense=dense, error_budget=settings.error_budget,
         shuffle_buffer=shuffle_buffer, retries=retries, backoff_s=backoff_s,
-        crop_scale=tuple(crop_scale), label_key=key, decode=decode,
+        crop_scale=tuple(settings.crop_scale), label_key=key, decode=decode,
     )
-    return ShardLoader(stream, num_workers, pin_memory, torch.device(device), normalize)
+    return ShardLoader(stream, settings.num_workers, pin_memory, torch.device(device), normalize)

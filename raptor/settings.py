@@ -1,0 +1,13 @@
+"""The base of every settings model: the job spec's sections are composed of the settings the libraries
+and the runner declare, so each setting has one declaration, one default and one set of rules."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """Unknown fields are errors (a typo is never ignored); assignments are validated like construction."""
+
+    # NaN and infinity are never a setting: `lr: .inf` would pass `gt=0` and diverge at step 1
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
