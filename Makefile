@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 quickstart: install
 	$(BIN)/raptor run jobs/quickstart.yaml
 
-# the edit-test loop: every test not marked slow (no end-to-end pipeline runs); `make test` is the full suite
+# the edit-test loop: every test not marked slow (unit tests of every module and one tiny end-to-end pipeline
+# run: real Ray, DeepSpeed, S3); `make test` is the full suite
 check: install
 	bash scripts/test.sh -m "not slow and not faults"
 

@@ -103,7 +103,7 @@ def main() -> None:
             tmp, steps=args.steps, teacher=args.teacher, img_size=args.img_size,
             model_kwargs=json.loads(args.model_kwargs), batch=args.batch, loader_workers=args.loader_workers,
             use_gpu=args.gpu)
-        cpus = int(job.scaling.resources_per_worker.get("CPU", 1))
+        cpus = int(job.scaling.cpus_per_worker)
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
         try:
             for row in compare(job, args.steps, args.warmup, workers):

@@ -469,7 +469,7 @@ def _poisoned_loop(config: dict[str, Any]) -> None:
             return super().step(batches, step)
 
     quiet_worker()
-    st.set_patience(config["job"].faults.storage_patience_s)
+    st.set_patience(config["job"].storage.patience)
     Poisoned(config["job"]).train()
 
 

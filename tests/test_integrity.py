@@ -143,8 +143,8 @@ def test_the_plan_remakes_an_artifact_that_fails_its_checksum(tmp_path):
 
     spec = _spec(tmp_path)
     _finish(spec, "discovery")
-    steps, layout = plan(spec)
-    folder = layout.folder("distances")
+    steps, run_folder = plan(spec)
+    folder = run_folder.folder("distances")
     storage.write_bytes(storage.join(folder, "distances.npy"), b"matrix")
     marker = storage.join(folder, "stage.json")
     storage.write_json(marker, {**storage.read_json(marker), "files": {"distances.npy": storage.sha256(b"matrix")}})

@@ -385,7 +385,7 @@ def _stage_names_in(source: str, names: list[str]) -> list[str]:
 
 def test_the_engine_names_no_stage():
     """Catches a stage-name branch back in the engine (``if step.name == "data"``, ``step.name in
-    ("stage1", "stage2")``, ``layout.report``): what differs between stages must come from their
+    ("stage1", "stage2")``, ``run_folder.report``): what differs between stages must come from their
     declarations, or adding a stage means editing the pipeline again."""
     names = [s.name for s in STAGES]
     assert _stage_names_in('if step.name == "data":\n    return folders["report"]', names) == ["data", "report"]

@@ -82,8 +82,8 @@ def _rows(spec: JobSpec) -> dict[str, dict[str, str]]:
 
 def _made(run_url: str) -> dict[str, str]:
     """stage -> when its artifact was made (stage.json), for a trial's finished stages."""
-    layout = RunFolder.from_index(run_url)
-    return {s: storage.read_json(layout.marker(s))["finished"] for s in layout.folders if s != "data"}
+    run_folder = RunFolder.from_index(run_url)
+    return {s: storage.read_json(run_folder.marker(s))["finished"] for s in run_folder.folders if s != "data"}
 
 
 def _teacher_trainings(session_dir: str) -> list[str]:
@@ -193,8 +193,8 @@ def test_asha_stops_a_trial_that_cannot_learn_mid_stage(cluster, root):
     assert rows[2.5e-3]["status"] == "finished" and summary["stopped"] == 1, rows
     stopped = rows[1e-9]
     assert stopped["status"] == "stopped" and int(stopped["steps"]) < 60, stopped
-    layout = RunFolder.from_index(stopped["run"])
-    assert "stage1" not in layout.folders  # run.json: stage 1 never finished
+    run_folder = RunFolder.from_index(stopped["run"])
+    assert "stage1" not in run_folder.folders  # run.json: stage 1 never finished
     index = storage.read_json(storage.join(stopped["run"], "run.json"))["stages"]["stage1"]
     assert not storage.exists(storage.join(index["url"], "stage.json"))
 

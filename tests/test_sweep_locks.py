@@ -102,8 +102,8 @@ def root(tmp_path_factory) -> Path:
     """A folder whose generated dataset (64 + 16 images) every spec here reads, made once."""
     root = tmp_path_factory.mktemp("locks")
     spec = small_spec(root, "data", "store-data")
-    steps, layout = plan(spec)
-    make(spec, layout, steps[0])
+    steps, run_folder = plan(spec)
+    make(spec, run_folder, steps[0])
     return root
 
 
@@ -119,9 +119,9 @@ def small_spec(root: Path, name: str, store: str) -> JobSpec:
 
 
 def teacher_step(spec: JobSpec) -> tuple[Step, RunFolder]:
-    steps, layout = plan(spec)
+    steps, run_folder = plan(spec)
     (step,) = [s for s in steps if s.name == "teacher"]
-    return step, layout
+    return step, run_folder
 
 
 def lock_actor(ttl_s: float) -> tuple[str, object]:
@@ -149,10 +149,10 @@ def test_two_runs_racing_for_one_artifact_make_it_once(ray_address, root, caplog
     made: dict[str, float | None | BaseException] = {}
 
     def run(name: str) -> None:
-        step, layout = steps[name]
+        step, run_folder = steps[name]
         start.wait()
         try:
-            made[name] = make(runs[name], layout, step, partial(holding, locks, name))
+            made[name] = make(runs[name], run_folder, step, partial(holding, locks, name))
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
             made[name] = e
 
@@ -227,12 +227,12 @@ def test_a_holder_that_dies_passes_the_lock_on_after_its_lease_and_leaves_nothin
     assert time.monotonic() - killed < ttl_s * 3 / 4, "too slow to see the fresh lease (renewed every ttl/4)"
     assert refused
     spec = small_spec(root, "next", "store-death")
-    step, layout = teacher_step(spec)
+    step, run_folder = teacher_step(spec)
     assert f"teacher/{step.key}" == key
     assert step.status == "will run" and storage.exists(storage.join(step.url, "teacher.safetensors"))
     assert not storage.exists(storage.join(step.url, "stage.json"))
 
-    assert make(spec, layout, step, partial(holding, locks, "next")) is not None
+    assert make(spec, run_folder, step, partial(holding, locks, "next")) is not None
     marker = storage.read_json(storage.join(step.url, "stage.json"))
     assert marker["made_by"] == {"name": "next", "run": spec.storage.url}
     assert corrupt_file(step.url) is None  # the recorded teacher is the one on disk, not the half one

@@ -259,5 +259,5 @@ class Trainer:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: ``config = {"job": StageJob}``."""
     quiet_worker()
-    storage.set_patience(config["job"].faults.storage_patience_s)
+    storage.set_patience(config["job"].storage.patience)
     Trainer(config["job"]).train()

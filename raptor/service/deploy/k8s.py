@@ -182,7 +182,7 @@ def _shm_volume(gib: int) -> list[dict[str, Any]]:
 def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     """The RayCluster spec: a CPU head with the dashboard and one worker group sized by ``spec.scaling``."""
     cluster, scaling = spec.cluster, spec.scaling
-    layout = worker_packing(scaling, cluster, sweep_trials(spec))
+    packing = worker_packing(scaling, cluster, sweep_trials(spec))
     raylet_ok = f"curl -fsS http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep -q success"
     head_ok = f"{raylet_ok} && curl -fsS http://localhost:{HEAD_PORTS['dashboard']}/api/gcs_healthz | grep -q success"
 
@@ -200,22 +200,22 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
         },
     }
 
-    worker_res = {"cpu": _quantity(layout.cpus_per_pod), "memory": f"{layout.memory_gib}Gi"}
-    worker_extra: dict[str, Any] = {"volumes": _shm_volume(layout.memory_gib // 2)}
-    if layout.gpus_per_pod:
-        worker_res["nvidia.com/gpu"] = str(layout.gpus_per_pod)
+    worker_res = {"cpu": _quantity(packing.cpus_per_pod), "memory": f"{packing.memory_gib}Gi"}
+    worker_extra: dict[str, Any] = {"volumes": _shm_volume(packing.memory_gib // 2)}
+    if packing.gpus_per_pod:
+        worker_res["nvidia.com/gpu"] = str(packing.gpus_per_pod)
         worker_extra["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if cluster.node_selector:
         worker_extra["nodeSelector"] = dict(cluster.node_selector)
     start_params: dict[str, str] = {}
     if scaling.resources_per_worker:
-        pod_resources = {k: v * layout.workers_per_pod for k, v in scaling.resources_per_worker.items()}
+        pod_resources = {k: v * packing.workers_per_pod for k, v in scaling.resources_per_worker.items()}
         start_params["resources"] = yaml.safe_dump(pod_resources, default_flow_style=True).strip()
     workers = {
-        "groupName": "gpu-workers" if layout.gpus_per_pod else "cpu-workers",
-        "replicas": layout.pods,
+        "groupName": "gpu-workers" if packing.gpus_per_pod else "cpu-workers",
+        "replicas": packing.pods,
         "minReplicas": 0,
-        "maxReplicas": layout.pods,
+        "maxReplicas": packing.pods,
         "rayStartParams": start_params,
         "template": {
             "metadata": {"labels": _labels(name, "ray-worker")},

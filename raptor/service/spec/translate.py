@@ -55,9 +55,9 @@ def check_teacher(spec: JobSpec) -> None:
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
-def teacher_ref(spec: JobSpec, layout: RunFolder) -> TeacherSettings:
+def teacher_ref(spec: JobSpec, run_folder: RunFolder) -> TeacherSettings:
     """The teacher the stages load: the spec's settings with the checkpoint this run trained or was given."""
-    return part(spec.teacher, TeacherSettings).model_copy(update={"checkpoint": layout.teacher})
+    return part(spec.teacher, TeacherSettings).model_copy(update={"checkpoint": run_folder.teacher})
 
 
 def shard_source(
@@ -128,7 +128,7 @@ def wandb_dir(spec: JobSpec) -> str:
 
 
 def stage_job(
-    spec: JobSpec, stage: StageName, layout: RunFolder, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
+    spec: JobSpec, stage: StageName, run_folder: RunFolder, key: str, inputs: dict[str, Any], *, report_interval: int | None = None
 ) -> StageJob:
     """Stage 1 or 2 of ``spec`` for the Ray workers: everything they need, typed, nothing they must look up.
 
@@ -138,10 +138,10 @@ def stage_job(
     return StageJob(
         stage=stage,
         config=stage_config(spec, stage),
-        teacher=teacher_ref(spec, layout),
+        teacher=teacher_ref(spec, run_folder),
         student=spec.student,
-        boundaries=tuple(layout.boundaries()),
-        init_url=layout.student("stage1") if stage == "stage2" else None,
+        boundaries=tuple(run_folder.boundaries()),
+        init_url=run_folder.student("stage1") if stage == "stage2" else None,
         train=distill_source(spec),
         val=shard_source(spec, "val", num_workers=0),
         scaling=spec.scaling,
@@ -154,7 +154,7 @@ def stage_job(
             wandb_config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},
             report_interval=report_interval, step_offset=spec.stage1.steps if stage == "stage2" else 0,
         ),
-        out_url=layout.folder(stage),
+        out_url=run_folder.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},
     )
 

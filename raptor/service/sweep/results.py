@@ -81,11 +81,11 @@ def collect(plan: SweepRun, items: list[tuple[dict[str, Any] | None, dict[str, A
         row = Row(tid, params, "pending", run=trial_url(plan.spec, tid), seconds=reported.get("time_total_s"))
         row.metrics = {name: reported[key] for name, key in COLUMNS.items() if isinstance(reported.get(key), (int, float))}
         if storage.exists(storage.join(row.run, "run.json")):
-            layout = RunFolder.from_index(row.run)
-            row.artifacts = {s: layout.folders[s] for s in ARTIFACTS if s in layout.folders}
-            if "report" in layout.folders:
+            run_folder = RunFolder.from_index(row.run)
+            row.artifacts = {s: run_folder.folders[s] for s in ARTIFACTS if s in run_folder.folders}
+            if "report" in run_folder.folders:
                 row.status = "finished"
-                done = trial_metrics(layout)
+                done = trial_metrics(run_folder)
                 row.metrics.update({name: done[key] for name, key in COLUMNS.items() if key in done})
         if error is not None:
             row.status, row.error = "failed", _one_line(error)

@@ -251,13 +251,13 @@ def holding(locks: Any, holder: str, step: Step) -> Iterator[None]:
 # ---------------------------------------------------------------- one trial
 
 
-def trial_metrics(layout: RunFolder) -> dict[str, float]:
+def trial_metrics(run_folder: RunFolder) -> dict[str, float]:
     """A finished trial's metrics, read from its artifacts (stage 2's stage.json, the probe's results)."""
     out: dict[str, float] = {}
-    if "stage2" in layout.folders:
-        out.update(storage.read_json(layout.marker("stage2")).get("summary", {}))
-    if "probe" in layout.folders:
-        probe = storage.read_json(layout.probe)
+    if "stage2" in run_folder.folders:
+        out.update(storage.read_json(run_folder.marker("stage2")).get("summary", {}))
+    if "probe" in run_folder.folders:
+        probe = storage.read_json(run_folder.probe)
         out["probe/student_top1"] = probe["student"]["top1"]
         out["probe/teacher_top1"] = probe["teacher"]["top1"]
         if probe.get("student_share") is not None:
