@@ -3,6 +3,8 @@ and the runner declare, so each setting has one declaration, one default and one
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -11,3 +13,7 @@ class Settings(BaseModel):
 
     # NaN and infinity are never a setting: `lr: .inf` would pass `gt=0` and diverge at step 1
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def updated(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like a new model (pydantic's ``model_copy`` skips validation)."""
+        return type(self).model_validate({**self.model_dump(), **changes})

@@ -159,7 +159,7 @@ def student_step(check: Check, name: str, batch: int, mode: str) -> None:
     engine = DeepSpeedSettings(zero_stage=0, precision="fp32" if mode == "fp32" else "bf16")
     common = dict(batch=batch, device=check.spec, reduce_bucket_elems=0)
     checkpointing = not plan(tshape, sshape, deepspeed=engine, **common).fits  # the bare step: no DeepSpeed buffers
-    predicted = plan(tshape, sshape, deepspeed=engine.model_copy(update={"activation_checkpointing": checkpointing}),
+    predicted = plan(tshape, sshape, deepspeed=engine.updated(activation_checkpointing=checkpointing),
                      **common)
     student.set_checkpointing(checkpointing)
     cfg = StageConfig.paper_stage2(steps=10_000)

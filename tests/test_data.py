@@ -197,6 +197,8 @@ def _rank_in_process_group(rank: int, folder: str) -> None:
 
 
 def test_cli_generate_info_bench_and_errors(tmp_path, capsys):
+    """Catches a shards/bench command that fails with a traceback or a message that does not name the bad
+    argument (a loader setting out of range is reported by its flag, in one line)."""
     out = str(tmp_path / "gen")
     assert main(["shards", "generate", out, "--samples", "40", "--classes", "4",
                  "--size", "32", "--max-samples", "10"]) == 0
@@ -211,6 +213,11 @@ def test_cli_generate_info_bench_and_errors(tmp_path, capsys):
     assert err.startswith("raptor shards: error:") and "no such folder" in err
     assert len(err.splitlines()) == 1
     assert main(["data", "bench", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    for flag, value in (("--batch-size", "0"), ("--workers", "-1")):  # a loader setting out of range: its flag
+        assert main(["data", "bench", out, "--size", "28", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flag} {value}:" in err, err
 
 
 def test_write_a_list_of_ready_samples(tmp_path):

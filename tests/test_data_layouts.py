@@ -98,11 +98,11 @@ def test_label_key_picks_cls_or_a_json_field(tmp_path):
     kw = dict(split="train", image_size=SIZE, train=False, drop_last=False)
     settings = LoaderSettings(batch_size=4, num_workers=0)
     assert labels_of(loader(root, settings, **kw)) == expected_cls
-    json_label = settings.model_copy(update={"label_key": "json:label"})
+    json_label = settings.updated(label_key="json:label")
     assert labels_of(loader(root, json_label, **kw)) == [(c + 1) % 5 for c in expected_cls]
     with pytest.raises(UserError, match="label_key 'json:'"):
-        loader(root, settings.model_copy(update={"label_key": "json:"}), **kw)
-    missing = loader(root, settings.model_copy(update={"label_key": "json:meta.label", "error_budget": 1.0}), **kw)
+        loader(root, settings.updated(label_key="json:"), **kw)
+    missing = loader(root, settings.updated(label_key="json:meta.label", error_budget=1.0), **kw)
     assert labels_of(missing) == [] and missing.stats.skipped == 12
 
 

@@ -1,4 +1,4 @@
-"""Mixed precision must not cost fidelity (issue 11): bf16 autocast with an fp32 residual stream.
+"""Mixed precision must not cost fidelity: bf16 autocast with an fp32 residual stream.
 
 The policy: bf16 matmuls and attention under ``torch.autocast``; fp32 residual stream, norms,
 depth-scaling gains 1 + delta, loss, master weights, export and teacher targets. Measured on the

@@ -1,7 +1,7 @@
 """The runner's engine and hot path on CPU, in this process: a real DeepSpeed ZeRO-2 engine over gloo
 (world size 1), built by ``raptor.train.trainer.build_engine`` exactly as each Ray Train worker builds it.
 
-Mixed precision (issue 11): ``deepspeed.precision: bf16`` is bf16 autocast in an fp32 engine with
+Mixed precision: ``deepspeed.precision: bf16`` is bf16 autocast in an fp32 engine with
 fp32 targets. Stated bound, measured on this CPU stand-in (a teacher whose layers move the
 residual stream ~1.5% per layer, as trained ViTs do; a student copied from it, 20 AdamW steps of
 stage 2): per-layer update-R^2 of the bf16 run within 2e-3 of the fp32 run's, both on the runner's

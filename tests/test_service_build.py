@@ -108,19 +108,24 @@ def test_wandb_is_offline_without_a_key(monkeypatch):
 
 
 def test_spec_is_saved_beside_the_artifacts(quickstart, tmp_path):
-    """Catches a changed spec overwriting the one earlier stages ran with (its old copy must be kept)."""
+    """Catches a changed spec overwriting the one earlier stages ran with (its old copy must be kept), or a
+    spec saved with its fields in another order (an older version's) counted as a change."""
     quickstart["storage"]["url"] = str(tmp_path / "run")
     spec = parse_spec(quickstart)
-    layout = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"))
-    save_spec(spec, layout)
+    run_folder = RunFolder(str(tmp_path / "run"), str(tmp_path / "store"))
+    save_spec(spec, run_folder)
     assert parse_spec(yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())) == spec
     first = (tmp_path / "run" / "spec.yaml").read_text()
-    save_spec(spec, layout)
+    save_spec(spec, run_folder)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["spec.yaml"]  # same spec: nothing new
+    reordered = {k: dict(reversed(v.items())) if isinstance(v, dict) else v for k, v in yaml.safe_load(first).items()}
+    (tmp_path / "run" / "spec.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))  # an older field order
+    save_spec(spec, run_folder)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["spec.yaml"]  # the same values: not a change
     quickstart["stage2"]["steps"] = 999
-    save_spec(parse_spec(quickstart), layout)
+    save_spec(parse_spec(quickstart), run_folder)
     kept = [p for p in (tmp_path / "run").iterdir() if p.name != "spec.yaml"]
-    assert len(kept) == 1 and kept[0].read_text() == first  # the spec the finished stages ran with
+    assert len(kept) == 1 and yaml.safe_load(kept[0].read_text()) == yaml.safe_load(first)  # the one stages ran with
     assert yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())["stage2"]["steps"] == 999
 
 

@@ -1,4 +1,4 @@
-"""``teacher.precision`` means the same in every stage (issue 11, item 7).
+"""``teacher.precision`` means the same in every stage.
 
 Teacher training, discovery's distances, the runner's trajectories (training and validation), the
 probe and the report (with its layer-swap study) all run the teacher's blocks under the autocast

@@ -24,30 +24,27 @@ from raptor.errors import UserError
 
 def bench(
     url: str,
+    settings: LoaderSettings,
     *,
     image_size: int = 224,
-    batch_size: int = 64,
     batches: int = 20,
-    num_workers: int = 1,
     train: bool = True,
-    decode: str = "cpu",
     device: str | None = None,
     normalize: bool = False,
     bare: bool = False,
     split: str | None = None,
-    label_key: str = "cls",
 ) -> dict[str, Any]:
-    """Samples/s of the loader, timed from the first batch (worker start-up excluded).
+    """Samples/s of the loader with ``settings``, timed from the first batch (worker start-up excluded).
 
     Each worker runs single-threaded, as DataLoader workers do, so the figure multiplies by the
     number of loader workers a machine can spare. ``num_workers=0`` runs the reader in this
     process, also on one thread. ``normalize`` includes the float normalisation, which the
-    loader otherwise leaves to the training device; ``decode="gpu"`` times decoding on ``device``
+    loader otherwise leaves to the training device; GPU decoding times decoding on ``device``
     in this process. ``bare`` adds the bare loop's img/s over as many of the shards' JPEGs and
-    the ratio of the two (per worker).
+    the ratio of the two (per worker). Bad samples are counted, never fatal (error budget 1).
     """
-    settings = LoaderSettings(batch_size=batch_size, num_workers=num_workers, error_budget=1.0, label_key=label_key,
-                              decode=decode)
+    settings = settings.updated(error_budget=1.0)
+    num_workers, decode = settings.num_workers, settings.decode
     stream = loader(url, settings, image_size=image_size, train=train, batches_per_epoch=batches + 1, rank=0,
                     world_size=1, split=split, device=device, normalize=normalize)
     threads = torch.get_num_threads()

@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from pydantic import ValidationError
+
 from raptor.data.bench import bench
 from raptor.data.errors import DatasetError
 from raptor.data.formats import Shards, check_present, describe
 from raptor.data.reader import ErrorBudgetExceeded
+from raptor.data.settings import LoaderSettings
 from raptor.data.shards import write_shards
 from raptor.data.sources import FileSource, imagefolder_source, listfile_source
 from raptor.data.synthetic import synthetic_source
 from raptor.errors import UserError
+
+_DEFAULTS = LoaderSettings.model_fields  # the flags that are loader settings default to the settings' defaults
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,11 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("bench", help="decode+augment samples/s per loader worker")
     p.add_argument("url", help="dataset folder or shard pattern")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"].default)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument("--eval", action="store_true", help="eval transform instead of train")
-    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+    p.add_argument("--decode", choices=("cpu", "gpu"), default=_DEFAULTS["decode"].default,
                    help="gpu: workers pass JPEG bytes, this process decodes them on --device")
     p.add_argument("--device", help="where batches are delivered (default: cpu; cuda for --decode gpu)")
     p.add_argument("--normalize", action="store_true",
@@ -71,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="split of a timm dataset, or set of .tar files in a folder")
-    p.add_argument("--label-key", default="cls",
+    p.add_argument("--label-key", default=_DEFAULTS["label_key"].default,
                    help="member holding the class index (cls), or MEMBER:FIELD of a JSON member (json:label)")
 
 
@@ -150,20 +155,24 @@ def _described(d: dict) -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     check_present(Shards.resolve(args.url, split=args.split))
+    flags = {"batch_size": "--batch-size", "num_workers": "--workers", "decode": "--decode", "label_key": "--label-key"}
+    try:
+        settings = LoaderSettings(batch_size=args.batch_size, num_workers=args.workers, decode=args.decode,
+                                  label_key=args.label_key)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{flags[str(err['loc'][0])]} {err['input']}: {err['msg']}") from None
     try:
         result = bench(
             args.url,
+            settings,
             image_size=args.size,
-            batch_size=args.batch_size,
             batches=args.batches,
-            num_workers=args.workers,
             train=not args.eval,
-            decode=args.decode,
             device=args.device,
             normalize=args.normalize,
             bare=args.bare,
             split=args.split,
-            label_key=args.label_key,
         )
     except ErrorBudgetExceeded as e:  # the shards' content, not the loader: the user's to fix
         raise DatasetError(f"{args.url}: {e}") from None

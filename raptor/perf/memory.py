@@ -122,7 +122,7 @@ class Setup:
     def with_deepspeed(self, **changes: Any) -> Setup:
         """This setup with these DeepSpeed settings changed, validated as a spec's would be (a
         combination :class:`~raptor.execution.DeepSpeedSettings` rejects raises ``ValidationError``)."""
-        return replace(self, deepspeed=DeepSpeedSettings.model_validate({**self.deepspeed.model_dump(), **changes}))
+        return replace(self, deepspeed=self.deepspeed.updated(**changes))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values (``deepspeed`` as the spec section's dict)."""
@@ -328,6 +328,10 @@ class Plan:
         return "\n".join(lines)
 
 
+# the fraction of the dense peak a step is assumed to sustain when none is given: about what the compiled
+# ViT-B step sustains on an H100 (docs/performance.md); a stated assumption, not a measurement of this device
+UTILISATION = 0.35
+
 # usable device memory: minus the CUDA context and library workspaces, minus allocator fragmentation
 CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.08
@@ -341,7 +345,7 @@ def plan(
     device: str | DeviceSpec = "H100",
     memory_gib: float | None = None,
     peak_tflops: float | None = None,
-    utilisation: float = 0.35,
+    utilisation: float = UTILISATION,
     suggest: bool = True,
     **setup: Any,
 ) -> Plan:

@@ -69,8 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: this machine's GPU, else H100)")
     p.add_argument("--memory-gib", type=float, help="override the device's memory")
     p.add_argument("--peak-tflops", type=float, help="override the device's dense peak (default: logging.peak_tflops, else the table)")
-    p.add_argument("--utilisation", type=float, default=0.35,
-                   help="fraction of the peak the step sustains, for the expected samples/s (default 0.35)")
+    p.add_argument("--utilisation", type=float,
+                   help="fraction of the peak the step sustains, for the expected samples/s (default: the memory "
+                        "plan's stated assumption, raptor.perf.memory.UTILISATION)")
     p.add_argument("--boundaries", help="comma-separated boundaries to plan with, e.g. the discovered 7,10 "
                    "(default: discovery.boundaries, else an even split)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -185,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--boundaries: expected comma-separated layer numbers, got {args.boundaries!r}") from None
     try:
         result = plan_spec(spec, device=args.device, memory_gib=args.memory_gib, peak_tflops=args.peak_tflops,
-                           utilisation=args.utilisation, boundaries=boundaries)
+                           boundaries=boundaries, **({} if args.utilisation is None else {"utilisation": args.utilisation}))
     except ValueError as e:  # boundaries that do not fit the teacher's depth
         raise UserError(f"--boundaries: {e}") from None
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())

@@ -73,9 +73,9 @@ def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
         measured = dataclasses.replace(
             job,
             config=dataclasses.replace(job.config, steps=steps),
-            scaling=job.scaling.model_copy(update={"num_workers": workers, "max_failures": 0}),
-            storage=job.storage.model_copy(update={"checkpoint_interval": steps}),  # one, at the end
-            logging=job.logging.model_copy(update={"log_interval": interval, "val_interval": steps, "wandb_mode": "disabled"}),
+            scaling=job.scaling.updated(num_workers=workers, max_failures=0),
+            storage=job.storage.updated(checkpoint_interval=steps),  # one, at the end
+            logging=job.logging.updated(log_interval=interval, val_interval=steps, wandb_mode="disabled"),
             out_url=tmp,
         )
         run_stage(measured)

@@ -58,8 +58,8 @@ class ShardSource:
         every rank, decoded where ``decode`` says and delivered normalised on ``device`` (the CPU by
         default). Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
         gpu = train and self.settings.decode == "gpu" and not dense
-        settings = self.settings.model_copy(update={"batch_size": batch_size or self.settings.batch_size,
-                                                    "decode": "gpu" if gpu else "cpu"})
+        settings = self.settings.updated(batch_size=batch_size or self.settings.batch_size,
+                                         decode="gpu" if gpu else "cpu")
         return data.loader(
             self.url, settings, image_size=self.image_size, rank=rank, world_size=world_size, device=device,
             train=train and self.augment, shuffle=train, drop_last=train, dense=dense, split=self.split,

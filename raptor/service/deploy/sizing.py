@@ -26,10 +26,10 @@ import yaml
 
 from raptor.perf import Plan, Setup, StudentShape, TeacherShape, activation_bytes, plan, stage_terms
 from raptor.perf.devices import GIB, DeviceSpec, current_device, lookup
+from raptor.perf.memory import UTILISATION
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.execution import DeepSpeedSettings, bucket_elems
 
-UTILISATION = 0.35  # of the dense peak: the compiled ViT-B step on an H100 (see raptor.perf.plan)
 STAGES = (1, 2)
 _STATE_ROWS = ("student", "fp32 master", "AdamW", "ZeRO-3", "DeepSpeed reduce", "gradient all-reduce")
 

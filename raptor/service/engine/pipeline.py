@@ -29,6 +29,8 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Collection
 
+import yaml
+
 from raptor import storage
 from raptor.errors import UserError
 from raptor.service import stages as stage_defs
@@ -155,7 +157,7 @@ def save_spec(spec: JobSpec, run_folder: RunFolder) -> None:
     url, text = run_folder.spec_file, spec.to_yaml(public=True)
     if storage.exists(url):
         old = storage.read_bytes(url)
-        if old.decode() == text:
+        if yaml.safe_load(old) == yaml.safe_load(text):  # the same values, whatever the order of the fields
             return
         kept = run_folder.run(f"spec.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml")
         storage.write_bytes(kept, old)

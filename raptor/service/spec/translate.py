@@ -57,7 +57,7 @@ def check_teacher(spec: JobSpec) -> None:
 
 def teacher_ref(spec: JobSpec, run_folder: RunFolder) -> TeacherSettings:
     """The teacher the stages load: the spec's settings with the checkpoint this run trained or was given."""
-    return part(spec.teacher, TeacherSettings).model_copy(update={"checkpoint": run_folder.teacher})
+    return part(spec.teacher, TeacherSettings).updated(checkpoint=run_folder.teacher)
 
 
 def shard_source(
@@ -73,8 +73,8 @@ def shard_source(
         split = "train"
         num_workers = 0 if num_workers is None else num_workers
     train = split == "train"
-    settings = part(d, LoaderSettings).model_copy(update={
-        "seed": d.seed if seed is None else seed, "num_workers": d.num_workers if num_workers is None else num_workers})
+    settings = part(d, LoaderSettings).updated(
+        seed=d.seed if seed is None else seed, num_workers=d.num_workers if num_workers is None else num_workers)
     return ShardSource(url=d.train if train else d.val, image_size=spec.teacher.img_size, settings=settings,
                        split=d.train_split if train else d.val_split, samples=d.train_samples if train else None,
                        augment=augment)
@@ -148,7 +148,7 @@ def stage_job(
         deepspeed=spec.deepspeed,
         storage=part(spec.storage, StorageSettings),
         faults=part(getattr(spec, stage), FaultSettings),
-        logging=spec.logging.model_copy(update={"wandb_group": spec.logging.wandb_group or spec.name}),
+        logging=spec.logging.updated(wandb_group=spec.logging.wandb_group or spec.name),
         labels=RunLabels(
             run_id=f"{stage}-{key}", run_name=f"{spec.name}-{stage}", wandb_dir=wandb_dir(spec),
             wandb_config={"stage": stage, "key": key, "inputs": inputs, "run": spec.name},

@@ -48,7 +48,7 @@ def teacher_blockiness(spec: JobSpec, run_folder: RunFolder, *, samples: int, se
     ref = teacher_ref(spec, run_folder)
     out: dict[str, Any] = {"teacher": ref.checkpoint}
     for metric in METRICS:
-        probe = spec.model_copy(update={"discovery": spec.discovery.model_copy(update={"metric": metric, "num_images": samples})})
+        probe = spec.updated(discovery=spec.discovery.updated(metric=metric, num_images=samples).model_dump())
         dist = distance_matrix(probe, ref)
         k = spec.discovery.k
         base = random_baseline(dist, k, RANDOM_PARTITIONS, seed=seed)

@@ -319,7 +319,9 @@ def concurrency(spec: JobSpec, free: dict[str, float]) -> int:
 
 
 def fingerprint(spec: JobSpec) -> str:
-    return hashlib.sha256(spec.to_yaml().encode()).hexdigest()[:10]
+    """The spec's values, hashed: the same for a spec whose fields are listed in another order."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
