@@ -150,31 +150,30 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
 
 @pytest.mark.slow
 def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
-    """`raptor analyze --sweep` over a sweep of its own (own data and store): two drop-path rates x two
-    stage-2 learning rates, so each rate has one teacher shared by two trials. One row per rate, each
-    with one teacher and two trials, finite z-scores for both distances. Catches a study that mixes
-    rates, counts a shared teacher once per trial, or loses a distance metric."""
+    """`raptor analyze --sweep` over two drop-path rates x two stage-2 learning rates, so each rate has one
+    teacher shared by two trials (rate 0.1 is the seed-0 teacher the store already holds, so only the
+    0.3 one is trained). One row per rate, each with one teacher and two trials, finite z-scores for
+    both distances. Catches a study that mixes rates, counts a shared teacher once per trial, or loses
+    a distance metric."""
     import json
 
     from raptor.cli import main
 
-    data = root / "study-data"
-    spec = sweep_spec(root, "study", {"space": {"teacher.drop_path_rate": {"grid": [0.0, 0.3]},
+    spec = sweep_spec(root, "study", {"space": {"teacher.drop_path_rate": {"grid": [0.1, 0.3]},
                                                 "stage2.lr": {"grid": [1e-3, 2e-3]}}, "max_concurrent_trials": 2},
-                      data={"train": str(data / "train"), "val": str(data / "val")},
-                      storage={"store": str(root / "study-store")}, stage1={"steps": 20}, stage2={"steps": 10})
+                      stage1={"steps": 20}, stage2={"steps": 10})
     summary = run_sweep(spec)
     assert summary["finished"] == 4, summary
     assert main(["analyze", "--sweep", str(root / "study"), "--samples", "32"]) == 0
     folder = root / "study" / "sweep" / "study"
     table = json.loads((folder / "study.json").read_text())["table"]
-    assert [(r["drop_path_rate"], r["teachers"], r["trials"]) for r in table] == [(0.0, 1, 2), (0.3, 1, 2)]
+    assert [(r["drop_path_rate"], r["teachers"], r["trials"]) for r in table] == [(0.1, 1, 2), (0.3, 1, 2)]
     for row in table:
         for metric in ("cosine", "swap"):
             mean, std = row[f"{metric}_z"]
             assert math.isfinite(mean) and std == 0  # one teacher per rate
     text = (folder / "study.md").read_text()
-    assert "| 0 | 1 |" in text and "| 0.3 | 1 |" in text, text
+    assert "| 0.1 | 1 |" in text and "| 0.3 | 1 |" in text, text
     assert (folder / "distances.png").stat().st_size > 1000
 
 
