@@ -27,12 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("raptor.data.cli", "write WebDataset shards (folder or s3:// URL)"),
     "data": ("raptor.data.cli", "data tools (bench)"),
     "maxcut": ("raptor.discovery.cli", "max-cut block boundaries from a layer-distance matrix"),
-    "run": ("raptor.service.cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report"),
+    "run": ("raptor.service.cli", "run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report -> export"),
     "plan": ("raptor.service.cli", "per-GPU memory and throughput of a spec's training stages; what makes it fit"),
     "sweep": ("raptor.service.cli", "run the spec's sweep section as a Ray Tune sweep: one pipeline per trial, one shared store"),
     "submit": ("raptor.service.cli", "submit `raptor run SPEC` (or `raptor sweep SPEC`) to a Ray cluster as a Ray job"),
     "teacher": ("raptor.service.cli", "teacher models (train)"),
     "analyze": ("raptor.service.cli", "dynamics and probe report of a finished run"),
+    "export": ("raptor.service.cli", "the student as a self-contained model: a safetensors file, a Hugging Face folder, ONNX"),
+    "bench-model": ("raptor.export.cli", "inference of an exported student against its teacher: images/s and peak memory"),
     "k8s": ("raptor.service.cli", "Kubernetes (KubeRay) manifests generated from a job spec"),
 }
 

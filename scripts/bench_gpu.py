@@ -13,6 +13,9 @@ Prints one JSON object per line, in this order:
   student_step   ViT-L/14-reg and ViT-g/14-reg k=3 stage 2 at --large-batch (activation
                  checkpointing switched on where the plan says the batch does not fit)
   teacher        teacher trajectory img/s for ViT-B/L/g
+  inference      the exported ViT-B k=3 student (RaptorViT: stem + blocks + norm) against its teacher,
+                 eager and compiled: img/s and peak GiB of each, bf16 autocast (``raptor bench-model``'s
+                 measurement on the device)
   runner         the ViT-B stage-2 step through Ray Train + DeepSpeed (1 worker) against the
                  bare step, both on generated JPEG shards: samples/s and their ratio
 
@@ -221,6 +224,37 @@ def teacher_forward(check: Check, name: str, batch: int) -> None:
           "mfu": float(f"{mfu(rate, fps, check.peak('bf16')):.3g}")})
 
 
+def inference(check: Check, name: str, batch: int) -> None:
+    """Student (features) and teacher (readout) for inference at the same batch and size, one model on
+    the device at a time so each peak is its own."""
+    from raptor.models import Raptor, RaptorViT
+    from raptor.models.teacher import autocast
+
+    teacher = check.teacher(name)
+    student = RaptorViT.from_student(Raptor.from_teacher(teacher, check.boundaries(name)), teacher).cpu()
+    teacher.cpu()
+    images = torch.randn(batch, 3, teacher.img_size, teacher.img_size, device=check.device)
+    on_gpu = check.device.type == "cuda"
+    for mode in ("eager", "compiled"):
+        row: dict[str, Any] = {"bench": "inference", "teacher": name, "mode": mode, "batch": batch, "k": student.k}
+        for who, model in (("student", student), ("teacher", teacher)):
+            model.to(check.device)
+            fn = model.features if who == "student" else model.forward
+            if mode == "compiled":
+                fn = torch.compile(fn, backend=check.args.backend)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(check.device)
+            with torch.no_grad(), autocast(check.device, on_gpu):
+                _, sec = timed(lambda: fn(images), check.args.steps, check.args.warmup, check.device)
+            row[f"{who}_img_per_s"] = round(batch / sec, 1)
+            row[f"{who}_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+            row[f"{who}_peak_gib"] = round(torch.cuda.max_memory_allocated(check.device) / 2**30, 2) if on_gpu else None
+            model.cpu()
+            release(check)
+        row["speed_ratio"] = round(row["student_img_per_s"] / row["teacher_img_per_s"], 3)
+        emit(row)
+
+
 def decode(check: Check, tmp: str) -> None:
     """JPEG decode + train augmentation through ``raptor data bench``: loader workers decoding on the
     CPU (per worker, against a bare PIL loop) vs the training process decoding batches on this device."""
@@ -260,7 +294,8 @@ def runner(check: Check) -> None:
         job = generated_job(tmp, steps=steps, teacher=BASE, img_size=SMOKE["img_size"] if smoke else 224,
                             model_kwargs=model, boundaries=tuple(check.boundaries(BASE)), batch=check.args.batch,
                             loader_workers=loaders, use_gpu=on_gpu, image_size=32 if smoke else 256)
-        ray.init(num_cpus=max(os.cpu_count() or 1, loaders + 1), num_gpus=1 if on_gpu else 0, logging_level="WARNING")
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, loaders + 1), num_gpus=1 if on_gpu else 0,
+                 logging_level="WARNING")
         try:
             rows = compare(job, steps, warmup=check.args.warmup)
         finally:
@@ -282,7 +317,7 @@ def main() -> None:
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     p.add_argument("--peak-tflops", type=float, help="override the table's dense peak (e.g. a measured 790)")
     p.add_argument("--budget-s", type=float, default=450, help="skip what would start after this many seconds")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: large,decode,teacher,runner")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: large,decode,teacher,inference,runner")
     p.add_argument("--install", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the script, not the GPU")
     args = p.parse_args()
@@ -317,6 +352,8 @@ def main() -> None:
         for name in (BASE, LARGE, GIANT):
             if check.within_budget(f"teacher {name}"):
                 teacher_forward(check, name, args.teacher_batch)
+    if "inference" not in skip and check.within_budget("inference"):
+        inference(check, BASE, args.teacher_batch)
     if "runner" not in skip and check.within_budget("runner"):
         runner(check)
     emit({"bench": "done", "seconds": round(time.perf_counter() - check.start, 1)})

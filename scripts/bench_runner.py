@@ -104,7 +104,7 @@ def main() -> None:
             model_kwargs=json.loads(args.model_kwargs), batch=args.batch, loader_workers=args.loader_workers,
             use_gpu=args.gpu)
         cpus = int(job.scaling.cpus_per_worker)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
         try:
             for row in compare(job, args.steps, args.warmup, workers):
                 print(json.dumps({"bench": "runner", **row}), flush=True)

@@ -25,11 +25,11 @@ def test_smoke_run_reports_every_measurement():
     """Catches a section that crashes or goes missing (the GPU run would lose it), a step without
     MFU or memory plan, a compiled step that recompiles, a decode path (CPU workers or batched
     on the device) that fails, or a runner row without both rates and their ratio (the runner
-    section runs Ray Train + DeepSpeed for real, on CPU)."""
+    section runs Ray Train + DeepSpeed for real, on CPU), an inference row without the student and the teacher."""
     rows = run("--backend", "aot_eager")
     assert [r["bench"] for r in rows] == ["env", "matmul", "student_step", "student_step", "decode", "decode",
                                           "student_step", "student_step", "teacher", "teacher", "teacher",
-                                          "runner", "done"]
+                                          "inference", "inference", "runner", "done"]
     steps = [r for r in rows if r["bench"] == "student_step"]
     assert [(r["teacher"], r["mode"]) for r in steps] == [(BASE, "eager"), (BASE, "compiled"), (LARGE, "blocks"),
                                                           (GIANT, "blocks")]
@@ -41,6 +41,10 @@ def test_smoke_run_reports_every_measurement():
     assert decode["cpu"]["samples_per_s"] > 0 and decode["cpu"]["bare_samples_per_s"] > 0, decode
     assert decode["gpu"]["samples_per_s"] > 0, decode  # batched decode_jpeg on the check's device (the CPU here)
     assert [r["teacher"] for r in rows if r["bench"] == "teacher"] == [BASE, LARGE, GIANT]
+    inference = [r for r in rows if r["bench"] == "inference"]
+    assert [r["mode"] for r in inference] == ["eager", "compiled"]
+    for r in inference:  # the exported student against its teacher, both measured
+        assert r["student_img_per_s"] > 0 and r["teacher_img_per_s"] > 0 and r["student_params_m"] < r["teacher_params_m"]
     (runner,) = [r for r in rows if r["bench"] == "runner"]
     assert runner["workers"] == 1 and runner["bare_samples_per_s"] > 0 and runner["runner_samples_per_s"] > 0
     assert runner["ratio"] == pytest.approx(runner["runner_per_worker"] / runner["bare_samples_per_s"], rel=1e-2)
@@ -51,7 +55,7 @@ def test_time_budget_skips_the_rest_but_still_reports():
     always end with its summary lines)."""
     rows = run("--budget-s", "0", "--skip", "decode")
     assert [r["bench"] for r in rows[:2]] == ["env", "matmul"]
-    assert all("skipped" in r for r in rows[2:-2]) and len(rows) == 2 + 2 + 2 + 3 + 2
+    assert all("skipped" in r for r in rows[2:-2]) and len(rows) == 2 + 2 + 2 + 3 + 1 + 2
     assert [r["bench"] for r in rows[-2:]] == ["runner", "done"]
 
 

@@ -69,10 +69,11 @@ def test_image_prebuilds_fused_adam_for_a100_and_h100():
 
 
 def test_image_installs_the_project_with_the_constraints():
-    """Catches an image without the runner (the train extra) or with versions other than the tested ones."""
+    """Catches an image without the runner (the train extra), without ONNX export (the export extra), or with
+    versions other than the tested ones."""
     text = DOCKERFILE.read_text()
     runs = [a for i, a in instructions(text) if i == "RUN"]
-    assert any('pip install -c constraints.txt ".[train]"' in r for r in runs)
+    assert any('pip install -c constraints.txt ".[train,export]"' in r for r in runs)
     # a build argument that changes a version rewrites its pin, so pip never sees two pins
     (rewrite,) = [r for r in runs if "sed -i" in r]
     for pkg, arg in (("torch", "TORCH_VERSION"), ("ray", "RAY_VERSION"), ("deepspeed", "DEEPSPEED_VERSION")):

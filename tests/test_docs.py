@@ -49,6 +49,8 @@ RUN_BY: dict[str, str] = {
     "raptor submit --sweep": "tests/test_docs.py::test_docs_submit_commands_send_what_they_say",
     "raptor k8s render": "tests/test_docs.py::test_docs_k8s_render_commands_render",
     "raptor analyze": "tests/test_analysis_report.py::test_raptor_analyze_runs_the_studies",
+    "raptor export": "tests/test_service.py::test_the_runs_model_loads_alone_and_is_the_student_the_report_measured",
+    "raptor bench-model": "tests/test_export.py::test_bench_model_measures_student_and_teacher_each_way",
     "kubectl apply -k": "tests/test_deploy_k8s.py::test_kubectl_kustomize_builds_each_overlay",
     "ray up": "tests/test_deploy_cluster.py::test_launcher_config_passes_ray_up_preparation",
 }

@@ -117,13 +117,14 @@ def probe_stage_inputs(tmp_path_factory) -> tuple:
 
 
 def test_probe_stage_records_equal_head_fingerprints(probe_stage_inputs, monkeypatch) -> None:
-    """Catches results.json stating the teacher's and the student's head init instead of recording it, and a
-    fine-tuned row that did not start from the teacher's trained head."""
+    """Catches results.json stating the teacher's and the student's head init instead of recording it, a
+    fine-tuned row that did not start from the teacher's trained head, and saved heads that are not the
+    selected ones (an export would carry another head than the one measured)."""
     from raptor.service.stages import probe as probe_stage
 
     results = []  # the teacher's, the student's and the fine-tuned probe, in the stage's order
     monkeypatch.setattr(probe_stage, "train_linear_probe", lambda *a, **kw: results.append(train_linear_probe(*a, **kw)) or results[-1])
-    result = probe_stage.probe(*probe_stage_inputs)
+    result, heads = probe_stage.probe(*probe_stage_inputs)
 
     init = json.loads(json.dumps(result))["head_init"]  # as results.json holds it
     assert set(init) == {"teacher", "student", "student_finetuned"}
@@ -132,6 +133,9 @@ def test_probe_stage_records_equal_head_fingerprints(probe_stage_inputs, monkeyp
     assert len(set(init["teacher"].values())) == 2  # each lr's head is its own draw
     trained_teacher = head_fingerprint(results[0].weight, results[0].bias)
     assert set(init["student_finetuned"].values()) == {trained_teacher}
+    # the heads an export carries: the student rows' selected ones, as trained
+    assert sorted(heads) == ["student.bias", "student.weight", "student_finetuned.bias", "student_finetuned.weight"]
+    assert torch.equal(heads["student.weight"], results[1].weight) and torch.equal(heads["student_finetuned.bias"], results[2].bias)
 
 
 def test_probe_stage_fails_when_the_heads_start_differently(probe_stage_inputs, monkeypatch) -> None:

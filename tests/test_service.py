@@ -8,6 +8,7 @@ ZeRO, resume, failure and re-run tests reuse, so each of those trains only the s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,7 +111,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `raptor` for Ray jobs
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     # one logical GPU: single-process stages with scaling.use_gpu run as Ray tasks asking for it (on the CPU here)
-    ctx = ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, logging_level="WARNING")
+    ctx = ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=True, logging_level="WARNING")
     try:
         yield {"gcs": ctx.address_info["gcs_address"], "dashboard": f"http://{ctx.dashboard_url}"}
     finally:
@@ -151,7 +152,8 @@ def test_pipeline_completes_with_quality_and_reruns_as_a_no_op(tiny_run):
     assert sorted(name for name, s in index["stages"].items() if s["status"] == "done") == sorted(ORDER)
     assert {name: s["url"] for name, s in index["stages"].items()} == run_folder.folders
     for url in (run_folder.teacher, run_folder.distances, run_folder.segmentation, run_folder.student("stage1"), run_folder.student("stage2"),
-                run_folder.probe, run_folder.run("report", "index.md"), run_folder.run("report", "report.json")):
+                run_folder.probe, run_folder.probe_heads, run_folder.run("report", "index.md"), run_folder.run("report", "report.json"),
+                run_folder.run("model", "student.safetensors"), run_folder.run("model", "hf", "config.json")):
         assert storage.exists(url), url
     losses = [row["loss"] for row in _history(run_folder, "stage2")]
     assert len(losses) == spec.stage2.steps // spec.logging.log_interval
@@ -180,6 +182,50 @@ def test_pipeline_completes_with_quality_and_reruns_as_a_no_op(tiny_run):
     before = finished(spec)
     assert run_pipeline(spec) == {}  # every artifact exists: a re-run does nothing
     assert finished(spec) == before
+
+
+def test_the_runs_model_loads_alone_and_is_the_student_the_report_measured(tiny_run, tmp_path):
+    """The export stage's model (the run folder's model/: one file and a Hugging Face folder), loaded in a
+    process without the train extra and without access to the teacher's artifact, gives the rollout, the
+    features and the logits of the student the report measured (stage 2's blocks on the teacher's stem,
+    the chosen probe head) within 1e-6. Catches an export that still needs the teacher or Ray, a stem or
+    head copied wrongly, and a model card without the run's numbers."""
+    from raptor.models.checkpoints import read_checkpoint
+    from tests.test_export import load_cleanly
+
+    run_folder = run_folder_of(tiny_run)
+    teacher = teacher_ref(tiny_run, run_folder).load()
+    student, _ = load_student(run_folder.student("stage2"), teacher)  # as the report stage loads it
+    config = json.loads(Path(run_folder.run("model", "hf", "config.json")).read_text())
+    probe = storage.read_json(run_folder.probe)
+    head = config["student"]["head"]
+    row = {"probe": "student", "probe_finetuned": "student_finetuned"}[head]
+    assert probe[row]["top1"] == max(probe[r]["top1"] for r in ("student", "student_finetuned"))
+    heads, _ = read_checkpoint(run_folder.probe_heads)
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = student.rollout(teacher.embed(x))
+        features = teacher.readout(states[:, -1])
+        want = {"rollout": states, "features": features, "logits": features @ heads[f"{row}.weight"].T + heads[f"{row}.bias"]}
+    model = run_folder.run("model")
+    got = load_cleanly(tmp_path, x, [storage.join(model, "student.safetensors"), storage.join(model, "hf"),
+                                     "pretrained:" + storage.join(model, "hf")], run_folder.folder("teacher"))
+    for outputs in got:
+        for k in want:
+            assert (outputs[k] - want[k]).abs().max() <= 1e-6, k
+    assert config["teacher"]["checkpoint"] == run_folder.teacher and config["teacher"]["license"] == "other"
+    assert config["run"]["artifacts"]["stage2"] == run_folder.folder("stage2")
+    card = Path(run_folder.run("model", "hf", "README.md")).read_text()
+    assert f"| student | {probe['student']['top1']:.3f} |" in card and "| 6 |" in card
+
+    from raptor.cli import main  # `raptor export RUN_URL` writes what the export stage wrote
+
+    assert main(["export", tiny_run.storage.url, "--to", str(tmp_path / "again"), "--format", "hf"]) == 0
+    again = json.loads((tmp_path / "again" / "hf" / "config.json").read_text())
+    assert again == config
+    ours, stages = (read_checkpoint(u)[0] for u in (str(tmp_path / "again" / "hf" / "model.safetensors"),
+                                                     run_folder.run("model", "hf", "model.safetensors")))
+    assert ours.keys() == stages.keys() and all(torch.equal(ours[k], stages[k]) for k in ours)
 
 
 @pytest.mark.slow

@@ -139,6 +139,26 @@ def test_submission_entrypoint_and_runtime_env():
         submission("../elsewhere.yaml", spec, [])
 
 
+def test_a_local_run_starts_its_own_ray_and_joins_only_the_named_cluster(quickstart, monkeypatch):
+    """Catches `raptor run` without RAY_ADDRESS joining a Ray cluster someone else started on the machine
+    (ray.init's default address): asked for CPUs, ray.init then refuses, and the run dies before its
+    first stage. With RAY_ADDRESS set, that cluster is joined as is."""
+    import ray
+
+    from raptor.service.cli import connect_ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = parse_spec(quickstart)
+    connect_ray(spec)
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] >= spec.scaling.num_workers
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    connect_ray(spec)
+    assert calls[-1]["address"] == "10.0.0.7:6379" and "num_cpus" not in calls[-1]
+
+
 def test_teacher_train_command_exports_a_loadable_teacher(tmp_path, capsys):
     """Catches `raptor teacher train` writing somewhere the pipeline does not look, or losing the drop-path rate."""
     from raptor.cli import main

@@ -152,7 +152,7 @@ def test_plan_says_what_runs_and_which_field_changed(tmp_path):
     """Catches a dry-run that cannot say why a stage runs (the "make -n" of a run)."""
     spec = _spec(tmp_path)
     assert _plan(spec)["teacher"] == ("will run", "not made yet")
-    _finish(spec, "report")
+    _finish(spec, ORDER[-1])
     assert {s for s, (status, _) in _plan(spec).items()} == set(ORDER)
     assert all(status == "done" for status, _ in _plan(spec).values())
 
@@ -214,7 +214,7 @@ def test_a_given_teacher_replaced_at_the_same_url_moves_every_key_downstream(tmp
     ckpt = tmp_path / "teacher.safetensors"
     ckpt.write_bytes(b"a" * 64)
     spec = _spec(tmp_path, f"teacher.checkpoint={ckpt}")
-    _finish(spec, "report")
+    _finish(spec, ORDER[-1])
     before = _keys(spec)
     assert all(status == "done" for status, _ in _plan(spec).values())
     _rewrite(ckpt, b"b" * 64)
@@ -298,29 +298,29 @@ def test_a_corrupt_artifact_is_made_again_under_a_sweeps_guard(tmp_path):
 
 # ---------------------------------------------------------------- a stage is a module and a registry line
 
-# A new stage as its own module, the way the stages in raptor/service/stages/ declare themselves: an
-# export of the stage-2 student, keyed on a field of its own and on stage 2.
-EXPORT_MODULE = '''
+# A new stage as its own module, the way the stages in raptor/service/stages/ declare themselves: a
+# summary of the stage-2 student, keyed on a field of its own and on stage 2.
+SUMMARY_MODULE = '''
 from raptor import storage
 from raptor.service.engine.graph import Stage
 
 
 def run(ctx):
     student = ctx.run_folder.student("stage2")
-    storage.write_json(storage.join(ctx.folder, "export.json"), {"student": student, "lr": ctx.spec.stage2.lr})
-    return {"exported": student}
+    storage.write_json(storage.join(ctx.folder, "summary.json"), {"student": student, "lr": ctx.spec.stage2.lr})
+    return {"summarised": student}
 
 
-STAGE = Stage("export", reads=("stage2.lr",), upstream=("stage2",), run=run)
+STAGE = Stage("summary", reads=("stage2.lr",), upstream=("stage2",), run=run)
 '''
 
 
 @pytest.fixture
-def with_export(tmp_path, monkeypatch) -> Stage:
+def with_summary(tmp_path, monkeypatch) -> Stage:
     """The registry with one more stage: a module written here and one entry added to ``STAGES``."""
-    path = tmp_path / "export_stage.py"
-    path.write_text(EXPORT_MODULE)
-    loaded = importlib.util.spec_from_file_location("export_stage", path)
+    path = tmp_path / "summary_stage.py"
+    path.write_text(SUMMARY_MODULE)
+    loaded = importlib.util.spec_from_file_location("summary_stage", path)
     module = importlib.util.module_from_spec(loaded)
     loaded.loader.exec_module(module)
     monkeypatch.setattr(stages, "STAGES", registry((*STAGES, module.STAGE)))
@@ -328,7 +328,7 @@ def with_export(tmp_path, monkeypatch) -> Stage:
     return module.STAGE
 
 
-def test_a_stage_added_as_a_module_and_a_registry_line_is_planned_keyed_and_run(tmp_path, with_export, capsys):
+def test_a_stage_added_as_a_module_and_a_registry_line_is_planned_keyed_and_run(tmp_path, with_summary, capsys):
     """Catches the engine knowing its stages by name (a branch per stage, a hard-coded list of artifacts):
     a stage declared in a module of its own and added to the registry must get a key over its reads and
     its upstream (leaving every other key as it was), a row in `raptor run --dry-run`, and be made
@@ -338,33 +338,33 @@ def test_a_stage_added_as_a_module_and_a_registry_line_is_planned_keyed_and_run(
 
     spec = _spec(tmp_path)
     keys = _keys(spec)
-    assert list(keys) == [*ORDER, "export"]
-    assert {n: k for n, k in keys.items() if n != "export"} == {s.name: s.key for s in _plan_with(STAGES, spec)}
+    assert list(keys) == [*ORDER, "summary"]
+    assert {n: k for n, k in keys.items() if n != "summary"} == {s.name: s.key for s in _plan_with(STAGES, spec)}
     steps = {s.name: s for s in plan(spec)[0]}
-    export = steps["export"]
-    assert export.upstream == {"stage2": keys["stage2"]} and export.inputs == {"stage2.lr": 0.001}
-    assert export.url == storage.join(spec.storage.store_url, "export", export.key)
-    assert (export.status, export.why) == ("will run", "not made yet")
+    summary = steps["summary"]
+    assert summary.upstream == {"stage2": keys["stage2"]} and summary.inputs == {"stage2.lr": 0.001}
+    assert summary.url == storage.join(spec.storage.store_url, "summary", summary.key)
+    assert (summary.status, summary.why) == ("will run", "not made yet")
 
     graph = stages.STAGES
-    assert _moved(tmp_path, "stage2.lr=0.002") == downstream(graph, ["stage2", "export"])
-    assert _moved(tmp_path, "probe.epochs=2") == downstream(graph, ["probe"]) and "export" not in downstream(graph, ["probe"])
-    assert _moved(tmp_path, "teacher.drop_path_rate=0.2")[-1] == "export"  # everything after the teacher
+    assert _moved(tmp_path, "stage2.lr=0.002") == downstream(graph, ["stage2", "summary"])
+    assert _moved(tmp_path, "probe.epochs=2") == downstream(graph, ["probe"]) and "summary" not in downstream(graph, ["probe"])
+    assert _moved(tmp_path, "teacher.drop_path_rate=0.2")[-1] == "summary"  # everything after the teacher
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
     assert main(["run", str(spec_file), "--dry-run"]) == 0
-    rows = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("export ")]
-    assert rows == [["export", export.key[:12], "will", "run", "not", "made", "yet"]]
+    rows = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("summary ")]
+    assert rows == [["summary", summary.key[:12], "will", "run", "not", "made", "yet"]]
 
-    _finish(spec, "report")
-    assert [s.name for s in plan(spec)[0] if not s.done] == ["export"]
-    assert list(run_pipeline(spec)) == ["export"]
-    marker = storage.read_json(storage.join(export.url, "stage.json"))
-    assert marker["stage"] == "export" and marker["key"] == export.key and list(marker["files"]) == ["export.json"]
-    assert storage.read_json(storage.join(export.url, "export.json"))["lr"] == 0.001
+    _finish(spec, ORDER[-1])
+    assert [s.name for s in plan(spec)[0] if not s.done] == ["summary"]
+    assert list(run_pipeline(spec)) == ["summary"]
+    marker = storage.read_json(storage.join(summary.url, "stage.json"))
+    assert marker["stage"] == "summary" and marker["key"] == summary.key and list(marker["files"]) == ["summary.json"]
+    assert storage.read_json(storage.join(summary.url, "summary.json"))["lr"] == 0.001
     assert all(s.done for s in plan(spec)[0]) and run_pipeline(spec) == {}
-    assert storage.read_json(storage.join(spec.storage.url, "run.json"))["stages"]["export"]["url"] == export.url
+    assert storage.read_json(storage.join(spec.storage.url, "run.json"))["stages"]["summary"]["url"] == summary.url
 
 
 def _plan_with(graph: tuple[Stage, ...], spec: JobSpec):

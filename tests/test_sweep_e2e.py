@@ -64,7 +64,7 @@ def cluster(tmp_path_factory):
 
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ctx = ray.init(num_cpus=3, include_dashboard=True, logging_level="WARNING")  # the state API finds workers to kill
+    ctx = ray.init(address="local", num_cpus=3, include_dashboard=True, logging_level="WARNING")  # the state API finds workers to kill
     try:
         yield ctx.address_info  # gcs_address, and session_dir (the trials' logs)
     finally:

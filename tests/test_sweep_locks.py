@@ -90,7 +90,7 @@ def ray_address(tmp_path_factory) -> str:
     import ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ctx = ray.init(num_cpus=1, namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.init(address="local", num_cpus=1, namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING")
     try:
         yield ctx.address_info["gcs_address"]
     finally:

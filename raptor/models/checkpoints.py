@@ -21,7 +21,7 @@ import io
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -53,6 +53,18 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n].decode())
     return dict(header.get("__metadata__") or {})
+
+
+def read_metadata(url: str) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors file at ``url``, reading its header only (not the tensors)."""
+    try:
+        with storage.open_file(url, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return dict(json.loads(f.read(n).decode()).get("__metadata__") or {})
+    except FileNotFoundError as e:
+        raise MissingInput(f"checkpoint not found: {url}") from e
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{url}: not a readable safetensors file ({e})") from None
 
 
 def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -198,6 +210,61 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], url: str = "checkp
         if shapes:
             parts.append(f"shape mismatches: {few(shapes)}")
         raise CheckpointError(f"{url} does not fit the architecture; " + "; ".join(parts))
+
+
+def manifest_of(section: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A student file's manifest: the format, its version (2 when the file holds the stem: a
+    self-contained student) and the ``student`` section that rebuilds the architecture, plus ``extra``."""
+    return {"format": STUDENT_FORMAT, "version": 2 if "stem" in section else 1, "student": section, **extra}
+
+
+def merged(manifest: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra``'s entries on top of ``manifest``'s, one level deep (a section given in part keeps the rest)."""
+    out = dict(manifest)
+    for k, v in (extra or {}).items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first dotted path where two JSON values differ, with both values (None when they agree)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            found = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else f"{path} is {json.dumps(a)} there, {json.dumps(b)} in the weights' manifest"
+
+
+def parse_student_manifest(manifest: str | dict[str, Any], url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A student file's manifest (JSON text or parsed) and its ``student`` section, checked for the shape
+    the builders read; anything else is :class:`CheckpointError` naming ``url``."""
+    if isinstance(manifest, str):
+        try:
+            manifest = json.loads(manifest)
+        except ValueError as e:
+            raise CheckpointError(f"{url}: its manifest is not valid JSON ({e})") from None
+    s = manifest.get("student") if isinstance(manifest, dict) else None
+    if not (isinstance(s, dict) and isinstance(s.get("layout"), dict) and isinstance(s.get("block"), dict)
+            and isinstance(s.get("boundaries"), list) and s.get("k") == len(s["boundaries"]) + 1):
+        raise CheckpointError(
+            f"{url}: its manifest needs student.layout and student.block (objects), student.boundaries "
+            "(a list) and student.k (one more than the boundaries)"
+        )
+    if "stem" in s and not (isinstance(s["stem"], dict) and isinstance(s.get("heads", {}), dict)):
+        raise CheckpointError(f"{url}: student.stem and student.heads must be objects")
+    return manifest, s
+
+
+def load_checked(build: Callable[[], nn.Module], sd: dict[str, torch.Tensor], url: str) -> nn.Module:
+    """``build()`` with the tensors ``sd``, checked on the meta device first: a file whose manifest lies
+    about the sizes allocates nothing before it is caught (:func:`check_fits` names the keys)."""
+    with torch.device("meta"):
+        check_fits(build(), sd, url)
+    model = build()
+    model.load_state_dict(sd, strict=True)
+    return model
 
 
 def split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

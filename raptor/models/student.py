@@ -219,6 +219,15 @@ class Raptor(nn.Module):
     def k(self) -> int:
         return len(self.blocks)
 
+    def describe(self) -> dict:
+        """The architecture as a saved manifest's ``student`` section: what rebuilds it (empty) from a file."""
+        blk = self.blocks[0]
+        block = dict(dim=blk.dim, num_heads=blk.attn.num_heads, mlp=blk.mlp.kind, mlp_hidden=blk.mlp.fc2.in_features,
+                     qkv_bias=blk.attn.qkv.bias is not None, depth_scaling=blk.depth_mlp is not None,
+                     norm_eps=float(blk.norm1.eps))
+        return {"boundaries": list(self.boundaries), "depth": self.depth, "k": self.k, "block": block,
+                "layout": self.geometry.to_dict()}
+
     @property
     def teacher(self) -> Teacher | None:
         return self._teacher[0] if self._teacher else None

@@ -48,9 +48,10 @@ def _spec_args(p: argparse.ArgumentParser, what: str = "job spec YAML (path or U
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The service's commands (the top-level CLI imports this module only when one of them runs)."""
+    from raptor.export import FORMATS
     from raptor.service.deploy.k8s import OVERLAYS
 
-    p = subparsers.add_parser("run", help="run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report",
+    p = subparsers.add_parser("run", help="run a job spec: data -> teacher -> discovery -> stage1 -> stage2 -> probe -> report -> export",
                               description="Plan the stage graph of the spec (a content key per stage), print the plan, "
                               "then make the artifacts that do not exist yet. Re-running a finished spec does nothing; "
                               "a changed spec redoes exactly the stages whose inputs changed.")
@@ -121,6 +122,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the basin perturbations")
     p.set_defaults(func=cmd_analyze)
+    p = subparsers.add_parser(
+        "export", help="the student as a self-contained model: a safetensors file, a Hugging Face folder, ONNX",
+        description="Write a finished run's student (RUN_URL: its run.json names the artifacts) or a student file or "
+        "model folder (STUDENT_URL) as a self-contained model: stem, k blocks, final norm and heads, loadable with "
+        "raptor.models.load_student, RaptorViT.from_pretrained, timm.create_model('raptor_vit', ...) or onnxruntime, "
+        "without Ray, DeepSpeed or the teacher's file. An ONNX file is run by onnxruntime against PyTorch once written.")
+    p.add_argument("source", metavar="RUN_URL|STUDENT_URL", help="a run's folder, a student .safetensors file or a model folder")
+    p.add_argument("--to", required=True, metavar="DIR|URL", help="output folder (path or fsspec URL, e.g. s3://bucket/models/x)")
+    p.add_argument("--format", dest="formats", action="append", choices=FORMATS, metavar="FORMAT",
+                   help=f"one of {', '.join(FORMATS)} (repeatable; default: the run's export.formats, else safetensors and hf)")
+    p.add_argument("--resolution", type=int, help="the ONNX graph's image size, a multiple of the patch size (default: the model's)")
+    p.set_defaults(func=cmd_export)
     k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests generated from a job spec")
     actions = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
     p = actions.add_parser(
@@ -134,7 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def connect_ray(spec: JobSpec, trials: int = 0) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray big enough for the spec's workers.
+    """Join the cluster in RAY_ADDRESS, or start a new local Ray big enough for the spec's workers
+    (a new one: a cluster someone else started on this machine is never joined by accident).
 
     ``trials``: a sweep runs this many trials at once, each with the spec's workers; the local Ray
     gets one CPU more for the trials' drivers (0.01 CPU each), or a 2-core machine would deadlock.
@@ -150,7 +164,8 @@ def connect_ray(spec: JobSpec, trials: int = 0) -> None:
         else:
             need = spec.scaling.num_workers * spec.scaling.cpus_per_worker * max(trials, 1)
             # the workers' CPUs are Ray's bookkeeping, not threads: a smaller laptop still runs the default
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)) + (1 if trials else 0), logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)) + (1 if trials else 0),
+                     logging_level=logging.WARNING)
         console.adopt_ray_loggers()
     console.route_worker_output()
 
@@ -381,6 +396,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     written = analyze(args.run, args.out, max_samples=args.samples, studies=studies, device=args.device, seed=args.seed)
     for kind, url in written.items():
         print(f"{kind}: {url}")
+    return 0
+
+
+def export(source: str, to: str, formats: list[str] | None = None, resolution: int | None = None) -> dict[str, str]:
+    """``raptor export``: a run's student (``source`` holds a run.json) or a student file/folder, written to ``to``."""
+    from raptor import storage
+    from raptor.export import DEFAULT_FORMATS
+    from raptor.export.write import write_exports
+    from raptor.models import RaptorViT, load_student, rebuild_student
+    from raptor.service.engine.artifacts import INDEX_FILE, RunFolder, corrupt_file
+    from raptor.service.stages.export import export_run
+
+    if storage.exists(storage.join(source, INDEX_FILE)):
+        run_folder = RunFolder.from_index(source)
+        for folder in run_folder.folders.values():  # never export from a file that is not the one its stage wrote
+            if (problem := corrupt_file(folder)) is not None:
+                raise CorruptArtifact(f"{problem}; `raptor run` on the run's spec makes it again")
+        return export_run(load_spec(run_folder.spec_file), run_folder, to, formats, resolution)
+    model, manifest = load_student(source)
+    if not isinstance(model, RaptorViT):  # block-only: the teacher named in its manifest gives the stem
+        student, teacher, manifest = rebuild_student(source)
+        model = RaptorViT.from_student(student, teacher)
+    extra = {k: v for k, v in manifest.items() if k not in ("format", "version", "student")}
+    return write_exports(model, to, formats or DEFAULT_FORMATS, extra=extra, resolution=resolution)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.resolution is not None and args.resolution < 1:
+        raise UserError(f"--resolution must be positive (got {args.resolution})")
+    for fmt, url in export(args.source, args.to, args.formats, args.resolution).items():
+        print(f"{fmt}: {url}")
     return 0
 
 

@@ -117,6 +117,10 @@ class RunFolder:
     def probe(self) -> str:
         return self.file("probe", "results.json")
 
+    @property
+    def probe_heads(self) -> str:
+        return self.file("probe", "heads.safetensors")
+
     # ---- run.json
     def header(self) -> dict[str, Any]:
         """What ``run.json`` records of this object beside each stage's URL (:meth:`from_index` reads it back)."""

@@ -13,7 +13,7 @@ decided, whether it resumes, what is published) is declared by the stage (:class
 so this module names none of them.
 
 Every file a stage writes is hashed as it is written (``raptor.storage.recording``; the training
-stages' exports hash theirs in the worker) and ``stage.json`` lists the checksums. Before a stage
+stages' workers hash the student files they write) and ``stage.json`` lists the checksums. Before a stage
 runs, the artifacts it reads are checked against them: one that was truncated, bit-flipped or
 replaced is never loaded; the plan says so (``will run  corrupt: ...``) and the run makes it again.
 
@@ -113,8 +113,8 @@ def plan(spec: JobSpec) -> tuple[list[Step], RunFolder]:
 def check_inputs(steps: list[Step]) -> None:
     """Verify the finished artifacts that the stages about to run will read (their upstream, transitively).
 
-    A corrupt one is never loaded: it is marked to be made again (a training stage re-exports from
-    its last checkpoint), with a warning naming the file. Artifacts nothing will read are not read.
+    A corrupt one is never loaded: it is marked to be made again (a training stage writes its student
+    again from its last checkpoint), with a warning naming the file. Artifacts nothing will read are not read.
     """
     by_name = {s.name: s for s in steps}
     read = {u.name for s in steps if not s.done for u in _upstream_closure(s, by_name)}  # transitive already
@@ -175,8 +175,8 @@ def publish(run_folder: RunFolder, steps: list[Step]) -> None:
 
 
 def _checksums(folder: str, written: dict[str, str]) -> dict[str, str]:
-    """name -> sha256 of every file of the artifact: as written here, as a training stage's export
-    wrote them in its worker (listed in its manifest, which is hashed here), and, for a file whose
+    """name -> sha256 of every file of the artifact: as written here, as a training stage's worker
+    wrote them (listed in its manifest, which is hashed here), and, for a file whose
     checksum did not come back from the process that wrote it, as stored now (with a warning):
     a file without one would never be checked for corruption. The checkpoints are not part of the
     artifact (each carries its own checksums)."""

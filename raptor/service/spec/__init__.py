@@ -25,6 +25,7 @@ from raptor.recipe import (
 )
 from raptor.data.settings import LoaderSettings
 from raptor.errors import UserError
+from raptor.export.formats import DEFAULT_FORMATS, FORMATS
 from raptor.execution import DeepSpeedSettings
 from raptor.settings import Settings
 from raptor.train import settings as runner
@@ -254,6 +255,20 @@ class ProbeSpec(Settings):
         True, description="also report the paper's variant: the student's head fine-tuned from the teacher's probe head")
 
 
+class ExportSpec(Settings):
+    """The export stage: the student as a self-contained model (stem, blocks, norm, heads) in the formats people load."""
+
+    formats: list[Literal[FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(DEFAULT_FORMATS), min_length=1,
+        description="safetensors: one file; hf: a Hugging Face model folder with its model card; onnx: one resolution, "
+        "dynamic batch (needs the export extra)")
+    resolution: int | None = Field(None, gt=0, description="the ONNX graph's image size, a multiple of the patch size; null = teacher.img_size")
+    head: Literal["probe_finetuned", "probe", "teacher"] | None = Field(
+        None, description="the head forward() uses; null = the student's probe head with the better val top-1")
+    license: str | None = Field(
+        None, description="the license in the model card; null = the teacher's: timm's for a given checkpoint, 'other' for one trained here")
+
+
 class StorageSpec(runner.StorageSettings):
     """Where the run's folder and its artifacts live, and how the workers checkpoint there."""
 
@@ -402,7 +417,7 @@ class SweepSpec(Settings):
 
 
 class JobSpec(Settings):
-    """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report."""
+    """A whole distillation: teacher -> discovery -> stage 1 -> stage 2 -> probe -> report -> export."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="name of the job; the RayJob and its pods are named after it")
     teacher: TeacherSpec
@@ -412,6 +427,7 @@ class JobSpec(Settings):
     stage1: Stage1Spec
     stage2: Stage2Spec
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     scaling: runner.ScalingSettings = Field(default_factory=runner.ScalingSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     storage: StorageSpec

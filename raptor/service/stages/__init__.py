@@ -6,8 +6,9 @@
     discovery  segmentation.json + distances.png: the max-cut boundaries (or the spec's fixed ones)
     stage1     student.safetensors + manifest.json + history.json: all k blocks on their segments
     stage2     the same for the chained student, rolled out over all L layers
-    probe      results.json: linear probes, teacher vs student (same head init) and fine-tuned student
+    probe      results.json + heads.safetensors: linear probes, teacher vs student (same head init) and fine-tuned student
     report     report.json, index.md, index.html, plots/ (copied into the run folder)
+    export     student.safetensors, hf/ (a Hugging Face model folder), ONNX: the self-contained student (copied into model/)
 
 A stage module's :class:`~raptor.service.engine.graph.Stage` says everything about it: the spec
 fields it reads (with the ``ignores`` that cannot change its artifact and why), the stages it
@@ -20,7 +21,7 @@ spec is read by no stage.
 from __future__ import annotations
 
 from raptor.service.engine.graph import Stage, registry
-from raptor.service.stages import data, discovery, distances, probe, report, stage1, stage2, teacher
+from raptor.service.stages import data, discovery, distances, export, probe, report, stage1, stage2, teacher
 
 # Spec fields that are an input of no stage, and why (a test checks that every field of the spec is
 # read by a stage, ignored by one with a reason, or listed here, so a new field forces the decision).
@@ -53,6 +54,7 @@ STAGES: tuple[Stage, ...] = registry((
     stage2.STAGE,
     probe.STAGE,
     report.STAGE,
+    export.STAGE,
 ))
 
 BY_NAME = {s.name: s for s in STAGES}

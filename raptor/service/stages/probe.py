@@ -15,6 +15,7 @@ student's differ: the share would then compare two different starts.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from raptor import data, storage
 from raptor.errors import UserError
 from raptor.eval import ProbeResult, extract_features, student_share, train_linear_probe
 from raptor.models import Raptor, Teacher, load_student
+from raptor.models.checkpoints import save_safetensors
 from raptor.service.spec.translate import shard_source, single_device, single_process, teacher_ref
 from raptor.service.engine.graph import Stage, StageContext
 from raptor.service.spec import JobSpec
@@ -53,8 +55,9 @@ def _head_init(res: ProbeResult) -> dict[str, str]:
     return {str(lr): fp for lr, fp in sorted(res.init_fingerprints.items())}
 
 
-def probe(spec: JobSpec, teacher_ref: TeacherSettings, student_url: str) -> dict[str, Any]:
-    """Teacher, student and fine-tuned student linear probes (train split -> val split)."""
+def probe(spec: JobSpec, teacher_ref: TeacherSettings, student_url: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Teacher, student and fine-tuned student linear probes (train split -> val split): the results,
+    and the student rows' selected heads (``{row}.weight``, ``{row}.bias``: what an export of the student carries)."""
     if not spec.data.val:
         raise UserError("data.val: the probe stage needs a validation split")
     device = single_device(spec)
@@ -87,13 +90,16 @@ def probe(spec: JobSpec, teacher_ref: TeacherSettings, student_url: str) -> dict
         res_f = train_linear_probe(train_s, train_y, val_s, val_y, init=(res_t.weight, res_t.bias), **kw)
         result["student_finetuned"] = {**res_f.to_dict(), "init": "the teacher's probe head"}
         result["head_init"]["student_finetuned"] = _head_init(res_f)
-    return result
+    rows = {"student": res_s, **({"student_finetuned": res_f} if p.init_from_teacher_head else {})}
+    heads = {f"{row}.{part}": getattr(res, part).detach().cpu() for row, res in rows.items() for part in ("weight", "bias")}
+    return result, heads
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
-    result = single_process(spec, probe, spec, teacher_ref(spec, ctx.run_folder), ctx.run_folder.student("stage2"))
+    result, heads = single_process(spec, probe, spec, teacher_ref(spec, ctx.run_folder), ctx.run_folder.student("stage2"))
     storage.write_json(ctx.run_folder.probe, result)
+    save_safetensors(ctx.run_folder.probe_heads, heads, {"rows": json.dumps(sorted({k.split(".")[0] for k in heads}))})
     log.info("probe: teacher top-1 %.3f, student top-1 %.3f (share %.1f%%)%s", result["teacher"]["top1"],
              result["student"]["top1"], 100 * (result["student_share"] or 0),
              f", fine-tuned from the teacher's head {result['student_finetuned']['top1']:.3f}" if "student_finetuned" in result else "")
@@ -101,4 +107,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 STAGE = Stage("probe", reads=("probe", *EVAL_DATA, "data.seed", "teacher.precision", "scaling.use_gpu"),
-              upstream=("stage2",), run=run)
+              upstream=("stage2",), run=run, version=2)  # 2: the selected heads are saved (heads.safetensors)
