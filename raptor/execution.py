@@ -98,12 +98,14 @@ class DeepSpeedSettings(Settings):
         """torch's single-kernel AdamW on GPU; not with the optimizer offloaded (it steps on CPU)."""
         return device.type == "cuda" and self.offload_optimizer == "none"
 
-    def config(self, micro_batch: int, world_size: int, student_params: int) -> dict[str, Any]:
+    def config(self, micro_batch: int, world_size: int, student_params: int, accumulation: int | None = None) -> dict[str, Any]:
         """The DeepSpeed config dict: ZeRO stage, clipping, offload, buckets sized to the student.
 
-        ``train_batch_size`` = micro-batch x world size x accumulation, so DeepSpeed checks the same
-        effective batch the job reports. No ``bf16``/``fp16`` section: the engine stays fp32.
+        ``train_batch_size`` = micro-batch x world size x accumulation (``accumulation``, else
+        ``gradient_accumulation_steps``), so DeepSpeed checks the same effective batch the job
+        reports. No ``bf16``/``fp16`` section: the engine stays fp32.
         """
+        accumulation = self.gradient_accumulation_steps if accumulation is None else accumulation
         bucket = bucket_elems(student_params)
         zero: dict[str, Any] = {"stage": self.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
         if self.offload_optimizer != "none":
@@ -112,8 +114,8 @@ class DeepSpeedSettings(Settings):
             zero["offload_param"] = {"device": self.offload_param}
         cfg: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "train_batch_size": micro_batch * world_size * self.gradient_accumulation_steps,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": micro_batch * world_size * accumulation,
             "gradient_clipping": self.gradient_clipping,
             "zero_optimization": zero,
             "steps_per_print": 10**9,  # progress is ours (raptor.train.metrics), not DeepSpeed's

@@ -333,15 +333,15 @@ def test_kill_during_a_checkpoint_write_never_resumes_the_half_written_one(refer
     run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
-    # only rank 1's optimizer shard stalls: rank 0's files and rank 1's others land, a half-written folder
+    # only rank 1's RNG state stalls: rank 0's files and rank 1's checksums land, a half-written folder
     stalled = relay.hold(re.escape(f"PUT /{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040/"
-                                   "step00000040/zero_pp_rank_1_").encode())
+                                   "rng_rank1").encode())
     proc = _popen_run(spec_file, cluster)
     try:
         _wait_for(stalled.is_set, 600, "the upload of stage 2's step-40 checkpoint")
         half = f"{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040"
-        _wait_for(lambda: direct.invalidate_cache() or direct.exists(f"{half}/step00000040/mp_rank_00_model_states.pt"),
-                  60, "rank 0's shard")
+        _wait_for(lambda: direct.invalidate_cache() or direct.exists(f"{half}/state.pt"),
+                  60, "rank 0's consolidated state")
         # Ray Train registers a checkpoint when its controller next polls the ranks' reports, which can
         # lag the next checkpoint's upload: the premise is a registered step 20 and a half-written step 40
         _wait_for(lambda: _registered(direct, run_folder.folder("stage2"), 20), 120, "stage 2's step-20 registration")
@@ -393,7 +393,8 @@ def _planted_pickle(direct, path: str, marker: Path) -> None:
     buf = io.BytesIO()
     torch.save({"module": Payload()}, buf)
     direct.pipe_file(path, buf.getvalue())
-    folder, name = path.rsplit("/", 2)[0], "/".join(path.rsplit("/", 2)[1:])
+    folder = path[: path.index("/", path.index("/checkpoint_step") + 1)]  # where the checksum records are
+    name = path[len(folder) + 1:]
     for sums in direct.glob(f"{folder}/checksums_rank*.json"):
         record = json.loads(direct.cat_file(sums))
         if name in record["files"]:
@@ -414,10 +415,9 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault, interrupted,
     spec = variant(interrupted, f"storage.url={bucket}/{name}")
     _copy_store(direct, interrupted.storage.store_url, spec.storage.store_url)
     run_folder = run_folder_of(spec)
-    folder = f"{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040/step00000040"
+    folder = f"{_key_path(run_folder.folder('stage2'))}/checkpoints/checkpoint_step00000040"
     marker = tmp_path / "payload-ran"
-    file = {"bit flip": "zero_pp_rank_1_mp_rank_00_optim_states.pt", "truncated": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "planted pickle": "mp_rank_00_model_states.pt"}[fault]
+    file = {"bit flip": "rng_rank1.pt", "truncated": "state.pt", "planted pickle": "state.pt"}[fault]
     {"bit flip": _bit_flip, "truncated": _truncate}.get(fault, lambda d, p: _planted_pickle(d, p, marker))(direct, f"{folder}/{file}")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
@@ -496,13 +496,13 @@ def test_non_finite_steps_are_skipped_and_counted(zero, reference, tmp_path):
     assert manifest["nonfinite_steps"] == 20 and manifest["resumed_at"] == []
     weights = {}
     for step in (20, 40):
-        (model,) = Path(folder, "checkpoints", f"checkpoint_step{step:08d}").glob("step*/mp_rank_00_model_states.pt")
-        weights[step] = load_weights_only(str(model))["module"]
-    for name, w in weights[20].items():
-        assert torch.equal(w, weights[40][name]), f"{name} changed during the skipped steps"
+        weights[step] = load_weights_only(str(Path(folder, "checkpoints", f"checkpoint_step{step:08d}", "state.pt")))["training"]
+    for name, w in weights[20].items():  # weights, both moments, step count, learning rates
+        assert torch.equal(w, weights[40][name]) if torch.is_tensor(w) else w == weights[40][name], \
+            f"{name} changed during the skipped steps"
     student, _ = load_student(storage.join(folder, "student.safetensors"))
     assert all(torch.isfinite(p).all() for p in student.parameters())
-    assert any(not torch.equal(w, weights[40][f"student.{k}"]) for k, w in student.state_dict().items())  # it trained on
+    assert any(not torch.equal(w, weights[40][f"param/{k}"]) for k, w in student.named_parameters())  # it trained on
     COUNTS["faults"].append((f"NaN loss, 20 steps, ZeRO-{zero}", "stage2", "skipped"))
 
 

@@ -156,3 +156,52 @@ def test_compiled_runner_step_matches_eager(gloo, setup):
     assert len(set(losses["off"])) == 3  # the steps changed the student
     print(f"compiled vs eager loss, max relative difference: "
           f"{max(abs(a - b) / b for a, b in zip(losses['loss'], losses['off'])):.1e}")
+
+
+@pytest.mark.parametrize("made, resumed", [(2, 0), (0, 3), (3, 1), (1, 2)])
+def test_a_consolidated_state_resumes_under_another_zero_stage(gloo, setup, made, resumed):
+    """Catches a checkpoint state tied to the ZeRO stage that made it (DeepSpeed's own is): the whole
+    state gathered from an engine under ZeRO-``made`` and loaded into a fresh engine (another student's
+    weights) under ZeRO-``resumed`` must gather back identical (weights, both AdamW moments, step
+    count, learning rates, schedule), and the next step must move both engines to the same weights.
+    A lost moment, step count or schedule position, or working weights left stale, breaks it."""
+    import dataclasses
+
+    from raptor.train import consolidated
+
+    root, teacher, traj = setup
+    cfg = StageConfig.paper_stage2(steps=10, lr=1e-3, warmup_steps=6)
+    base = job_for(root, cfg, precision="fp32", compile="off")
+    engines = []
+    for zero, seed in ((made, 0), (resumed, 1)):
+        job = dataclasses.replace(base, deepspeed=base.deepspeed.updated(zero_stage=zero))
+        student = Raptor.from_teacher(teacher, [2, 4], seed=seed)
+        engine, hot = build_engine(job, teacher, student, CPU, world_size=1)
+        engines.append((engine, student))
+    (a, student_a), (b, student_b) = engines
+    for step in range(3):
+        loss, _ = a(traj, step)
+        a.backward(loss)
+        a.step()
+    state = consolidated.gather(a, student_a)
+    assert state["adam_step"] == 3 and state["lrs"][0] < cfg.lr  # mid-warmup
+    consolidated.scatter(b, student_b, state)
+    again = consolidated.gather(b, student_b)
+    assert again.keys() == state.keys()
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            assert torch.equal(again[key], value), key
+        else:
+            assert again[key] == value, key
+    losses = []
+    for engine in (a, b):
+        loss, _ = engine(traj, 3)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    after_a, after_b = consolidated.gather(a, student_a), consolidated.gather(b, student_b)
+    for key in after_a:
+        if key.startswith("param/"):
+            torch.testing.assert_close(after_b[key], after_a[key], rtol=1e-5, atol=1e-7)
+    assert after_b["lrs"] == after_a["lrs"] and after_b["adam_step"] == after_a["adam_step"] == 4

@@ -230,8 +230,8 @@ def test_the_runs_model_loads_alone_and_is_the_student_the_report_measured(tiny_
 
 @pytest.mark.slow
 def test_exported_student_reproduces_the_trained_rollout(tiny_run):
-    """The safetensors export (no Ray, no DeepSpeed) equals the weights in the final DeepSpeed checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The safetensors export (no Ray, no DeepSpeed) equals the weights in the final checkpoint."""
+    from raptor.train.integrity import load_weights_only
 
     spec = tiny_run
     run_folder = run_folder_of(spec)
@@ -242,8 +242,10 @@ def test_exported_student_reproduces_the_trained_rollout(tiny_run):
     assert manifest["resumed_at"] == []  # an uninterrupted stage
     trained, _ = load_student(run_folder.student("stage2"), teacher)
     ckpt = storage.join(run_folder.folder("stage2"), "checkpoints", f"checkpoint_step{spec.stage2.steps:08d}")
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt)
-    trained.load_state_dict({k.removeprefix("student."): v for k, v in sd.items()})
+    saved = load_weights_only(storage.join(ckpt, "state.pt"))["training"]
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            p.copy_(saved[f"param/{name}"])
     images = torch.randn(4, 3, 28, 28)
     a0 = teacher.embed(images)
     with torch.no_grad():
@@ -562,14 +564,19 @@ def test_submit_without_the_clusters_token_says_how_to_fix_it(tiny_run, ray_clus
 
 def _restored_state(config: dict) -> None:
     """Ray Train worker: build the stage's Trainer (which restores), then rank 0 saves every rank's
-    resumed step and student weights (ZeRO-2 keeps the full weights on each rank)."""
+    whole student weights (gathered first under ZeRO-3), resumed step and optimizer batch."""
+    import deepspeed
+
     from raptor.train.logs import quiet_worker
     from raptor.train.trainer import Trainer
 
     quiet_worker()
     trainer = Trainer(config["job"])
-    flat = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
-    state = torch.cat([flat, torch.tensor([float(trainer.resumed.step)])])
+    params = list(trainer.student.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=config["job"].deepspeed.zero_stage == 3):
+        flat = torch.cat([p.detach().flatten() for p in params])
+    world = torch.distributed.get_world_size()
+    state = torch.cat([flat, torch.tensor([float(trainer.resumed.step), float(trainer.micro_batch * trainer.accumulation * world)])])
     ranks = [torch.zeros_like(state) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(ranks, state)
     if torch.distributed.get_rank() == 0:
@@ -618,17 +625,51 @@ def test_a_checkpoint_refused_by_one_rank_leaves_every_rank_in_the_same_state(ba
                  scaling_config=launch.scaling_config(job), run_config=launch.run_config(job)).fit()
     ranks = torch.load(out)
     assert len(ranks) == 2 and torch.equal(ranks[0], ranks[1])  # weights and resumed step
-    weights, step = ranks[0][:-1], int(ranks[0][-1])
+    weights, step = ranks[0][:-2], int(ranks[0][-2])
     fresh = build_student(job, teacher_ref(tiny_run, run_folder_of(tiny_run)).load())
     if bad == (60,):
         assert step == 40
-        (model,) = (folder / "checkpoints" / "checkpoint_step00000040").glob("step*/mp_rank_00_model_states.pt")
-        module = load_weights_only(str(model))["module"]
-        expected = torch.cat([module[f"student.{name}"].flatten() for name, _ in fresh.named_parameters()])
+        saved = load_weights_only(str(folder / "checkpoints" / "checkpoint_step00000040" / "state.pt"))["training"]
+        expected = torch.cat([saved[f"param/{name}"].flatten() for name, _ in fresh.named_parameters()])
     else:
         assert step == 0
         expected = torch.cat([p.detach().flatten() for p in fresh.parameters()])
     torch.testing.assert_close(weights, expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_made_by_two_workers_under_zero2_resumes_on_one_under_zero3(tiny_run, tmp_path):
+    """The tiny run's stage-2 checkpoints (2 workers, ZeRO-2) restored by 1 worker under ZeRO-3 with the
+    run's batch as the global batch: it must resume at the newest step with exactly the saved
+    weights, and step with the same optimizer batch (two micro-batches accumulated). Catches a checkpoint tied to the world
+    size or ZeRO stage that made it (DeepSpeed refuses its own at another data-parallel size, and the
+    stage would start again from step 0) and weights lost in the re-partitioning."""
+    import dataclasses
+    import shutil
+
+    from ray import cloudpickle
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raptor.train import launch
+    from raptor.train.integrity import load_weights_only
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    folder = tmp_path / "stage2"
+    shutil.copytree(Path(run_folder_of(tiny_run).folder("stage2")) / "checkpoints", folder / "checkpoints")
+    saved = load_weights_only(str(folder / "checkpoints" / "checkpoint_step00000060" / "state.pt"))
+    assert (saved["client"]["world_size"], saved["client"]["zero_stage"]) == (2, 2)
+    batch = tiny_run.effective_batch  # kept at one worker: micro-batches accumulated
+    job = _job(variant(tiny_run, "scaling.max_failures=0"), "stage2", str(folder))  # stage 1 as the run made it
+    job = dataclasses.replace(job, scaling=job.scaling.updated(num_workers=1), deepspeed=job.deepspeed.updated(zero_stage=3),
+                              global_batch=batch)
+    out = tmp_path / "ranks.pt"
+    TorchTrainer(_restored_state, train_loop_config={"job": job, "out": str(out)}, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=launch.scaling_config(job), run_config=launch.run_config(job)).fit()
+    (rank,) = torch.load(out)
+    assert (int(rank[-2]), int(rank[-1])) == (60, batch)
+    names = [k for k in saved["training"] if k.startswith("param/")]
+    expected = torch.cat([saved["training"][k].flatten() for k in names])
+    torch.testing.assert_close(rank[:-2], expected, rtol=0, atol=0)
 
 
 def _listed(folder: str) -> None:

@@ -13,7 +13,7 @@ from raptor.models import Raptor, Teacher
 from raptor.service.spec.translate import shard_source, stage_config
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.engine.pipeline import save_spec
-from raptor.service.spec import load_spec, parse_spec
+from raptor.service.spec import SpecError, load_spec, parse_spec
 from raptor.service.deploy.submit import submission
 from raptor.train.metrics import wandb_mode
 
@@ -139,6 +139,33 @@ def test_submission_entrypoint_and_runtime_env():
         submission("../elsewhere.yaml", spec, [])
 
 
+def test_the_global_batch_is_the_same_at_every_world_size(quickstart):
+    """Catches an optimizer batch that follows the worker count when data.global_batch_size is set (the
+    LR schedule would then mean another thing after a resize), a micro-batch over data.batch_size, a
+    batch changed silently where it does not divide, and a spec without the field changing meaning."""
+    from raptor.errors import UserError
+    from raptor.train.settings import micro_batching
+
+    assert [micro_batching(48, w, 16) for w in (1, 2, 3, 4, 6)] == [(16, 3), (12, 2), (16, 1), (12, 1), (8, 1)]
+    assert micro_batching(None, 4, 16, accumulation=2) == (16, 2)  # no global batch: it grows with the workers
+    with pytest.raises(UserError, match=r"^data.global_batch_size=48 does not divide among 5 workers"):
+        micro_batching(48, 5, 16)
+    quickstart["data"]["global_batch_size"] = 48
+    for workers in (1, 2, 3):
+        quickstart["scaling"]["num_workers"] = workers
+        spec = parse_spec(quickstart)
+        micro, accumulation = spec.batching()
+        assert spec.effective_batch == 48 and micro <= spec.data.batch_size
+        config = spec.deepspeed.config(micro, world_size=workers, student_params=10, accumulation=accumulation)
+        assert config["train_batch_size"] == 48 and config["gradient_accumulation_steps"] == accumulation
+    quickstart["scaling"]["num_workers"] = 5
+    with pytest.raises(SpecError, match="data.global_batch_size=48 does not divide among 5 workers"):
+        parse_spec(quickstart)
+    quickstart["scaling"]["num_workers"], quickstart["deepspeed"]["gradient_accumulation_steps"] = 2, 2
+    with pytest.raises(SpecError, match="set data.global_batch_size or deepspeed.gradient_accumulation_steps, not both"):
+        parse_spec(quickstart)
+
+
 def test_a_local_run_starts_its_own_ray_and_joins_only_the_named_cluster(quickstart, monkeypatch):
     """Catches `raptor run` without RAY_ADDRESS joining a Ray cluster someone else started on the machine
     (ray.init's default address): asked for CPUs, ray.init then refuses, and the run dies before its
@@ -197,7 +224,7 @@ def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path)
     quickstart["data"].update(train=str(tmp_path / "train"), val=None, generate=None)
     spec = parse_spec(quickstart)
     with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
-        preflight(shard_source(spec, "train"), spec.scaling.num_workers)
+        preflight(shard_source(spec, "train"), spec.scaling.num_workers, spec.data.batch_size)
 
 
 def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):

@@ -91,6 +91,21 @@ def test_explicit_defaults_and_implicit_ones_give_the_same_keys(tmp_path):
     assert _keys(spelled) == _keys(_spec(tmp_path))
 
 
+def test_a_global_batch_keys_the_training_stages_instead_of_the_worker_count(tmp_path):
+    """Catches data.global_batch_size ignored by the keys (a changed optimizer batch would reuse a student
+    trained with another); with it, a key that still follows scaling.num_workers (a stage re-run on
+    fewer workers after a node loss would start again instead of resuming); and, unset, keys that
+    move from the ones every existing store was made with."""
+    base = _spec(tmp_path)
+    assert "data.global_batch_size" not in BY_NAME["stage1"].fields(base)
+    batched = _spec(tmp_path, f"data.global_batch_size={2 * base.effective_batch}")
+    assert [n for n in ORDER if _keys(base)[n] != _keys(batched)[n]] == downstream(STAGES, ["stage1"])
+    resized = _spec(tmp_path, f"data.global_batch_size={2 * base.effective_batch}",
+                    f"scaling.num_workers={2 * base.scaling.num_workers}")
+    assert _keys(resized) == _keys(batched)
+    assert _keys(_spec(tmp_path, f"scaling.num_workers={2 * base.scaling.num_workers}"))["stage1"] != _keys(base)["stage1"]
+
+
 def test_a_given_teacher_checkpoint_is_its_own_identity(tmp_path):
     """Catches a given teacher keyed by training settings it never used (drop-path would recompute everything)."""
     base = _spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors")
@@ -110,7 +125,8 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_spec_field_is_an_input_or_says_why_not(tmp_path):
     """Catches a new spec field that no stage keys on and nobody decided about: its changes would be silently ignored."""
     read: set[str] = set()
-    for spec in (_spec(tmp_path), _spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors")):
+    for spec in (_spec(tmp_path), _spec(tmp_path, f"teacher.checkpoint={tmp_path}/t.safetensors"),
+                 _spec(tmp_path, "data.global_batch_size=64")):
         for stage in STAGES:
             read |= set(stage.fields(spec)) | set(stage.ignores)
     covered = read | set(NOT_INPUTS)

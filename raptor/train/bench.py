@@ -38,8 +38,9 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     optimizer = make_optimizer(student, cfg, fused=ds.fused_adamw(device))
     scheduler = lr_scheduler(optimizer, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = batches_from(job.train.loader(train=True, rank=0, world_size=job.scaling.num_workers, device=device), 0)
-    accum = ds.gradient_accumulation_steps
+    world = job.scaling.num_workers
+    micro, accum = job.batching(world)
+    batches = batches_from(job.train.loader(train=True, rank=0, world_size=world, batch_size=micro, device=device), 0)
 
     def step(i: int) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -60,7 +61,7 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
         step(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return steps * job.train.settings.batch_size * accum / (time.perf_counter() - t0)
+    return steps * micro * accum / (time.perf_counter() - t0)
 
 
 def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:

@@ -1,16 +1,20 @@
-"""Checkpoints of a training stage: DeepSpeed shards + client state, persisted by Ray Train.
+"""Checkpoints of a training stage: the consolidated training state + each rank's RNG, persisted by Ray Train.
 
-Every rank writes its own DeepSpeed shard (ZeRO partitions of the optimizer state, and of the
-parameters at stage 3) and its own RNG state into a local folder and calls ``ray.train.report``
-with it; Ray merges the ranks' folders into one checkpoint under
+The ranks gather the whole training state (every trained parameter in fp32, both AdamW moments,
+the step count and the LR schedule: :mod:`raptor.train.consolidated`), rank 0 writes it as one
+file (``state.pt``), every rank writes its own RNG state, and every rank calls
+``ray.train.report`` with its folder; Ray merges the ranks' folders into one checkpoint under
 ``RunConfig(storage_path, name)`` (the stage's key folder in the store, which may be ``s3://``) and
 keeps the newest ``CheckpointConfig(num_to_keep)``. Resuming is re-running the stage with the same
 key: Ray Train V2 finds its snapshot there and hands the newest checkpoint back through
-``ray.train.get_checkpoint()``.
+``ray.train.get_checkpoint()``. Because the state is whole, not DeepSpeed's per-rank partitions,
+a checkpoint made at N workers under ZeRO stage z resumes at M workers under ZeRO stage z'.
+(Checkpoints written by DeepSpeed itself, by an older raptor, still resume at their own world size.)
 
-Client state: the optimizer step (which fixes the LR and lambda schedules, both pure functions of
-the step) and the number of micro-batches consumed (the data position; the loader's order is a
-pure function of (seed, epoch, rank), so (epoch, offset) is enough to continue the same stream).
+Client state: the optimizer step, which fixes the LR and lambda schedules (both pure functions of
+the step) and the data position (every step reads the same number of micro-batches per rank, and the
+loader's order is a pure function of (seed, epoch, rank, world size), so the step is enough to
+continue the same stream at the same world size).
 
 Nothing is trusted unverified (``raptor.train.integrity``): each rank records the checksums of the
 files it saved, and a restore that finds a checkpoint truncated, bit-flipped, half-uploaded or
@@ -36,21 +40,21 @@ import ray.train
 import torch
 from pyarrow.fs import FileSelector, FileType
 
-from raptor.train import integrity
+from raptor.train import consolidated, integrity
 from raptor.train.registered import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RNG_FILE = "rng_rank{rank}.pt"
+STATE_FILE = "state.pt"  # the consolidated training state and the client state, written by rank 0
 
 
 @dataclass
 class Resumed:
-    """Where a stage continues: optimizer steps done and micro-batches consumed."""
+    """Where a stage continues: optimizer steps done, and what rank 0 carries across resumes."""
 
     step: int = 0
-    micro_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
     nonfinite: dict[str, int] = field(default_factory=dict)  # raptor.train.nonfinite.NonFiniteGuard's counters
@@ -109,11 +113,12 @@ class Checkpointer:
     ``fresh()`` builds the stage's starting state on this rank (seeded RNG, the initial student, a
     new engine around it) and returns the engine: the checkpointer calls it once, and again to put
     every rank back to a fresh start when a checkpoint failed to load on some rank after others had
-    loaded it, so ranks never continue from different states.
+    loaded it, so ranks never continue from different states. ``student()`` is the student inside
+    the current engine, whose parameters name the consolidated state.
     """
 
-    def __init__(self, interval: int, fresh: Callable[[], Any]):
-        self.interval, self.fresh = interval, fresh
+    def __init__(self, interval: int, fresh: Callable[[], Any], student: Callable[[], Any]):
+        self.interval, self.fresh, self.student = interval, fresh, student
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.engine = self._new_engine()
@@ -126,15 +131,19 @@ class Checkpointer:
     def due(self, step: int, last: bool) -> bool:
         return step % self.interval == 0 or last
 
-    def save(self, step: int, micro_batches: int, metrics: dict[str, float], resumed: Resumed) -> None:
+    def save(self, step: int, metrics: dict[str, float], resumed: Resumed) -> None:
         """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier).
 
         ``resumed`` carries rank 0's history and the steps it resumed at so far.
         """
-        client = {"step": step, "micro_batches": micro_batches, "history": resumed.history, "resumed_at": resumed.resumed_at,
-                  "nonfinite": resumed.nonfinite}
+        client = {"step": step, "history": resumed.history, "resumed_at": resumed.resumed_at,
+                  "nonfinite": resumed.nonfinite, "global_samples": int(self.engine.global_samples),
+                  "skipped_steps": int(self.engine.skipped_steps), "world_size": self.world_size,
+                  "zero_stage": int(self.engine.zero_optimization_stage())}
+        state = consolidated.gather(self.engine, self.student())  # collective
         with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
-            self.engine.save_checkpoint(tmp, tag=tag(step), client_state=client)
+            if self.rank == 0:
+                torch.save({"training": state, "client": client}, os.path.join(tmp, STATE_FILE))
             torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=self.rank)))
             integrity.write_checksums(tmp, rank=self.rank, world_size=self.world_size, step=step)
             ray.train.report(
@@ -175,9 +184,10 @@ class Checkpointer:
         log.warning("no usable checkpoint under %s; the stage starts from step 0", os.path.dirname(latest.path.rstrip("/")))
         return Resumed()
 
-    def _stage(self, checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) -> tuple[str, str, Any]:
-        """Phase 1, nothing loaded into the engine: (folder, tag, this rank's RNG state) once every
-        file passes its checksum and what this rank will read loads weights-only."""
+    def _stage(self, checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) -> tuple[str, Any, Any]:
+        """Phase 1, nothing loaded into the engine: (folder, the consolidated state or DeepSpeed's tag,
+        this rank's RNG state) once every file passes its checksum and what this rank will read loads
+        weights-only."""
         try:
             folder = stack.enter_context(checkpoint.as_directory())
         except FileNotFoundError as e:  # deleted from storage since Ray registered it
@@ -185,25 +195,43 @@ class Checkpointer:
         problem = integrity.verify(folder)
         if problem is not None:
             raise _Unusable(problem)
-        with open(os.path.join(folder, "latest")) as f:
+        rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
+        rng_state = integrity.load_weights_only(rng) if os.path.exists(rng) else None
+        if os.path.exists(os.path.join(folder, STATE_FILE)):
+            return folder, integrity.load_weights_only(os.path.join(folder, STATE_FILE)), rng_state
+        if not os.path.exists(os.path.join(folder, "latest")):
+            raise _Unusable(f"it holds neither {STATE_FILE} nor a DeepSpeed checkpoint")
+        with open(os.path.join(folder, "latest")) as f:  # DeepSpeed's own layout (an older raptor)
             latest = f.read().strip()
         # every .pt of the tag, as DeepSpeed will read them (it reads each rank's ZeRO shard on every rank)
         for path in sorted(glob.glob(os.path.join(folder, latest, "*.pt"))):
             integrity.load_weights_only(path)
-        rng = os.path.join(folder, _RNG_FILE.format(rank=self.rank))
-        return folder, latest, integrity.load_weights_only(rng) if os.path.exists(rng) else None
+        return folder, latest, rng_state
 
-    def _apply(self, folder: str, latest: str, rng_state: Any) -> Resumed:
+    def _apply(self, folder: str, saved: Any, rng_state: Any) -> Resumed:
         """Phase 2: the engine's and the RNG's state from the staged checkpoint."""
-        _, client = self.engine.load_checkpoint(folder, tag=latest, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if client is None:
-            raise _Unusable(f"no DeepSpeed state under tag {latest!r}")
+        if isinstance(saved, dict):
+            try:
+                consolidated.scatter(self.engine, self.student(), saved["training"])
+            except ValueError as e:
+                raise _Unusable(f"{STATE_FILE}: {e}") from None
+            client = saved["client"]
+            e = self.engine
+            e.global_steps, e.global_samples = int(client["step"]), int(client["global_samples"])
+            e.micro_steps, e.skipped_steps = e.global_steps * e.gradient_accumulation_steps(), int(client["skipped_steps"])
+            if (client["world_size"], client["zero_stage"]) != (self.world_size, e.zero_optimization_stage()) and self.rank == 0:
+                log.info("checkpoint %s: made at %d worker(s) under ZeRO-%d, resumed at %d under ZeRO-%d", folder,
+                         client["world_size"], client["zero_stage"], self.world_size, e.zero_optimization_stage())
+        else:
+            _, client = self.engine.load_checkpoint(folder, tag=saved, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+            if client is None:
+                raise _Unusable(f"no DeepSpeed state under tag {saved!r}")
         if rng_state is not None:
             _set_rng_state(rng_state)
         else:  # the world size grew: this rank starts from the seeded RNG
             log.warning("checkpoint %s has no RNG state for rank %d", folder, self.rank)
-        return Resumed(int(client["step"]), int(client["micro_batches"]), list(client.get("history", [])),
+        return Resumed(int(client["step"]), list(client.get("history", [])),
                        [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {})))
 
 

@@ -1,16 +1,17 @@
 """Checkpoints are verified before they are trusted: checksums written at save time, weights-only loads.
 
 Every rank writes ``checksums_rank{r}.json`` into the folder it hands Ray (the sha256 of each file
-it wrote, the step, the world size) after DeepSpeed has written its shard; Ray merges the ranks'
-folders into one checkpoint. :func:`verify` checks every file of every rank against them, so a
+it wrote, the step, the world size) after its other files; Ray merges the ranks' folders into one
+checkpoint. :func:`verify` checks every file of every rank against them, so a
 truncated or bit-flipped shard, a file missing from a half-finished upload, or a file replaced after
 the fact is found before DeepSpeed reads anything, and the restore moves on to the previous
 checkpoint with a warning naming the file (``raptor.train.checkpoint``).
 
-DeepSpeed itself reads its shards with ``torch.load(weights_only=False)``, which runs whatever a
-pickle asks for. :func:`weights_only_loads` swaps the engine's checkpoint reader for one that loads
-with ``weights_only=True`` and allows only the few DeepSpeed types its optimizer state holds, so a
-planted pickle is refused instead of executed, even when its checksum was forged too.
+Checkpoint files are read with :func:`load_weights_only`, so a planted pickle is refused instead
+of executed, even when its checksum was forged too. DeepSpeed itself reads its own shards (the
+checkpoints of an older raptor) with ``torch.load(weights_only=False)``, which runs whatever a
+pickle asks for: :func:`weights_only_loads` swaps the engine's checkpoint reader for one that loads
+with ``weights_only=True`` and allows only the few DeepSpeed types its optimizer state holds.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from raptor.train.settings import (
     StorageSettings,
     StudentSettings,
     TeacherSettings,
+    micro_batching,
 )
 
 StageName = Literal["stage1", "stage2"]
@@ -104,7 +105,15 @@ class StageJob:
     labels: RunLabels
     out_url: str  # the export (student.safetensors + manifest.json + history.json) and checkpoints/
     manifest: dict[str, Any] = field(default_factory=dict)  # provenance the export carries (key, inputs)
+    global_batch: int | None = None  # samples per optimizer step at any world size; None: grows with the workers
+
+    def batching(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch per worker, micro-batches per optimizer step) at ``world_size`` workers."""
+        return micro_batching(self.global_batch, world_size, self.train.settings.batch_size,
+                              self.deepspeed.gradient_accumulation_steps)
 
     @property
     def effective_batch(self) -> int:
-        return self.train.settings.batch_size * self.scaling.num_workers * self.deepspeed.gradient_accumulation_steps
+        """Samples per optimizer step over all workers, at ``scaling.num_workers``."""
+        micro, steps = self.batching(self.scaling.num_workers)
+        return micro * steps * self.scaling.num_workers

@@ -69,13 +69,13 @@ def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
     )
 
 
-def preflight(train: ShardSource, world_size: int) -> None:
+def preflight(train: ShardSource, world_size: int, micro_batch: int) -> None:
     """Fail in the driver, with the data layer's one-line message, on data the workers cannot split.
 
     Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
     """
     for rank in range(world_size):
-        train.loader(train=True, rank=rank, world_size=world_size)
+        train.loader(train=True, rank=rank, world_size=world_size, batch_size=micro_batch)
 
 
 def run_stage(job: StageJob) -> dict[str, Any]:
@@ -86,7 +86,9 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     storage stayed unreachable past the patience, and ``ray.train.TrainingFailedError`` when the
     workers failed more than ``max_failures`` times for another reason.
     """
-    preflight(job.train, job.scaling.num_workers)
+    n = job.scaling.num_workers
+    micro, accumulation = job.batching(n)
+    preflight(job.train, n, micro)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -94,9 +96,9 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         scaling_config=scaling_config(job),
         run_config=run_config(job),
     )
-    n = job.scaling.num_workers
-    log.info("%s: %d Ray Train worker%s, ZeRO-%d, effective batch %d, %d steps", job.stage, n, "" if n == 1 else "s",
-             job.deepspeed.zero_stage, job.effective_batch, job.config.steps)
+    log.info("%s: %d Ray Train worker%s, ZeRO-%d, effective batch %d (micro-batch %d x %d accumulated x %d), %d steps",
+             job.stage, n, "" if n == 1 else "s", job.deepspeed.zero_stage, micro * accumulation * n, micro, accumulation,
+             n, job.config.steps)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import Field
 
 from raptor import storage
-from raptor.errors import CorruptArtifact
+from raptor.errors import CorruptArtifact, UserError
 from raptor.execution import Precision, autocast_dtype
 from raptor.settings import Settings
 
@@ -69,6 +69,24 @@ class ScalingSettings(Settings):
         if self.use_gpu:
             res["GPU"] = self.gpus_per_worker
         return res
+
+
+def micro_batching(global_batch: int | None, world_size: int, micro_batch: int, accumulation: int = 1) -> tuple[int, int]:
+    """(micro-batch per worker, micro-batches per optimizer step) at ``world_size`` workers.
+
+    With a ``global_batch`` (``data.global_batch_size``) every optimizer step sees that many samples at
+    any world size: the fewest accumulation steps whose micro-batch is at most ``micro_batch``
+    (``data.batch_size``, a ceiling then). Without one, the batch is ``micro_batch`` per worker and
+    ``accumulation`` micro-batches per step, so the optimizer's batch grows with the workers.
+    """
+    if global_batch is None:
+        return micro_batch, accumulation
+    if global_batch % world_size:
+        raise UserError(f"data.global_batch_size={global_batch} does not divide among {world_size} workers "
+                        f"(scaling.num_workers): use a multiple of {world_size}")
+    per_worker = global_batch // world_size
+    steps = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= micro_batch)
+    return per_worker // steps, steps
 
 
 class StudentSettings(Settings):

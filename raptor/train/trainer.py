@@ -54,8 +54,9 @@ def build_student(job: StageJob, teacher: Teacher) -> Raptor:
 def batches_from(loader: data.ShardLoader, micro_batches: int) -> Iterator[torch.Tensor]:
     """Images from the data position ``micro_batches`` on, epoch after epoch.
 
-    The loader's order is a pure function of (seed, epoch, rank), so skipping the consumed part
-    of the current epoch continues exactly the stream an uninterrupted run would have seen.
+    The loader's order is a pure function of (seed, epoch, rank, world size), so skipping the
+    consumed part of the current epoch continues exactly the stream an uninterrupted run at this
+    world size would have seen.
     """
     per_epoch = len(loader)
     epoch, skip = divmod(micro_batches, per_epoch)
@@ -126,17 +127,19 @@ def _data_counters(loader: data.ShardLoader, device: torch.device) -> dict[str, 
 def build_engine(job: StageJob, teacher: Teacher, student: Raptor, device: torch.device,
                  world_size: int) -> tuple[Any, HotPath]:
     """The student's DeepSpeed engine (fp32, ZeRO per the job) around the stage's hot path
-    (:meth:`HotPath.for_job`); AdamW is torch's fused kernel on GPU unless the optimizer is offloaded."""
+    (:meth:`HotPath.for_job`); AdamW is torch's fused kernel on GPU unless the optimizer is offloaded.
+    The micro-batch and accumulation are the job's at ``world_size`` (:meth:`StageJob.batching`)."""
     import deepspeed
 
     ds = job.deepspeed
     hot = HotPath.for_job(job, teacher, student, device)
     optimizer = make_optimizer(student, job.config, fused=ds.fused_adamw(device))
+    micro, accumulation = job.batching(world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=hot.objective,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler(optimizer, job.config),
-        config=ds.config(job.train.settings.batch_size, world_size, sum(p.numel() for p in student.parameters())),
+        config=ds.config(micro, world_size, sum(p.numel() for p in student.parameters()), accumulation=accumulation),
     )
     return engine, hot
 
@@ -151,6 +154,8 @@ class Trainer:
     student: Raptor  # its k blocks are the engine's parameters
     engine: Any  # deepspeed.DeepSpeedEngine around the hot path's StageObjective
     hot: HotPath  # the teacher's trajectory and the stage loss, eager or compiled, under autocast
+    micro_batch: int  # per worker, and the micro-batches of one optimizer step: the job's at this world size
+    accumulation: int
     loader: data.ShardLoader  # this rank's training shards
     validator: Validator
     checkpointer: Checkpointer
@@ -167,15 +172,17 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
         self.teacher = job.teacher.load(self.device)
-        self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world))
+        self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world), lambda: self.student)
         self.resumed = self.checkpointer.restore()
-        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, device=self.device)
+        self.micro_batch, self.accumulation = job.batching(world)
+        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, batch_size=self.micro_batch,
+                                       device=self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
                                   peak_tflops=device_peak(self.device, job.deepspeed.amp(self.device),
                                                           job.logging.peak_tflops)) if self.rank == 0 else None
-        self.logger = Progress(job.stage, job.config.steps, job.effective_batch, job.logging, job.labels,
+        self.logger = Progress(job.stage, job.config.steps, self.micro_batch * self.accumulation * world, job.logging, job.labels,
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
         self.guard = NonFiniteGuard(job.stage, self.engine, self.student, job.faults.max_nonfinite_steps,
                                     self.resumed.nonfinite, report=self.rank == 0)
@@ -189,8 +196,8 @@ class Trainer:
         return self.engine
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
-        for _ in range(self.job.deepspeed.gradient_accumulation_steps):
+        """One optimizer step: ``accumulation`` micro-batches through the engine."""
+        for _ in range(self.accumulation):
             loss, metrics = self.engine(self.hot.trajectory(next(batches).to(self.device)), step)
             self.engine.backward(loss)
             self.guard.before_update()
@@ -201,8 +208,7 @@ class Trainer:
         job, cfg, lg = self.job, self.job.config, self.job.logging
         history, latest = self.resumed.history, {}
         state = Resumed(history=history if self.rank == 0 else [], resumed_at=self.resumed.resumed_at)
-        accum = job.deepspeed.gradient_accumulation_steps
-        batches = batches_from(self.loader, self.resumed.micro_batches)
+        batches = batches_from(self.loader, self.resumed.step * self.accumulation)  # every step reads as many
         for step in range(self.resumed.step, cfg.steps):
             metrics = self.step(batches, step)
             self.guard.after_update(step + 1, metrics)
@@ -227,8 +233,7 @@ class Trainer:
             if self.checkpointer.due(done, last):
                 state.nonfinite = self.guard.counters()
                 stop = {"stopped": self.guard.stopped} if self.guard.stopped else {}
-                self.checkpointer.save(done, self.resumed.micro_batches + (done - self.resumed.step) * accum,
-                                       {**reported, **stop}, state)
+                self.checkpointer.save(done, {**reported, **stop}, state)
             elif job.labels.report_interval and done % job.labels.report_interval == 0:
                 ray.train.report(reported)  # every rank: a Ray Train report is collective
             if self.guard.stopped:  # diverged: the checkpoint holds the state, the driver raises TrainingDiverged

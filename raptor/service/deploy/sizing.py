@@ -47,8 +47,8 @@ def _teacher_shape(name: str, img_size: int, model_kwargs: str) -> TeacherShape:
 
 def setup_of(spec: JobSpec, stage: int, student: StudentShape) -> Setup:
     """The per-GPU configuration the runner trains ``stage`` of ``spec`` with: its DeepSpeed settings
-    as they are, with the buckets the runner sizes to the student."""
-    return Setup(batch=spec.data.batch_size, world_size=spec.scaling.num_workers, deepspeed=spec.deepspeed,
+    as they are, with the buckets the runner sizes to the student and its micro-batch at ``scaling.num_workers``."""
+    return Setup(batch=spec.batching()[0], world_size=spec.scaling.num_workers, deepspeed=spec.deepspeed,
                  stage=stage, reduce_bucket_elems=bucket_elems(student.params()))
 
 
@@ -161,7 +161,9 @@ def _overrides(spec: JobSpec, old: Setup, new: Setup) -> list[str]:
     out = [f"deepspeed.{name}={_yaml(getattr(new.deepspeed, name))}"
            for name in dict.fromkeys([*_SWITCHES, *DeepSpeedSettings.model_fields])
            if getattr(new.deepspeed, name) != getattr(old.deepspeed, name)]
-    if new.batch != old.batch:
+    if new.batch != old.batch and spec.data.global_batch_size is not None:
+        out.append(f"data.batch_size={new.batch}")  # the accumulation follows from the global batch
+    elif new.batch != old.batch:
         accum = spec.deepspeed.gradient_accumulation_steps * old.batch // new.batch
         out += [f"data.batch_size={new.batch}", f"deepspeed.gradient_accumulation_steps={accum}"]
     return out

@@ -149,6 +149,10 @@ class DataSpec(LoaderSettings):
     val_split: str | None = Field(None, description="the same for data.val, e.g. validation")
     train_samples: int | None = Field(
         None, gt=0, description="training samples where no info file gives the count; null = count the tars once (cached beside them)")
+    global_batch_size: int | None = Field(
+        None, gt=0, description="images per optimizer step over all training workers, the same at any "
+        "scaling.num_workers (micro-batch x accumulation derived per world size, the micro-batch at most "
+        "batch_size); null = batch_size x scaling.num_workers x deepspeed.gradient_accumulation_steps")
     distill_transform: Literal["augment", "centre"] = Field(
         "augment", description="images of the distillation stages: augment (RandomResizedCrop over crop_scale + flip, "
         "shuffled) or centre (Resize 256/224 + CentreCrop, no augmentation, shuffled: the paper's fixed states)")
@@ -452,9 +456,28 @@ class JobSpec(Settings):
             raise ValueError(f"deepspeed.activation_checkpointing blocks {blocks} out of range for discovery.k={self.discovery.k}")
         return self
 
+    @model_validator(mode="after")
+    def _global_batch(self) -> "JobSpec":
+        if self.data.global_batch_size is None:
+            return self
+        if self.deepspeed.gradient_accumulation_steps != 1:
+            raise ValueError("set data.global_batch_size or deepspeed.gradient_accumulation_steps, not both "
+                             "(with a global batch the accumulation is derived per world size)")
+        try:
+            self.batching()
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def batching(self) -> tuple[int, int]:
+        """(micro-batch per worker, micro-batches per optimizer step) at ``scaling.num_workers``."""
+        return runner.micro_batching(self.data.global_batch_size, self.scaling.num_workers, self.data.batch_size,
+                                     self.deepspeed.gradient_accumulation_steps)
+
     @property
     def effective_batch(self) -> int:
-        return self.data.batch_size * self.scaling.num_workers * self.deepspeed.gradient_accumulation_steps
+        micro, accumulation = self.batching()
+        return micro * accumulation * self.scaling.num_workers
 
     def public_dump(self) -> dict[str, Any]:
         """The spec as saved with a run (``spec.yaml``, ``run.json``): credentials in ``runtime_env`` redacted."""

@@ -156,6 +156,7 @@ def stage_job(
         ),
         out_url=run_folder.folder(stage),
         manifest={"run": spec.name, "key": key, "inputs": inputs},
+        global_batch=spec.data.global_batch_size,
     )
 
 

@@ -53,7 +53,24 @@ def runner(stage: StageName) -> Callable[[StageContext], dict[str, Any]]:
     return run
 
 
+def training_reads(name: StageName) -> Callable[[Any], tuple[str, ...]]:
+    """What stage ``name`` reads: its section and :data:`TRAINING`; with ``data.global_batch_size`` set,
+    that instead of ``scaling.num_workers`` (a spec without it keeps the keys it had before the field).
+
+    With a global batch the optimizer sees the same batch, the same schedule and the same samples per
+    epoch at any worker count; only which samples fall into which step follows the worker count. So
+    a stage resized mid-way, or re-run on another number of workers, is the same artifact and
+    resumes from its checkpoints (which load at any world size: :mod:`raptor.train.consolidated`).
+    """
+    def reads(spec: Any) -> tuple[str, ...]:
+        if spec.data.global_batch_size is None:
+            return (name, *TRAINING)
+        return (name, *(f for f in TRAINING if f != "scaling.num_workers"), "data.global_batch_size")
+
+    return reads
+
+
 def training_stage(name: StageName, upstream: str) -> Stage:
     """The declaration of distillation stage ``name`` (its spec section is ``name``), consuming ``upstream``."""
-    return Stage(name, reads=(name,) + TRAINING, upstream=(upstream,), run=runner(name),
+    return Stage(name, reads=training_reads(name), upstream=(upstream,), run=runner(name),
                  ignores=TRAINING_IGNORES, version=TRAINING_VERSION, resumable=True)
