@@ -132,7 +132,7 @@ class Checkpointer:
         return step % self.interval == 0 or last
 
     def save(self, step: int, metrics: dict[str, float], resumed: Resumed) -> None:
-        """Collective: every rank saves its shard + RNG and reports the folder (a Ray Train barrier).
+        """Collective: the ranks gather the whole state (rank 0 writes it), each saves its RNG and reports the folder.
 
         ``resumed`` carries rank 0's history and the steps it resumed at so far.
         """
