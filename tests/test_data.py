@@ -25,7 +25,7 @@ from raptor.data import (
     synthetic_source,
     write_shards,
 )
-from raptor.data.streaming import split_quota
+from raptor.data.streaming import default_streams
 
 
 def tar_members(url: str) -> dict[str, bytes]:
@@ -168,9 +168,13 @@ def test_transforms_follow_dinov2():
         image_transform(100, train=True, patch_size=14)
 
 
-def test_quota_split_and_rank_resolution(tmp_path):
-    assert split_quota(10, [1, 1, 1]) == [4, 3, 3]
-    assert split_quota(48, [24, 24]) == [24, 24] and split_quota(7, [0, 0]) == [4, 3]
+def test_default_streams_and_rank_resolution(tmp_path):
+    """Catches default streams that stop dividing the global batch or exceed the shards, and a rank not
+    taken from the process group."""
+    assert default_streams(64, 2, 2, shards=None) == 4  # 2 ranks x 2 loader workers
+    assert default_streams(64, 2, 3, shards=None) == 4  # 6 readers: rounded down to a divisor of 64
+    assert default_streams(64, 8, 4, shards=10) == 8  # at most one per shard
+    assert default_streams(30, 30, 0, shards=None) == 30 and default_streams(30, 1, 0, shards=None) == 1
     assert resolve_rank(1, 4) == (1, 4) and resolve_rank(None, None) == (0, 1)
     with pytest.raises(ValueError, match="both rank and world_size"):
         resolve_rank(1, None)

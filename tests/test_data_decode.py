@@ -96,10 +96,11 @@ def test_undecodable_images_are_counted_the_same_on_both_paths(tmp_path):
         assert labels.tolist() == good, decode
         assert (stats.seen, stats.skipped, stats.repeated) == (10, 3, 0), decode
 
-    # a training epoch keeps its batches whole: the device failure's row is another image
+    # a training epoch keeps its batches whole and its positions: the worker's failure (sample 4) and
+    # the device's (sample 7) each leave their row to another image of the batch
     batches = loader(str(tmp_path), LoaderSettings(batch_size=4, num_workers=0, decode="gpu", error_budget=0.5),
-                     image_size=SIZE, device="cpu", batches_per_epoch=2, shuffle=False)
-    assert [len(x) for x, _ in batches] == [4, 4] and batches.stats.repeated == 1
+                     image_size=SIZE, device="cpu", steps_per_epoch=2, shuffle=False)
+    assert [len(x) for x, _ in batches] == [4, 4] and batches.stats.repeated == 2
     assert batches.stats.skipped == 2  # the damaged PNG comes after the 8 samples taken
 
 

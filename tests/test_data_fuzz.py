@@ -156,7 +156,7 @@ def test_training_epochs_over_fuzzed_shards_stay_whole_or_stop(blobs, decode):
         _write(folder, blobs)
         batches = loader(folder, LoaderSettings(batch_size=3, num_workers=0, error_budget=1.0, decode=decode,
                                                  num_classes=NUM_CLASSES),
-                         image_size=SIZE, batches_per_epoch=3, device="cpu")
+                         image_size=SIZE, steps_per_epoch=3, device="cpu")
         try:
             sizes = [len(labels) for _, labels in batches]
         except ErrorBudgetExceeded:

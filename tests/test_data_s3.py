@@ -144,7 +144,7 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_counted_and_logged(damaged, 
 
     # the same counts arrive from loader worker processes, carried along with the batches
     batches = loader(damaged, LoaderSettings(batch_size=4, num_workers=2, error_budget=0.5),
-                     image_size=SIZE, batches_per_epoch=10)
+                     image_size=SIZE, steps_per_epoch=10)
     assert sum(1 for _ in batches) == 10
     assert batches.stats.skipped >= stats.skipped and batches.stats.shard_errors >= 1
 
@@ -177,6 +177,53 @@ def test_info_and_plain_webdataset_reach_s3_through_fsspec(even):
     assert len(samples) == 24 and {"jpg", "cls"} <= set(samples[0])
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error(even):
-    with pytest.raises(ValueError, match="8 shards cannot feed 2 rank"):
-        loader(even, LoaderSettings(batch_size=4, num_workers=8), image_size=SIZE, rank=0, world_size=2)
+def global_batches(url: str, world_size: int, micro: int, num_workers: int, start_step: int = 0,
+                   train: bool = True, streams: int | None = 4, order_world_size: int | None = None) -> list[list[str]]:
+    """Per step of epoch 0 from ``start_step``, the fingerprints of the global batch: every rank's
+    micro-batches of the step, rank after rank (the order DeepSpeed averages them in)."""
+    per_rank = []
+    for rank in range(world_size):
+        settings = LoaderSettings(batch_size=micro, num_workers=num_workers, seed=5, streams=streams)
+        batches = loader(url, settings, image_size=SIZE, train=train, shuffle=True, rank=rank, world_size=world_size,
+                         global_batch=24, order_world_size=order_world_size)
+        batches.set_epoch(0, start_step)
+        images = [fingerprint(img) for x, _ in batches for img in x]
+        per_rank.append([images[i : i + 24 // world_size] for i in range(0, len(images), 24 // world_size)])
+    return [sum((rank[step] for rank in per_rank), []) for step in range(len(per_rank[0]))]
+
+
+def test_the_global_batches_are_the_same_at_any_world_size(even):
+    """Catches an order (or augmentation) that depends on the ranks, the loader workers or the micro-batch:
+    a run resized mid-stage would then read other samples, or other crops of them, than it would have."""
+    reference = global_batches(even, 1, 24, 0)
+    assert len(reference) == 4 and all(len(step) == 24 for step in reference)
+    for world_size, micro, num_workers in ((1, 12, 2), (2, 6, 0), (3, 8, 2), (4, 3, 1), (4, 6, 3)):
+        assert global_batches(even, world_size, micro, num_workers) == reference, (world_size, micro, num_workers)
+    # the default streams: the loader workers of the world size the order is laid out for
+    default = global_batches(even, 1, 12, 1, streams=None, order_world_size=2)
+    assert default != reference and global_batches(even, 3, 4, 1, streams=None, order_world_size=2) == default
+
+
+def test_a_resize_mid_epoch_reads_every_sample_exactly_once(even):
+    """The audit of a resized epoch: steps 0-1 on 3 ranks, then 2-3 on 2 ranks, or on 4, read every sample
+    once (the eval transform: one fingerprint per sample). Catches a resume that restarts or re-deals the
+    epoch for the new ranks (samples read twice, others never)."""
+    everything = [fingerprint(img) for x, _ in loader(even, LoaderSettings(batch_size=12, num_workers=0),
+                                                        image_size=SIZE, train=False, drop_last=False) for img in x]
+    first = global_batches(even, 3, 8, 1, train=False)[:2]
+    for world_size, micro in ((2, 12), (4, 6)):
+        rest = global_batches(even, world_size, micro, 2, start_step=2, train=False)
+        read = sum(first + rest, [])
+        assert len(read) == 96 and sorted(read) == sorted(everything), world_size
+
+
+def test_streams_that_cannot_hold_the_order_are_clear_errors(even):
+    with pytest.raises(ValueError, match="data.streams=5 does not divide the global batch of 24"):
+        loader(even, LoaderSettings(batch_size=12, streams=5), image_size=SIZE, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="data.streams=12 needs at least as many shards; there are 8"):
+        loader(even, LoaderSettings(batch_size=12, streams=12), image_size=SIZE, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="a global batch of 20 does not split into micro-batches of 4 on each of 2"):
+        loader(even, LoaderSettings(batch_size=4), image_size=SIZE, world_size=2, rank=0, global_batch=20)
+    # more readers than shards: the streams are shared, not refused
+    batches = loader(even, LoaderSettings(batch_size=4, num_workers=8), image_size=SIZE, rank=0, world_size=2)
+    assert batches.stream.streams == 8 and len(batches) == 12

@@ -637,13 +637,54 @@ def test_a_checkpoint_refused_by_one_rank_leaves_every_rank_in_the_same_state(ba
     torch.testing.assert_close(weights, expected, rtol=0, atol=0)
 
 
+def _step_after_restore(config: dict) -> None:
+    """Ray Train worker: build the stage's Trainer (which restores) and take one optimizer step; rank 0
+    saves the restored and the stepped weights (gathered under ZeRO-3), the resumed step, the optimizer
+    batch, the step's loss over the global batch and a fingerprint of each of its images, rank after rank."""
+    import deepspeed
+
+    from raptor.train.logs import quiet_worker
+    from raptor.train.trainer import Trainer, batches_from
+
+    quiet_worker()
+    trainer = Trainer(config["job"])
+    params = list(trainer.student.parameters())
+
+    def weights() -> torch.Tensor:
+        with deepspeed.zero.GatheredParameters(params, enabled=config["job"].deepspeed.zero_stage == 3):
+            return torch.cat([p.detach().flatten() for p in params])
+
+    restored, seen = weights(), []
+
+    def batches():
+        for images in batches_from(trainer.loader, trainer.resumed.step):
+            seen.append(images.flatten(1).double().sum(1))
+            yield images
+
+    metrics = trainer.step(batches(), trainer.resumed.step)
+    world = torch.distributed.get_world_size()
+    loss = metrics["loss"].detach().double().reshape(1)
+    torch.distributed.all_reduce(loss)
+    images = torch.cat(seen)
+    ranks = [torch.zeros_like(images) for _ in range(world)]
+    torch.distributed.all_gather(ranks, images)
+    stepped = weights()
+    if torch.distributed.get_rank() == 0:
+        torch.save({"restored": restored, "stepped": stepped, "step": trainer.resumed.step, "loss": float(loss) / world,
+                    "batch": trainer.micro_batch * trainer.accumulation * world, "images": torch.cat(ranks)}, config["out"])
+
+
 @pytest.mark.slow
-def test_a_checkpoint_made_by_two_workers_under_zero2_resumes_on_one_under_zero3(tiny_run, tmp_path):
-    """The tiny run's stage-2 checkpoints (2 workers, ZeRO-2) restored by 1 worker under ZeRO-3 with the
-    run's batch as the global batch: it must resume at the newest step with exactly the saved
-    weights, and step with the same optimizer batch (two micro-batches accumulated). Catches a checkpoint tied to the world
-    size or ZeRO stage that made it (DeepSpeed refuses its own at another data-parallel size, and the
-    stage would start again from step 0) and weights lost in the re-partitioning."""
+def test_a_stage_resized_mid_way_steps_on_the_same_global_batch(tiny_run, tmp_path):
+    """The tiny run's last stage-2 checkpoint (step 60; 2 workers, ZeRO-2), its stage asked for 80 steps and
+    resumed with the run's batch as the global batch on 2 workers as it was made, on 1 under ZeRO-3 (two
+    micro-batches accumulated) and on 4 under ZeRO-0: each resumes at step 60 with exactly the saved
+    weights, and its step 61 (in the second epoch, 28 steps in) reads the same
+    images with the same crops, in the same order, has the same loss over the global batch and makes the
+    same student to float tolerance. Catches a checkpoint tied to the world size or ZeRO stage that made it
+    (DeepSpeed refuses its own at another data-parallel size, and the stage would start again from step
+    0), weights lost in the re-partitioning, and a data order or position that follows the world size
+    (another world size would read other samples: a resized run is then not the run it continues)."""
     import dataclasses
     import shutil
 
@@ -654,22 +695,33 @@ def test_a_checkpoint_made_by_two_workers_under_zero2_resumes_on_one_under_zero3
     from raptor.train.integrity import load_weights_only
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    folder = tmp_path / "stage2"
-    shutil.copytree(Path(run_folder_of(tiny_run).folder("stage2")) / "checkpoints", folder / "checkpoints")
-    saved = load_weights_only(str(folder / "checkpoints" / "checkpoint_step00000060" / "state.pt"))
+    made = Path(run_folder_of(tiny_run).folder("stage2")) / "checkpoints"
+    saved = load_weights_only(str(made / "checkpoint_step00000060" / "state.pt"))
     assert (saved["client"]["world_size"], saved["client"]["zero_stage"]) == (2, 2)
-    batch = tiny_run.effective_batch  # kept at one worker: micro-batches accumulated
-    job = _job(variant(tiny_run, "scaling.max_failures=0"), "stage2", str(folder))  # stage 1 as the run made it
-    job = dataclasses.replace(job, scaling=job.scaling.updated(num_workers=1), deepspeed=job.deepspeed.updated(zero_stage=3),
-                              global_batch=batch)
-    out = tmp_path / "ranks.pt"
-    TorchTrainer(_restored_state, train_loop_config={"job": job, "out": str(out)}, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=launch.scaling_config(job), run_config=launch.run_config(job)).fit()
-    (rank,) = torch.load(out)
-    assert (int(rank[-2]), int(rank[-1])) == (60, batch)
-    names = [k for k in saved["training"] if k.startswith("param/")]
-    expected = torch.cat([saved["training"][k].flatten() for k in names])
-    torch.testing.assert_close(rank[:-2], expected, rtol=0, atol=0)
+    expected = torch.cat([saved["training"][k].flatten() for k in saved["training"] if k.startswith("param/")])
+    batch = tiny_run.effective_batch
+    job = _job(variant(tiny_run, "scaling.max_failures=0"), "stage2", "unused")  # stage 1 as the run made it
+    job = dataclasses.replace(job, config=dataclasses.replace(job.config, steps=80))  # room for a step after 60
+    out = {}
+    for world, zero in ((2, 2), (1, 3), (4, 0)):
+        folder = tmp_path / f"w{world}"
+        shutil.copytree(made, folder / "checkpoints")
+        resized = dataclasses.replace(job, out_url=str(folder), global_batch=batch,
+                                      scaling=job.scaling.updated(num_workers=world, cpus_per_worker=2 / world),
+                                      deepspeed=job.deepspeed.updated(zero_stage=zero))
+        TorchTrainer(_step_after_restore, train_loop_config={"job": resized, "out": str(tmp_path / f"{world}.pt")},
+                     torch_config=TorchConfig(backend="gloo"), scaling_config=launch.scaling_config(resized),
+                     run_config=launch.run_config(resized)).fit()
+        out[world] = torch.load(tmp_path / f"{world}.pt")
+        assert (out[world]["step"], out[world]["batch"]) == (60, batch), world
+        torch.testing.assert_close(out[world]["restored"], expected, rtol=0, atol=0)
+    reference = out[2]
+    assert len(reference["images"]) == batch
+    assert not torch.allclose(reference["stepped"], reference["restored"], rtol=0, atol=1e-6)  # the step moved it
+    for world in (1, 4):
+        assert torch.equal(out[world]["images"], reference["images"]), world
+        assert out[world]["loss"] == pytest.approx(reference["loss"], rel=1e-5), world
+        torch.testing.assert_close(out[world]["stepped"], reference["stepped"], rtol=1e-4, atol=1e-6)
 
 
 def _listed(folder: str) -> None:

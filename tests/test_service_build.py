@@ -10,7 +10,7 @@ import yaml
 
 from raptor.errors import UserError
 from raptor.models import Raptor, Teacher
-from raptor.service.spec.translate import shard_source, stage_config
+from raptor.service.spec.translate import stage_config, stage_job
 from raptor.service.engine.artifacts import RunFolder
 from raptor.service.engine.pipeline import save_spec
 from raptor.service.spec import SpecError, load_spec, parse_spec
@@ -216,15 +216,21 @@ def test_teacher_train_command_exports_a_loadable_teacher(tmp_path, capsys):
 
 
 def test_data_the_workers_cannot_split_fails_in_the_driver(quickstart, tmp_path):
-    """One shard for two Ray Train workers: a one-line error before any worker starts (and is retried)."""
+    """Two read streams over one shard: a one-line error before any worker starts (and is retried)."""
     from raptor.data import synthetic_source, write_shards
+    from raptor.service.engine.pipeline import plan
     from raptor.train.launch import preflight
 
     write_shards(synthetic_source(64, num_classes=2, size=64), str(tmp_path / "train"), prefix="train", max_samples=64)
-    quickstart["data"].update(train=str(tmp_path / "train"), val=None, generate=None)
+    quickstart["data"].update(train=str(tmp_path / "train"), val=None, generate=None, streams=2)
     spec = parse_spec(quickstart)
-    with pytest.raises(ValueError, match="1 shards cannot feed 2 rank"):
-        preflight(shard_source(spec, "train"), spec.scaling.num_workers, spec.data.batch_size)
+    steps, run_folder = plan(spec)
+    step = next(s for s in steps if s.name == "stage1")
+    run_folder.folders["stage1"] = str(tmp_path / "stage1")
+    run_folder.boundaries = lambda: [4, 8, 12]  # discovery's artifact, which this test does not make
+    job = stage_job(spec, "stage1", run_folder, step.key, step.inputs)
+    with pytest.raises(ValueError, match="data.streams=2 needs at least as many shards; there are 1"):
+        preflight(job, spec.scaling.num_workers)
 
 
 def test_submit_retries_while_the_head_has_no_job_agent(monkeypatch):

@@ -221,7 +221,8 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(cluster, root, tmp
     experiment whose driver died."""
     from tests.test_service import _kill_when
 
-    spec = sweep_spec(root, "resume", {"space": {"probe.epochs": {"grid": [2, 4]}}, "max_concurrent_trials": 1})
+    # the second trial probes for long enough that Tune writes its state (every few seconds) before it ends
+    spec = sweep_spec(root, "resume", {"space": {"probe.epochs": {"grid": [2, 60]}}, "max_concurrent_trials": 1})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": cluster["gcs_address"]}

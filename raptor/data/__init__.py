@@ -21,7 +21,7 @@ files with no info at all (``samples=`` states the count, else it is counted onc
 headers and cached in ``_raptor_counts.json``). ``Shards.resolve(url, split=...)`` and
 ``describe(url, ...)`` (what ``raptor shards info`` prints) say what the loader will read.
 
-Reading, one call per rank (see :mod:`raptor.data.streaming` for who reads which shards)::
+Reading, one call per rank (see :mod:`raptor.data.streaming` for the one sample order every world size shares)::
 
     from raptor.data import LoaderSettings, loader
     train = loader("s3://bucket/synth", LoaderSettings(batch_size=64, num_workers=2), image_size=112)
@@ -39,7 +39,8 @@ Reading, one call per rank (see :mod:`raptor.data.streaming` for who reads which
   says how shards are read; the keywords say what this call reads. Batches are ``(images float32
   normalised, labels)`` on ``device`` (uint8 images with ``normalize=False``); dense batches are
   ``(images, labels, masks, depth)``. ``ShardLoader`` has ``len()`` (batches per epoch per rank),
-  ``set_epoch(e)``, ``stats`` (:class:`DataStats`) and ``num_classes``.
+  ``steps_per_epoch`` (global batches), ``set_epoch(e, start_step=0)``, ``stats`` (:class:`DataStats`)
+  and ``num_classes``.
 - Errors: :class:`ErrorBudgetExceeded` (too much bad data), :class:`ShardUnavailableError`
   (a shard stayed unreachable through its retries, at open or mid-read),
   :class:`DatasetError` and ``raptor.errors.MissingInput`` (one-line user errors: a damaged info file,

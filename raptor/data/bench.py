@@ -45,7 +45,7 @@ def bench(
     """
     settings = settings.updated(error_budget=1.0)
     num_workers, decode = settings.num_workers, settings.decode
-    stream = loader(url, settings, image_size=image_size, train=train, batches_per_epoch=batches + 1, rank=0,
+    stream = loader(url, settings, image_size=image_size, train=train, steps_per_epoch=batches + 1, rank=0,
                     world_size=1, split=split, device=device, normalize=normalize)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,26 +1,39 @@
 """The streaming reader every training worker uses: shards -> decoded, augmented batches.
 
-Who reads what (non-resampled): the shard list is shuffled by (seed, epoch), dealt round-robin to
-the ranks, and each rank's shards dealt round-robin to its DataLoader workers ("readers"). Every
-rank yields exactly ``batches_per_epoch`` batches, split among its readers in proportion to their
-samples; a reader whose shards run short reads them again (counted as ``repeated``), one with
-extra stops early, so ranks never wait on each other at a collective. When the shards divide
-evenly, every sample is seen exactly once per epoch across all ranks and readers. Resampled mode
-draws shards with replacement instead (no notion of a pass, as open_clip's ``--dataset-resampled``).
+A training epoch has one global order, whatever the number of ranks and loader workers
+(readers) that read it, so a run resized mid-epoch reads on where it stopped:
 
-Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers): each
-reader draws every crop from its own generator, in sample order, so a run repeats bit for bit
-(resuming by skipping the batches already consumed) and another epoch gets another order.
+- The shard list is shuffled by (seed, epoch) and dealt round-robin to ``streams`` read streams
+  (fixed for the run: :func:`default_streams`). Each stream reads its shards in turn through its
+  own shuffle buffer, seeded by (seed, epoch, stream); a stream whose shards run short reads them
+  again (counted as ``repeated``). Resampled mode draws each stream's shards with replacement
+  instead (no notion of a pass, as open_clip's ``--dataset-resampled``).
+- Step ``s`` of the epoch is ``global_batch`` samples: the next ``global_batch / streams`` of every
+  stream, stream after stream. An epoch is ``total // global_batch`` steps, so every sample is read
+  exactly once per epoch when the streams hold equal samples (equal shards, a shard count that the
+  streams divide) and the global batch divides the total.
+- Rank ``r`` of ``W`` takes positions ``[r G/W, (r+1) G/W)`` of every step, its loader workers
+  consecutive parts of that; a reader reads every stream its positions fall in and decodes only
+  its own samples (two readers can share a stream: both read its bytes, each decodes its part).
+- Each sample's crop is drawn from a generator seeded by (seed, epoch, stream, position in the
+  stream), so augmentation does not depend on who decodes it either.
+
+Resuming at step ``s`` of an epoch reads the streams' first ``s`` steps without decoding them.
+A bad sample (undecodable, unlabelled) keeps its position: its slot is filled with another of the
+reader's samples of that step (counted as ``skipped`` and ``repeated``), so batches stay whole
+and positions never shift. Evaluation (``drop_last=False``) is one exact pass in file order on one
+process, with a final partial batch.
 
 Decoding (:mod:`raptor.data.decode`): ``decode="cpu"`` decodes and crops in the readers, which send
 uint8 batches; ``decode="gpu"`` has them send the encoded JPEGs with their drawn crops, decoded in
 the training process on ``device``. Either way the loader delivers images normalised on ``device``
 (float32), or as uint8 with ``normalize=False``.
 
-Error counts: each reader counts into its own :class:`DataStats` inside its worker process, and
-sends the increments along with every batch; :class:`ShardLoader` strips them off in the training
-process and adds them to ``loader.stats``. So the counts need no shared memory, and they are
-exact for every batch the training loop has received.
+Error counts: each reader counts into its own :class:`DataStats` inside its worker process (a
+stream's shard-level counts by the reader holding the stream's first position), and sends the
+increments along with every batch; :class:`ShardLoader` strips them off in the training process
+and adds them to ``loader.stats``. So the counts need no shared memory, and they are exact for
+every batch the training loop has received.
 """
 
 from __future__ import annotations
@@ -70,16 +83,13 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def split_quota(total: int, weights: list[int]) -> list[int]:
-    """Split ``total`` samples in proportion to ``weights`` by largest remainder."""
-    if sum(weights) == 0:
-        weights = [1] * len(weights)
-    exact = [total * w / sum(weights) for w in weights]
-    quota = [int(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: (quota[i] - exact[i], i))
-    for i in order[: total - sum(quota)]:
-        quota[i] += 1
-    return quota
+def default_streams(global_batch: int, order_world_size: int, num_workers: int, shards: int | None) -> int:
+    """Read streams of a run that does not set them: one per reader of the world size the order is
+    laid out for (``order_world_size`` ranks x ``num_workers`` loader workers), rounded down to a
+    divisor of the global batch and to at most one per shard."""
+    want = order_world_size * max(num_workers, 1)
+    cap = min(want, global_batch, shards or want)
+    return max(d for d in range(1, cap + 1) if global_batch % d == 0)
 
 
 @dataclass
@@ -89,8 +99,10 @@ class ShardStream(IterableDataset):
     shards: Shards
     rank: int
     world_size: int
-    batch_size: int
-    batches_per_epoch: int | None  # per rank; None: one exact pass with a final partial batch
+    batch_size: int  # the micro-batch: what the loader delivers
+    global_batch: int  # samples per step over all ranks
+    streams: int
+    steps_per_epoch: int | None  # None: one exact pass with a final partial batch
     image_size: int
     train: bool
     shuffle: bool
@@ -105,93 +117,134 @@ class ShardStream(IterableDataset):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     label_key: LabelKey = LabelKey("cls")
     decode: str = "cpu"
+    start_step: int = 0  # the step of the epoch to deliver first
 
-    def assignment(self, worker: int, num_workers: int) -> tuple[list[int], int | None]:
-        """(shard indices, sample quota) of one reader this epoch; quota None: one exact pass."""
-        n = len(self.shards.urls)
-        if self.resampled:
-            assert self.batches_per_epoch is not None  # loader() refuses resampled exact passes
-            return list(range(n)), split_quota(self.rank_samples, [1] * num_workers)[worker]
-        order = list(range(n))
-        if self.shuffle:
-            random.Random(_seed(self.seed, self.epoch)).shuffle(order)
-        mine = order[self.rank :: self.world_size]
-        if len(mine) < num_workers:
-            raise UserError(
-                f"{n} shards cannot feed {self.world_size} rank(s) x {num_workers} loader "
-                "worker(s): write more, smaller shards (max_samples), use fewer loader workers "
-                "or resampled=True"
-            )
-        per_worker = [mine[w::num_workers] for w in range(num_workers)]
-        if self.batches_per_epoch is None:
-            return per_worker[worker], None
-        weights = [sum(self.shards.counts[s] or 1 for s in shards) for shards in per_worker]
-        return per_worker[worker], split_quota(self.rank_samples, weights)[worker]
+    def positions(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """The ``[start, stop)`` positions of every step's global batch that one reader delivers."""
+        per_rank = self.global_batch // self.world_size
+        first = self.rank * per_rank
+        return first + worker * per_rank // num_workers, first + (worker + 1) * per_rank // num_workers
 
-    @property
-    def rank_samples(self) -> int:
-        """Samples this rank delivers per epoch: whole batches only."""
-        assert self.batches_per_epoch is not None
-        return self.batches_per_epoch * self.batch_size
+    def exact_shards(self, worker: int, num_workers: int) -> list[int]:
+        """The shards one reader of an exact pass reads (round-robin, in file order)."""
+        return list(range(len(self.shards.urls)))[worker::num_workers]
 
     def __iter__(self) -> Iterator[tuple[Any | None, dict[str, int]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shard_ids, quota = self.assignment(worker, num_workers)
-        if quota == 0 or not shard_ids:
-            return
-        slot_seed = _seed(self.seed, self.epoch, self.rank, self.world_size, worker, num_workers)
-        if quota is None:
-            expected = sum(self.shards.counts[s] or 0 for s in shard_ids)
+        if self.steps_per_epoch is None:
+            yield from self._exact_pass(worker, num_workers)
         else:
-            expected = quota
-        reader = Reader(
-            where=f"rank {self.rank} worker {worker}",
-            budget=self.error_budget,
-            expected=expected,
-            num_classes=self.shards.num_classes,
-            label_key=self.label_key,
-            retries=self.retries,
-            backoff_s=self.backoff_s,
-            stats=DataStats(),
-        )
-        raw = self._raw(reader, shard_ids, random.Random(slot_seed), repeat=quota is not None)
-        augment = Augment(self.image_size, self.train, self.crop_scale,
-                          random.Random(_seed(slot_seed, "augment")))
+            yield from self._epoch(worker, num_workers)
+
+    def _reader(self, where: str, expected: int) -> Reader:
+        return Reader(where=where, budget=self.error_budget, expected=expected, num_classes=self.shards.num_classes,
+                      label_key=self.label_key, retries=self.retries, backoff_s=self.backoff_s, stats=DataStats())
+
+    def _make(self, *seed: object) -> Any:
+        """What turns one raw sample into an item, its crop drawn from a generator seeded by ``seed``."""
+        augment = Augment(self.image_size, self.train, self.crop_scale, random.Random(_seed(self.seed, self.epoch, *seed)))
         if self.decode == "gpu":
-            make: Any = partial(gpu_item, augment=augment)
-            collate: Any = partial(EncodedBatch.collate, size=self.image_size)
-        else:
-            make, collate = partial(cpu_item, augment=augment, dense=self.dense), _stack
+            return partial(gpu_item, augment=augment)
+        return partial(cpu_item, augment=augment, dense=self.dense)
+
+    def _collate(self, items: list[Any]) -> Any:
+        if self.decode == "gpu":
+            return EncodedBatch.collate(items, size=self.image_size)
+        return _stack(items)
+
+    def _exact_pass(self, worker: int, num_workers: int) -> Iterator[tuple[Any | None, dict[str, int]]]:
+        """Every sample of this reader's shards once, in file order, in batches (the last one partial)."""
+        shard_ids = self.exact_shards(worker, num_workers)
+        if not shard_ids:
+            return
+        where = f"rank {self.rank} worker {worker}"
+        reader = self._reader(where, sum(self.shards.counts[s] or 0 for s in shard_ids))
+        raw = self._raw(reader, shard_ids, random.Random(_seed(self.seed, self.epoch, worker)), repeat=False)
         sent = DataStats()
-        remaining = quota
-        while remaining is None or remaining > 0:
-            want = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            items = self._take(reader, raw, want, make)
+        while True:
+            items: list[Any] = []
+            for sample in raw:
+                item = reader.item(sample, self._make(sample.get("__key__"), sample.get("__url__")))
+                if item is not None:
+                    items.append(item)
+                    if len(items) == self.batch_size:
+                        break
             delta = {k: v - getattr(sent, k) for k, v in reader.stats.as_dict().items()}
             sent = replace(reader.stats)
-            if not items:  # one exact pass is over: send the last counts on their own
+            if not items:  # the pass is over: send the last counts on their own
                 if any(delta.values()):
                     yield None, delta
                 return
-            if remaining is not None:
-                remaining -= len(items)
-            yield collate(items), delta
+            yield self._collate(items), delta
 
-    def _take(self, reader: Reader, raw: Iterator[dict[str, Any]], want: int, make: Any) -> list[Any]:
-        items: list[Any] = []
-        for sample in raw:
-            item = reader.item(sample, make)
-            if item is not None:
-                items.append(item)
-                if len(items) == want:
-                    break
-        return items
+    def _epoch(self, worker: int, num_workers: int) -> Iterator[tuple[Any | None, dict[str, int]]]:
+        """One piece per step from ``start_step`` on: this reader's positions of the step, in order."""
+        assert self.steps_per_epoch is not None
+        start, stop = self.positions(worker, num_workers)
+        per_stream = self.global_batch // self.streams
+        where = f"rank {self.rank} worker {worker}"
+        mine = self._reader(where, (stop - start) * self.steps_per_epoch)
+        touched = range(start // per_stream, -(-stop // per_stream)) if stop > start else range(0)
+        streams = {v: self._stream(v, where, per_stream) for v in touched}
+        owned = [reader for v, (reader, _) in streams.items() if start <= v * per_stream < stop]
+        for _, samples in streams.values():  # resuming: the steps already taken, read but not decoded
+            for _ in range(self.start_step * per_stream):
+                next(samples)
+        sent: dict[str, int] = {}
+        last_good: Any = None
+        for step in range(self.start_step, self.steps_per_epoch):
+            items: list[Any] = []
+            bad: list[int] = []
+            for v, (_, samples) in streams.items():
+                first = v * per_stream
+                for i in range(per_stream):
+                    sample = next(samples)
+                    if not start <= first + i < stop:
+                        continue
+                    mine.stats.seen += 1
+                    item = mine.item(sample, self._make(v, step * per_stream + i))
+                    if item is None:
+                        bad.append(len(items))
+                    items.append(item)
+            last_good = self._fill(items, bad, last_good, mine)
+            counts = _counts(mine, owned)
+            delta = {k: v - sent.get(k, 0) for k, v in counts.items()}
+            sent = counts
+            yield (self._collate(items) if items else None), delta
+
+    def _stream(self, v: int, where: str, per_stream: int) -> tuple[Reader, Iterator[dict[str, Any]]]:
+        """Stream ``v`` of this epoch: its reader (shard-level counts) and its endless raw samples."""
+        n = len(self.shards.urls)
+        if self.resampled:
+            shard_ids = list(range(n))
+        else:
+            order = list(range(n))
+            if self.shuffle:
+                random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+            shard_ids = order[v :: self.streams]
+        assert self.steps_per_epoch is not None
+        reader = self._reader(f"{where} stream {v}", per_stream * self.steps_per_epoch)
+        rng = random.Random(_seed(self.seed, self.epoch, "stream", v))
+        return reader, self._raw(reader, shard_ids, rng, repeat=True)
+
+    @staticmethod
+    def _fill(items: list[Any], bad: list[int], last_good: Any, reader: Reader) -> Any:
+        """Give each bad sample's slot another sample of this reader (of this step, else its last good
+        one), counted as repeated; return the newest good item."""
+        good = [item for item in items if item is not None]
+        pool = good or ([last_good] if last_good is not None else [])
+        if bad and not pool:
+            raise ErrorBudgetExceeded(f"{reader.where}: no usable sample yet to stand in for {len(bad)} bad one(s)")
+        for n, i in enumerate(bad):
+            items[i] = pool[n % len(pool)]
+            reader.stats.repeated += 1
+        return good[-1] if good else last_good
 
     def _raw(
         self, reader: Reader, shard_ids: list[int], rng: random.Random, repeat: bool
     ) -> Iterator[dict[str, Any]]:
-        """Samples of this reader's shards, pass after pass while ``repeat``.
+        """Samples of these shards, pass after pass while ``repeat``.
 
         Each pass is shuffled through its own buffer, drained before the next pass starts, so a
         pass never leaks samples into another and one pass is exactly one copy of the shards.
@@ -209,14 +262,15 @@ class ShardStream(IterableDataset):
             if self.shuffle and self.shuffle_buffer > 1:
                 buffer = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
                 samples = buffer(samples)
-            good = reader.good
-            yield from samples
+            read = 0
+            for sample in samples:
+                read += 1
+                yield sample
             if not repeat:
                 return
-            if reader.good == good:  # another pass would not make one either: never loop forever
+            if not read:  # another pass would not read one either: never loop forever
                 raise ErrorBudgetExceeded(
-                    f"{reader.where}: shards {[self.shards.urls[s] for s in order]} "
-                    "hold no usable samples"
+                    f"{reader.where}: shards {[self.shards.urls[s] for s in order]} hold no samples"
                 )
             passes += 1
 
@@ -226,6 +280,20 @@ class ShardStream(IterableDataset):
                 if repeated:
                     reader.stats.repeated += 1
                 yield sample
+
+
+def _counts(mine: Reader, owned: list[Reader]) -> dict[str, int]:
+    """A reader's counts so far: its own samples', plus the shard-level counts of the streams it owns
+    (a stream's samples lost to a damaged shard count as seen and skipped)."""
+    counts = mine.stats.as_dict()
+    for stream in owned:
+        s = stream.stats
+        counts["seen"] += s.skipped
+        counts["skipped"] += s.skipped
+        counts["shard_errors"] += s.shard_errors
+        counts["read_retries"] += s.read_retries
+        counts["repeated"] += s.repeated
+    return counts
 
 
 def _stack(items: list[tuple[torch.Tensor, ...]]) -> Batch:
@@ -238,9 +306,11 @@ class ShardLoader:
     ``masks [B,H,W] long`` and ``depth [B,H,W] float`` when dense, all on ``device``. Images are
     float32 normalised by ImageNet mean/std, or uint8 0..255 with ``normalize=False``.
 
-    ``len(loader)`` is the number of batches per epoch (exact for every rank unless
-    ``drop_last=False``); ``loader.set_epoch(e)`` before iterating picks the epoch's order;
-    ``loader.stats`` holds the summed error counters of every batch received so far.
+    ``len(loader)`` is the number of batches per epoch (the same for every rank unless
+    ``drop_last=False``; ``loader.steps_per_epoch`` global batches of ``len(loader) /
+    steps_per_epoch`` micro-batches each); ``loader.set_epoch(e, start_step)`` before iterating
+    picks the epoch and where in it to start; ``loader.stats`` holds the summed error counters of
+    every batch received so far.
     """
 
     def __init__(
@@ -254,24 +324,32 @@ class ShardLoader:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.device, self.normalize = device, normalize
         self.stats = DataStats()
-        for worker in range(max(num_workers, 1)):  # fail now, in the caller, on a bad split
-            stream.assignment(worker, max(num_workers, 1))
 
     @property
     def epoch(self) -> int:
         return self.stream.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.epoch = epoch
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) per epoch: the same for every rank at any world size."""
+        if self.stream.steps_per_epoch is None:
+            raise TypeError("drop_last=False: the number of batches is not fixed")
+        return self.stream.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its step ``start_step`` on (the steps before are read, not decoded)."""
+        if start_step and not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
+        self.stream.epoch, self.stream.start_step = epoch, start_step
 
     @property
     def num_classes(self) -> int | None:
         return self.stream.shards.num_classes
 
     def __len__(self) -> int:
-        if self.stream.batches_per_epoch is None:
-            raise TypeError("drop_last=False: the number of batches is not fixed")
-        return self.stream.batches_per_epoch
+        """Micro-batches this rank delivers per epoch (from ``start_step`` on)."""
+        s = self.stream
+        return (self.steps_per_epoch - s.start_step) * (s.global_batch // s.world_size) // s.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         data = DataLoader(
@@ -329,8 +407,9 @@ class ShardLoader:
         epoch fills each one's row with another image of the batch (counted as repeated), so
         every rank still gets whole batches; one exact pass (``drop_last=False``) drops them."""
         where = f"rank {self.stream.rank} decoding on {self.device}"
-        exact = self.stream.batches_per_epoch is None
-        expected = (self.stream.shards.total or 0) if exact else self.stream.rank_samples
+        s = self.stream
+        exact = s.steps_per_epoch is None
+        expected = (s.shards.total or 0) if exact else s.steps_per_epoch * s.global_batch // s.world_size
         for _, message in failures:
             count_bad(self.stats, 1, self.stream.error_budget, expected, where, f"skipping {message}")
         bad = {i for i, _ in failures}
@@ -361,7 +440,9 @@ def loader(
     samples: int | None = None,
     dense: bool = False,
     drop_last: bool = True,
-    batches_per_epoch: int | None = None,
+    global_batch: int | None = None,
+    order_world_size: int | None = None,
+    steps_per_epoch: int | None = None,
     resampled: bool = False,
     patch_size: int | None = None,
     pin_memory: bool = False,
@@ -373,7 +454,7 @@ def loader(
     """Stream batches for this rank from WebDataset shards at ``url`` (any fsspec URL).
 
     ``settings`` says how the shards are read (batch size, loader workers, seed, error budget,
-    crop scale, class count, label key, where JPEGs are decoded; see
+    crop scale, class count, label key, read streams, where JPEGs are decoded; see
     :class:`~raptor.data.settings.LoaderSettings`); the keywords say what this call reads.
     ``url`` is a dataset folder (raptor's or timm's, with ``_info.json``, or any folder of
     ``.tar`` shards), a brace pattern of shards, or one shard; ``split`` picks a split of a timm
@@ -382,12 +463,20 @@ def loader(
     ``train`` selects the DINOv2 train transform (RandomResizedCrop over the settings' crop
     scale), else the eval transform; ``shuffle`` (default: ``train``) shuffles shards and
     samples, else they come in file order. ``patch_size`` checks that ``image_size`` is a
-    multiple of the ViT's patch. ``batches_per_epoch`` (per rank) defaults to total samples //
-    (world_size * batch_size). ``drop_last=False`` instead reads every sample once with a final
-    partial batch (single-process evaluation only, since counts would differ by rank; inside a
-    distributed job pass ``rank=0, world_size=1`` to evaluate the whole set on one rank).
-    ``rank``/``world_size`` default to the torch.distributed context. ``device``: where batches
-    are delivered and normalised (default: the CPU; with GPU decoding CUDA when available).
+    multiple of the ViT's patch.
+
+    A training epoch (``drop_last=True``) is ``steps_per_epoch`` global batches of
+    ``global_batch`` samples (default: batch size x world size; default steps: total //
+    global_batch), in one order for any world size (the module docstring); this rank delivers
+    its ``global_batch / world_size`` samples of each as micro-batches of the settings' batch size.
+    The settings' ``streams`` (default: :func:`default_streams` for ``order_world_size``, default
+    ``world_size``) fix the order: a trainer that keeps its global batch at any world
+    size passes the same ``order_world_size`` at every one.
+    ``drop_last=False`` instead reads every sample once with a final partial batch (single-process
+    evaluation only; inside a distributed job pass ``rank=0, world_size=1`` to evaluate the whole
+    set on one rank). ``rank``/``world_size`` default to the torch.distributed context.
+    ``device``: where batches are delivered and normalised (default: the CPU; with GPU decoding
+    CUDA when available).
     """
     rank, world_size = resolve_rank(rank, world_size)
     batch_size, decode = settings.batch_size, settings.decode  # validated where LoaderSettings is made
@@ -397,30 +486,51 @@ def loader(
     key = LabelKey.parse(settings.label_key)
     if device is None:
         device = "cuda" if decode == "gpu" and torch.cuda.is_available() else "cpu"
-    needs_total = drop_last and batches_per_epoch is None
+    global_batch = global_batch or batch_size * world_size
+    if global_batch % world_size or (global_batch // world_size) % batch_size:
+        raise UserError(f"a global batch of {global_batch} does not split into micro-batches of {batch_size} "
+                        f"on each of {world_size} rank(s)")
     shards = Shards.resolve(url, split=split, samples=samples, num_classes=settings.num_classes,
-                            count=needs_total)
+                            count=drop_last and steps_per_epoch is None)
     if not drop_last:
         if world_size > 1 or resampled:
             raise UserError("drop_last=False is for single-process, non-resampled evaluation")
-        batches_per_epoch = None
-    elif batches_per_epoch is None:
-        if shards.total is None:
-            raise UserError(f"{url}: the number of samples is unknown; pass batches_per_epoch")
-        batches_per_epoch = shards.total // (world_size * batch_size)
-        if batches_per_epoch == 0:
-            raise UserError(
-                f"{url}: {shards.total} samples are fewer than one batch of {batch_size} "
-                f"per rank for {world_size} rank(s)"
-            )
-    elif batches_per_epoch < 1:
-        raise UserError(f"batches_per_epoch must be positive, got {batches_per_epoch}")
+        steps_per_epoch, streams = None, 1
+    else:
+        steps_per_epoch = _steps(url, shards.total, global_batch, steps_per_epoch)
+        streams = _streams(len(shards.urls), global_batch, settings, resampled, order_world_size or world_size)
     stream = ShardStream(
-        shards=shards, rank=rank, world_size=world_size, batch_size=batch_size,
-        batches_per_epoch=batches_per_epoch, image_size=image_size, train=train,
+        shards=shards, rank=rank, world_size=world_size, batch_size=batch_size, global_batch=global_batch,
+        streams=streams, steps_per_epoch=steps_per_epoch, image_size=image_size, train=train,
         shuffle=train if shuffle is None else shuffle, seed=settings.seed,
         epoch=epoch, resampled=resampled, dense=dense, error_budget=settings.error_budget,
         shuffle_buffer=shuffle_buffer, retries=retries, backoff_s=backoff_s,
         crop_scale=tuple(settings.crop_scale), label_key=key, decode=decode,
     )
     return ShardLoader(stream, settings.num_workers, pin_memory, torch.device(device), normalize)
+
+
+def _steps(url: str, total: int | None, global_batch: int, steps_per_epoch: int | None) -> int:
+    if steps_per_epoch is not None:
+        if steps_per_epoch < 1:
+            raise UserError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        return steps_per_epoch
+    if total is None:
+        raise UserError(f"{url}: the number of samples is unknown; pass steps_per_epoch")
+    if total < global_batch:
+        raise UserError(f"{url}: {total} samples are fewer than one global batch of {global_batch}")
+    return total // global_batch
+
+
+def _streams(shards: int, global_batch: int, settings: LoaderSettings, resampled: bool, order_world_size: int) -> int:
+    """The read streams: as set (they must divide the global batch, one shard each at least), else the default."""
+    streams = settings.streams
+    if streams is None:
+        return default_streams(global_batch, order_world_size, settings.num_workers, None if resampled else shards)
+    if global_batch % streams:
+        raise UserError(f"data.streams={streams} does not divide the global batch of {global_batch}: "
+                        "each step takes as many samples from every stream")
+    if not resampled and streams > shards:
+        raise UserError(f"data.streams={streams} needs at least as many shards; there are {shards}: "
+                        "write more, smaller shards (max_samples), use fewer streams or resampled=True")
+    return streams

@@ -40,7 +40,7 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     params = [p for g in optimizer.param_groups for p in g["params"]]
     world = job.scaling.num_workers
     micro, accum = job.batching(world)
-    batches = batches_from(job.train.loader(train=True, rank=0, world_size=world, batch_size=micro, device=device), 0)
+    batches = batches_from(job.train_loader(0, world, device), 0)
 
     def step(i: int) -> None:
         optimizer.zero_grad(set_to_none=True)

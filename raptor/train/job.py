@@ -52,17 +52,22 @@ class ShardSource:
         rank: int = 0,
         world_size: int = 1,
         batch_size: int | None = None,
+        global_batch: int | None = None,
+        order_world_size: int | None = None,
         dense: bool = False,
         device: torch.device | None = None,
     ) -> data.ShardLoader:
-        """``train``: shuffled, augmented unless ``augment`` is off, the same number of whole batches on
-        every rank, decoded where ``decode`` says and delivered normalised on ``device`` (the CPU by
-        default). Otherwise: eval transform, every sample once in file order (one process), last batch kept."""
+        """``train``: shuffled, augmented unless ``augment`` is off, the same number of whole batches of
+        ``batch_size`` on every rank, ``global_batch`` samples a step over all ranks in the order laid
+        out for ``order_world_size`` (:func:`raptor.data.streaming.loader`), decoded where ``decode`` says and delivered normalised on
+        ``device`` (the CPU by default). Otherwise: eval transform, every sample once in file order
+        (one process), last batch kept."""
         gpu = train and self.settings.decode == "gpu" and not dense
         settings = self.settings.updated(batch_size=batch_size or self.settings.batch_size,
                                          decode="gpu" if gpu else "cpu")
         return data.loader(
             self.url, settings, image_size=self.image_size, rank=rank, world_size=world_size, device=device,
+            global_batch=global_batch, order_world_size=order_world_size,
             train=train and self.augment, shuffle=train, drop_last=train, dense=dense, split=self.split,
             samples=self.samples, pin_memory=device is not None and device.type == "cuda",
         )
@@ -111,6 +116,17 @@ class StageJob:
         """(micro-batch per worker, micro-batches per optimizer step) at ``world_size`` workers."""
         return micro_batching(self.global_batch, world_size, self.train.settings.batch_size,
                               self.deepspeed.gradient_accumulation_steps)
+
+    def train_loader(self, rank: int, world_size: int, device: torch.device | None = None) -> data.ShardLoader:
+        """This rank's training batches at ``world_size``: micro-batches of :meth:`batching` out of global
+        batches in one order (:mod:`raptor.data.streaming`). With a fixed global batch the order is laid
+        out for the world size that needs no accumulation, the same at every world size; without one
+        for this world size, which the stage's key holds."""
+        micro, accumulation = self.batching(world_size)
+        batch = micro * accumulation * world_size
+        order = world_size if self.global_batch is None else max(batch // self.train.settings.batch_size, 1)
+        return self.train.loader(train=True, rank=rank, world_size=world_size, batch_size=micro, global_batch=batch,
+                                 order_world_size=order, device=device)
 
     @property
     def effective_batch(self) -> int:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raptor import storage
 from raptor.errors import RunStopped, TrainingDiverged, UserError
 from raptor.train import objectstore
-from raptor.train.job import ShardSource, StageJob
+from raptor.train.job import StageJob
 from raptor.train.registered import CHECKPOINTS
 from raptor.train.trainer import train_loop_per_worker
 
@@ -69,13 +69,13 @@ def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
     )
 
 
-def preflight(train: ShardSource, world_size: int, micro_batch: int) -> None:
+def preflight(job: StageJob, world_size: int) -> None:
     """Fail in the driver, with the data layer's one-line message, on data the workers cannot split.
 
     Inside the workers the same error would be retried ``max_failures`` times as if a node had died.
     """
     for rank in range(world_size):
-        train.loader(train=True, rank=rank, world_size=world_size, batch_size=micro_batch)
+        job.train_loader(rank, world_size)
 
 
 def run_stage(job: StageJob) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     """
     n = job.scaling.num_workers
     micro, accumulation = job.batching(n)
-    preflight(job.train, n, micro)
+    preflight(job, n)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

@@ -17,7 +17,6 @@ copies of it on the GPUs.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any, Iterator
 
@@ -51,20 +50,19 @@ def build_student(job: StageJob, teacher: Teacher) -> Raptor:
                                seed=job.train.settings.seed)
 
 
-def batches_from(loader: data.ShardLoader, micro_batches: int) -> Iterator[torch.Tensor]:
-    """Images from the data position ``micro_batches`` on, epoch after epoch.
+def batches_from(loader: data.ShardLoader, step: int) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches from optimizer step ``step`` on, epoch after epoch.
 
-    The loader's order is a pure function of (seed, epoch, rank, world size), so skipping the
-    consumed part of the current epoch continues exactly the stream an uninterrupted run at this
-    world size would have seen.
+    The loader's global batches are a pure function of (seed, epoch), whatever the world size, so
+    starting at the step a checkpoint was taken continues exactly the samples an uninterrupted run
+    would have seen, on any number of workers (the skipped steps are read, not decoded).
     """
-    per_epoch = len(loader)
-    epoch, skip = divmod(micro_batches, per_epoch)
+    epoch, start = divmod(step, loader.steps_per_epoch)
     while True:
-        loader.set_epoch(epoch)
-        for images, _ in itertools.islice(loader, skip, None):
+        loader.set_epoch(epoch, start)
+        for images, _ in loader:
             yield images
-        epoch, skip = epoch + 1, 0
+        epoch, start = epoch + 1, 0
 
 
 class Validator:
@@ -175,8 +173,7 @@ class Trainer:
         self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world), lambda: self.student)
         self.resumed = self.checkpointer.restore()
         self.micro_batch, self.accumulation = job.batching(world)
-        self.loader = job.train.loader(train=True, rank=self.rank, world_size=world, batch_size=self.micro_batch,
-                                       device=self.device)
+        self.loader = job.train_loader(self.rank, world, self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
@@ -196,19 +193,22 @@ class Trainer:
         return self.engine
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """One optimizer step: ``accumulation`` micro-batches through the engine."""
+        """One optimizer step: ``accumulation`` micro-batches through the engine; returns the mean of their
+        metrics on this rank (the mean over ranks is the global batch's: every micro-batch is as large)."""
+        total: dict[str, torch.Tensor] = {}
         for _ in range(self.accumulation):
             loss, metrics = self.engine(self.hot.trajectory(next(batches).to(self.device)), step)
             self.engine.backward(loss)
             self.guard.before_update()
             self.engine.step()
-        return metrics
+            total = {k: total[k] + v if k in total else v for k, v in metrics.items()}
+        return {k: v / self.accumulation for k, v in total.items()}
 
     def train(self) -> None:
         job, cfg, lg = self.job, self.job.config, self.job.logging
         history, latest = self.resumed.history, {}
         state = Resumed(history=history if self.rank == 0 else [], resumed_at=self.resumed.resumed_at)
-        batches = batches_from(self.loader, self.resumed.step * self.accumulation)  # every step reads as many
+        batches = batches_from(self.loader, self.resumed.step)
         for step in range(self.resumed.step, cfg.steps):
             metrics = self.step(batches, step)
             self.guard.after_update(step + 1, metrics)

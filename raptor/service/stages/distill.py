@@ -34,9 +34,10 @@ TRAINING_IGNORES = {
     "stage1.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
     "stage2.max_nonfinite_steps": "decides only whether a diverging stage stops; a finished stage is the same",
 }
+# version 3: one global sample order at any world size (raptor.data.streaming)
 # version 2: deepspeed.precision bf16 means bf16 autocast in an fp32 engine with fp32 targets
 # (version 1: DeepSpeed's bf16 mode, bf16 weights and trajectories)
-TRAINING_VERSION = 2
+TRAINING_VERSION = 3
 
 
 def runner(stage: StageName) -> Callable[[StageContext], dict[str, Any]]:
@@ -57,10 +58,10 @@ def training_reads(name: StageName) -> Callable[[Any], tuple[str, ...]]:
     """What stage ``name`` reads: its section and :data:`TRAINING`; with ``data.global_batch_size`` set,
     that instead of ``scaling.num_workers`` (a spec without it keeps the keys it had before the field).
 
-    With a global batch the optimizer sees the same batch, the same schedule and the same samples per
-    epoch at any worker count; only which samples fall into which step follows the worker count. So
-    a stage resized mid-way, or re-run on another number of workers, is the same artifact and
-    resumes from its checkpoints (which load at any world size: :mod:`raptor.train.consolidated`).
+    With a global batch the optimizer sees the same samples in every step at any worker count (one
+    global order: :mod:`raptor.data.streaming`), under the same schedule. So a stage resized mid-way,
+    or re-run on another number of workers, is the same artifact and resumes from its checkpoints
+    (which load at any world size: :mod:`raptor.train.consolidated`).
     """
     def reads(spec: Any) -> tuple[str, ...]:
         if spec.data.global_batch_size is None:
