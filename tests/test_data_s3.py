@@ -149,6 +149,17 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_counted_and_logged(damaged, 
     assert batches.stats.skipped >= stats.skipped and batches.stats.shard_errors >= 1
 
 
+def test_bad_samples_keep_their_slot_at_any_world_size(damaged):
+    """A corrupt JPEG and a shard cut in half, read at 1, 4, 6 and 12 ranks (one sample per rank: a reader
+    whose whole part of a step is the bad sample): every step is whole and the same global batch, the bad
+    sample's slot taken by the same stand-in. Catches a stand-in that depends on who reads the step (a
+    resize would change the batch) and a narrow reader that stops on one bad sample."""
+    reference = global_batches(damaged, 1, 24, 0, error_budget=1.0)  # the cut shard loses 6 of 10 each pass
+    assert len(reference) == 2 and all(len(step) == 24 for step in reference)
+    for world_size, micro, num_workers in ((4, 6, 1), (6, 4, 2), (12, 2, 2)):
+        assert global_batches(damaged, world_size, micro, num_workers, error_budget=1.0) == reference, world_size
+
+
 def test_exceeded_error_budget_stops_with_a_clear_error(damaged):
     batches = loader(damaged, LoaderSettings(batch_size=4, num_workers=1, error_budget=0.0), image_size=SIZE)
     with pytest.raises(ErrorBudgetExceeded, match=r"over the error budget of 0\.0%"):
@@ -178,17 +189,21 @@ def test_info_and_plain_webdataset_reach_s3_through_fsspec(even):
 
 
 def global_batches(url: str, world_size: int, micro: int, num_workers: int, start_step: int = 0,
-                   train: bool = True, streams: int | None = 4, order_world_size: int | None = None) -> list[list[str]]:
+                   train: bool = True, streams: int | None = 4, order_world_size: int | None = None,
+                   error_budget: float = 0.01) -> list[list[str]]:
     """Per step of epoch 0 from ``start_step``, the fingerprints of the global batch: every rank's
     micro-batches of the step, rank after rank (the order DeepSpeed averages them in)."""
     per_rank = []
     for rank in range(world_size):
-        settings = LoaderSettings(batch_size=micro, num_workers=num_workers, seed=5, streams=streams)
+        settings = LoaderSettings(batch_size=micro, num_workers=num_workers, seed=5, streams=streams,
+                                  error_budget=error_budget)
         batches = loader(url, settings, image_size=SIZE, train=train, shuffle=True, rank=rank, world_size=world_size,
                          global_batch=24, order_world_size=order_world_size)
         batches.set_epoch(0, start_step)
         images = [fingerprint(img) for x, _ in batches for img in x]
-        per_rank.append([images[i : i + 24 // world_size] for i in range(0, len(images), 24 // world_size)])
+        share = sum(batches.stream.micro_batches())
+        assert all(size <= micro for size in batches.stream.micro_batches())
+        per_rank.append([images[i : i + share] for i in range(0, len(images), share)])
     return [sum((rank[step] for rank in per_rank), []) for step in range(len(per_rank[0]))]
 
 
@@ -197,7 +212,8 @@ def test_the_global_batches_are_the_same_at_any_world_size(even):
     a run resized mid-stage would then read other samples, or other crops of them, than it would have."""
     reference = global_batches(even, 1, 24, 0)
     assert len(reference) == 4 and all(len(step) == 24 for step in reference)
-    for world_size, micro, num_workers in ((1, 12, 2), (2, 6, 0), (3, 8, 2), (4, 3, 1), (4, 6, 3)):
+    # 5 and 7 ranks do not divide the global batch: shares of 4 or 5, and of 3 or 4, samples
+    for world_size, micro, num_workers in ((1, 12, 2), (2, 6, 0), (3, 8, 2), (4, 3, 1), (4, 6, 3), (5, 3, 1), (7, 4, 0)):
         assert global_batches(even, world_size, micro, num_workers) == reference, (world_size, micro, num_workers)
     # the default streams: the loader workers of the world size the order is laid out for
     default = global_batches(even, 1, 12, 1, streams=None, order_world_size=2)
@@ -222,8 +238,8 @@ def test_streams_that_cannot_hold_the_order_are_clear_errors(even):
         loader(even, LoaderSettings(batch_size=12, streams=5), image_size=SIZE, world_size=2, rank=0)
     with pytest.raises(ValueError, match="data.streams=12 needs at least as many shards; there are 8"):
         loader(even, LoaderSettings(batch_size=12, streams=12), image_size=SIZE, world_size=2, rank=0)
-    with pytest.raises(ValueError, match="a global batch of 20 does not split into micro-batches of 4 on each of 2"):
-        loader(even, LoaderSettings(batch_size=4), image_size=SIZE, world_size=2, rank=0, global_batch=20)
+    with pytest.raises(ValueError, match="a global batch of 1 leaves some of 2 ranks without a sample"):
+        loader(even, LoaderSettings(batch_size=4), image_size=SIZE, world_size=2, rank=0, global_batch=1)
     # more readers than shards: the streams are shared, not refused
     batches = loader(even, LoaderSettings(batch_size=4, num_workers=8), image_size=SIZE, rank=0, world_size=2)
     assert batches.stream.streams == 8 and len(batches) == 12

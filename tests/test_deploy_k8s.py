@@ -221,6 +221,30 @@ def test_scaling_decides_replicas_and_resources(overlay, overrides, pods, gpus, 
     assert spec.scaling.num_workers * spec.scaling.gpus_per_worker == pods * int(gpus)
 
 
+SPOT = ("data.global_batch_size=1024", "scaling.min_workers=8", "cluster.node_selector={pool: spot}",
+        "cluster.worker_tolerations=[{key: cloud.google.com/gke-spot, operator: Equal, value: 'true', effect: NoSchedule}]",
+        "cluster.head_node_selector={pool: on-demand}")
+
+
+def test_an_elastic_spec_on_spot_workers_autoscales_between_its_range_with_the_head_on_demand():
+    """Catches an elastic range that the worker group does not follow (KubeRay would hold the pods of the
+    most workers, or let the autoscaler remove those of the fewest), spot tolerations lost or put on the
+    head, and a head left free to land on preemptible nodes."""
+    job = _job("multinode", SPOT)
+    assert _crd_errors(job) == [] and _crd_errors(_as_raycluster(job)) == []
+    group = _workers(job)
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (1, 2, 2)  # 8-16 workers, 8 per pod
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "spot"}
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"] == {"pool": "on-demand"} and "tolerations" not in head
+    assert job["spec"]["submitterPodTemplate"]["spec"]["nodeSelector"] == {"pool": "on-demand"}
+    assert _workers(_job("multinode"))["minReplicas"] == 0  # a fixed size: the autoscaler's to decide
+
+
 def test_extra_ray_resources_are_declared_per_pod():
     group = _workers(_job("multinode", ("scaling.resources_per_worker={ssd: 1}",)))
     assert yaml.safe_load(group["rayStartParams"]["resources"]) == {"ssd": 8}

@@ -148,8 +148,9 @@ def test_the_global_batch_is_the_same_at_every_world_size(quickstart):
 
     assert [micro_batching(48, w, 16) for w in (1, 2, 3, 4, 6)] == [(16, 3), (12, 2), (16, 1), (12, 1), (8, 1)]
     assert micro_batching(None, 4, 16, accumulation=2) == (16, 2)  # no global batch: it grows with the workers
-    with pytest.raises(UserError, match=r"^data.global_batch_size=48 does not divide among 5 workers"):
-        micro_batching(48, 5, 16)
+    assert micro_batching(48, 5, 16) == (10, 1) and micro_batching(48, 7, 4) == (4, 2)  # shares of 9-10, 6-7
+    with pytest.raises(UserError, match=r"^data.global_batch_size=4 leaves some of 5 workers without a sample"):
+        micro_batching(4, 5, 16)
     quickstart["data"]["global_batch_size"] = 48
     for workers in (1, 2, 3):
         quickstart["scaling"]["num_workers"] = workers
@@ -158,12 +159,40 @@ def test_the_global_batch_is_the_same_at_every_world_size(quickstart):
         assert spec.effective_batch == 48 and micro <= spec.data.batch_size
         config = spec.deepspeed.config(micro, world_size=workers, student_params=10, accumulation=accumulation)
         assert config["train_batch_size"] == 48 and config["gradient_accumulation_steps"] == accumulation
-    quickstart["scaling"]["num_workers"] = 5
-    with pytest.raises(SpecError, match="data.global_batch_size=48 does not divide among 5 workers"):
+    quickstart["scaling"]["num_workers"] = 49
+    with pytest.raises(SpecError, match="data.global_batch_size=48 leaves some of 49 workers without a sample"):
         parse_spec(quickstart)
     quickstart["scaling"]["num_workers"], quickstart["deepspeed"]["gradient_accumulation_steps"] = 2, 2
     with pytest.raises(SpecError, match="set data.global_batch_size or deepspeed.gradient_accumulation_steps, not both"):
         parse_spec(quickstart)
+
+
+def test_an_elastic_range_needs_a_global_batch(quickstart):
+    """Catches an elastic range whose optimizer batch would change with the worker count (no global batch),
+    a range upside down, and a runner that does not hand Ray Train the range (at 3 of 2-4 workers the global
+    batch of 96 splits evenly; at 5 it would not, and still works: tests/test_data_s3.py)."""
+    import types
+
+    from raptor.train.launch import scaling_config
+
+    quickstart["scaling"].update(min_workers=3, num_workers=2)
+    with pytest.raises(SpecError, match="scaling.min_workers=3 exceeds scaling.num_workers=2"):
+        parse_spec(quickstart)
+    quickstart["scaling"].update(min_workers=2, num_workers=4)
+    with pytest.raises(SpecError, match="scaling.min_workers .elastic training. needs data.global_batch_size"):
+        parse_spec(quickstart)
+    quickstart["data"]["global_batch_size"] = 96
+    spec = parse_spec(quickstart)
+    assert list(spec.scaling.world_sizes) == [2, 3, 4]
+    assert spec.worker_layout() == ("2-4 Ray Train workers (elastic), effective batch 96 (micro-batch 24 x 2 accumulated "
+                                    "x 2) to effective batch 96 (micro-batch 24 x 1 accumulated x 4)")
+    assert scaling_config(types.SimpleNamespace(scaling=spec.scaling)).num_workers == (2, 4)
+    uneven = parse_spec({**quickstart, "scaling": {**quickstart["scaling"], "min_workers": 4, "num_workers": 5}})
+    assert uneven.worker_layout().endswith("effective batch 96 (micro-batch up to 20 x 1 accumulated x 5)")
+    assert uneven.effective_batch == 96
+    fixed = parse_spec({**quickstart, "scaling": {**quickstart["scaling"], "min_workers": None}})
+    assert fixed.worker_layout() == "4 Ray Train workers, effective batch 96 (micro-batch 24 x 1 accumulated x 4)"
+    assert scaling_config(types.SimpleNamespace(scaling=fixed.scaling)).num_workers == 4
 
 
 def test_a_local_run_starts_its_own_ray_and_joins_only_the_named_cluster(quickstart, monkeypatch):

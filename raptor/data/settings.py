@@ -27,8 +27,10 @@ class LoaderSettings(Settings):
     num_workers: int = Field(4, ge=0, description="loader workers per training worker")
     streams: int | None = Field(
         None, gt=0, description="read streams of a training epoch: its sample order, the same at any worker count "
-        "(each step takes global batch / streams samples from every stream); null = (global batch / batch_size) "
-        "x num_workers, rounded down to a divisor of the global batch and to the shard count")
+        "(each step takes global batch / streams samples from every stream; a multiple of ranks x loader workers "
+        "that divides the global batch has each reader read whole streams); null = ranks x num_workers at the "
+        "world size the order is laid out for (with data.global_batch_size: global batch / batch_size ranks), "
+        "rounded down to a divisor of the global batch and to the shard count")
     seed: int = Field(0, description="seed of shuffling and augmentation")
     error_budget: float = Field(0.01, ge=0, le=1, description="fraction of samples that may be skipped as corrupt")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range of the train transform (DINOv2: 0.08-1; raise the floor for tiny images)")

@@ -12,16 +12,18 @@ A training epoch has one global order, whatever the number of ranks and loader w
   stream, stream after stream. An epoch is ``total // global_batch`` steps, so every sample is read
   exactly once per epoch when the streams hold equal samples (equal shards, a shard count that the
   streams divide) and the global batch divides the total.
-- Rank ``r`` of ``W`` takes positions ``[r G/W, (r+1) G/W)`` of every step, its loader workers
-  consecutive parts of that; a reader reads every stream its positions fall in and decodes only
-  its own samples (two readers can share a stream: both read its bytes, each decodes its part).
+- Rank ``r`` of ``W`` takes positions ``[r G // W, (r+1) G // W)`` of every step (shares differ by
+  one sample where ``W`` does not divide ``G``), as equally many micro-batches on every rank; its
+  loader workers take consecutive parts of that share; a reader reads every stream its positions
+  fall in and decodes only its own samples (two readers can share a stream: both read its bytes,
+  each decodes its part).
 - Each sample's crop is drawn from a generator seeded by (seed, epoch, stream, position in the
   stream), so augmentation does not depend on who decodes it either.
 
 Resuming at step ``s`` of an epoch reads the streams' first ``s`` steps without decoding them.
-A bad sample (undecodable, unlabelled) keeps its position: its slot is filled with another of the
-reader's samples of that step (counted as ``skipped`` and ``repeated``), so batches stay whole
-and positions never shift. Evaluation (``drop_last=False``) is one exact pass in file order on one
+A bad sample (undecodable, unlabelled) keeps its position: its slot is filled with the next sample
+of the same stream's part of that step that decodes (counted as ``skipped`` and ``repeated``), the
+same at any world size, so batches stay whole and positions never shift. Evaluation (``drop_last=False``) is one exact pass in file order on one
 process, with a final partial batch.
 
 Decoding (:mod:`raptor.data.decode`): ``decode="cpu"`` decodes and crops in the readers, which send
@@ -39,6 +41,7 @@ every batch the training loop has received.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 from dataclasses import dataclass, replace
@@ -119,11 +122,23 @@ class ShardStream(IterableDataset):
     decode: str = "cpu"
     start_step: int = 0  # the step of the epoch to deliver first
 
+    def rank_positions(self) -> tuple[int, int]:
+        """The ``[start, stop)`` positions of every step's global batch this rank delivers (the ranks' shares
+        differ by one sample at most where the world size does not divide the global batch)."""
+        return self.rank * self.global_batch // self.world_size, (self.rank + 1) * self.global_batch // self.world_size
+
     def positions(self, worker: int, num_workers: int) -> tuple[int, int]:
         """The ``[start, stop)`` positions of every step's global batch that one reader delivers."""
-        per_rank = self.global_batch // self.world_size
-        first = self.rank * per_rank
-        return first + worker * per_rank // num_workers, first + (worker + 1) * per_rank // num_workers
+        first, last = self.rank_positions()
+        return first + worker * (last - first) // num_workers, first + (worker + 1) * (last - first) // num_workers
+
+    def micro_batches(self) -> list[int]:
+        """The sizes of this rank's micro-batches of one step: as many on every rank (the fewest that keep
+        the largest share within the batch size), each rank's share split as evenly as it goes."""
+        first, last = self.rank_positions()
+        largest = -(-self.global_batch // self.world_size)
+        count = -(-largest // self.batch_size)
+        return [(last - first) * (i + 1) // count - (last - first) * i // count for i in range(count)]
 
     def exact_shards(self, worker: int, num_workers: int) -> list[int]:
         """The shards one reader of an exact pass reads (round-robin, in file order)."""
@@ -191,27 +206,34 @@ class ShardStream(IterableDataset):
         for _, samples in streams.values():  # resuming: the steps already taken, read but not decoded
             for _ in range(self.start_step * per_stream):
                 next(samples)
-        sent: dict[str, int] = {}
-        last_good: Any = None
+        sent = _counts(mine, owned)  # what the skipped steps counted was counted by the run that read them
         for step in range(self.start_step, self.steps_per_epoch):
             items: list[Any] = []
-            bad: list[int] = []
             for v, (_, samples) in streams.items():
+                chunk = [next(samples) for _ in range(per_stream)]
                 first = v * per_stream
-                for i in range(per_stream):
-                    sample = next(samples)
-                    if not start <= first + i < stop:
-                        continue
+                for i in range(max(start - first, 0), min(stop - first, per_stream)):
                     mine.stats.seen += 1
-                    item = mine.item(sample, self._make(v, step * per_stream + i))
-                    if item is None:
-                        bad.append(len(items))
-                    items.append(item)
-            last_good = self._fill(items, bad, last_good, mine)
+                    item = mine.item(chunk[i], self._make(v, step * per_stream + i))
+                    items.append(item if item is not None else self._stand_in(chunk, v, step, i, mine))
             counts = _counts(mine, owned)
-            delta = {k: v - sent.get(k, 0) for k, v in counts.items()}
+            delta = {k: n - sent.get(k, 0) for k, n in counts.items()}
             sent = counts
             yield (self._collate(items) if items else None), delta
+
+    def _stand_in(self, chunk: list[dict[str, Any]], v: int, step: int, i: int, reader: Reader) -> Any:
+        """What takes bad sample ``i``'s slot: the next sample of the same stream's part of the step that
+        decodes (as it decodes at its own position), counted as repeated; the same at any world size."""
+        per_stream = len(chunk)
+        for j in (i + n for n in range(1, per_stream)):
+            j %= per_stream
+            try:
+                item = self._make(v, step * per_stream + j)(chunk[j], reader.label_key.read(chunk[j], reader.num_classes))
+            except Exception:  # noqa: BLE001 - another bad sample: its own reader counts it
+                continue
+            reader.stats.repeated += 1
+            return item
+        raise ErrorBudgetExceeded(f"{reader.where}: no sample of stream {v}'s {per_stream} in step {step} decodes")
 
     def _stream(self, v: int, where: str, per_stream: int) -> tuple[Reader, Iterator[dict[str, Any]]]:
         """Stream ``v`` of this epoch: its reader (shard-level counts) and its endless raw samples."""
@@ -227,19 +249,6 @@ class ShardStream(IterableDataset):
         reader = self._reader(f"{where} stream {v}", per_stream * self.steps_per_epoch)
         rng = random.Random(_seed(self.seed, self.epoch, "stream", v))
         return reader, self._raw(reader, shard_ids, rng, repeat=True)
-
-    @staticmethod
-    def _fill(items: list[Any], bad: list[int], last_good: Any, reader: Reader) -> Any:
-        """Give each bad sample's slot another sample of this reader (of this step, else its last good
-        one), counted as repeated; return the newest good item."""
-        good = [item for item in items if item is not None]
-        pool = good or ([last_good] if last_good is not None else [])
-        if bad and not pool:
-            raise ErrorBudgetExceeded(f"{reader.where}: no usable sample yet to stand in for {len(bad)} bad one(s)")
-        for n, i in enumerate(bad):
-            items[i] = pool[n % len(pool)]
-            reader.stats.repeated += 1
-        return good[-1] if good else last_good
 
     def _raw(
         self, reader: Reader, shard_ids: list[int], rng: random.Random, repeat: bool
@@ -348,8 +357,7 @@ class ShardLoader:
 
     def __len__(self) -> int:
         """Micro-batches this rank delivers per epoch (from ``start_step`` on)."""
-        s = self.stream
-        return (self.steps_per_epoch - s.start_step) * (s.global_batch // s.world_size) // s.batch_size
+        return (self.steps_per_epoch - self.stream.start_step) * len(self.stream.micro_batches())
 
     def __iter__(self) -> Iterator[Batch]:
         data = DataLoader(
@@ -365,7 +373,9 @@ class ShardLoader:
         """Finish the readers' batches here (decode, move, normalise), merge their partial last
         batches, so only whole batches leave (but a final one when ``drop_last=False``), and add
         up the error counts riding along."""
-        size = self.stream.batch_size
+        exact = self.stream.steps_per_epoch is None
+        sizes = itertools.repeat(self.stream.batch_size) if exact else itertools.cycle(self.stream.micro_batches())
+        size = next(sizes)
         parts: list[Batch] = []
         for raw, delta in data:
             self.stats.add(delta)
@@ -374,6 +384,7 @@ class ShardLoader:
             batch = self._finish(raw)
             if len(batch[0]) == size and not parts:
                 yield batch
+                size = next(sizes)
                 continue
             parts.append(batch)
             while parts and sum(len(p[0]) for p in parts) >= size:
@@ -381,6 +392,7 @@ class ShardLoader:
                 yield tuple(t[:size] for t in merged)
                 rest = tuple(t[size:] for t in merged)
                 parts = [rest] if len(rest[0]) else []
+                size = next(sizes)
         if parts:
             yield tuple(torch.cat(column) for column in zip(*parts))
 
@@ -409,7 +421,7 @@ class ShardLoader:
         where = f"rank {self.stream.rank} decoding on {self.device}"
         s = self.stream
         exact = s.steps_per_epoch is None
-        expected = (s.shards.total or 0) if exact else s.steps_per_epoch * s.global_batch // s.world_size
+        expected = (s.shards.total or 0) if exact else s.steps_per_epoch * sum(s.micro_batches())
         for _, message in failures:
             count_bad(self.stats, 1, self.stream.error_budget, expected, where, f"skipping {message}")
         bad = {i for i, _ in failures}
@@ -487,9 +499,8 @@ def loader(
     if device is None:
         device = "cuda" if decode == "gpu" and torch.cuda.is_available() else "cpu"
     global_batch = global_batch or batch_size * world_size
-    if global_batch % world_size or (global_batch // world_size) % batch_size:
-        raise UserError(f"a global batch of {global_batch} does not split into micro-batches of {batch_size} "
-                        f"on each of {world_size} rank(s)")
+    if global_batch < world_size:
+        raise UserError(f"a global batch of {global_batch} leaves some of {world_size} ranks without a sample")
     shards = Shards.resolve(url, split=split, samples=samples, num_classes=settings.num_classes,
                             count=drop_last and steps_per_epoch is None)
     if not drop_last:

@@ -179,6 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s has a sweep section; `raptor run` runs the base spec alone (`raptor sweep` runs the trials)", args.spec)
     if args.dry_run:
         run_pipeline(spec, dry_run=True)
+        log.info("training stages: %s", spec.worker_layout())
         return 0
     path = console.log_file(spec.storage.url, spec.name)
     log.info("raptor run %s: full log in %s", spec.name, path)

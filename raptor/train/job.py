@@ -123,7 +123,7 @@ class StageJob:
         out for the world size that needs no accumulation, the same at every world size; without one
         for this world size, which the stage's key holds."""
         micro, accumulation = self.batching(world_size)
-        batch = micro * accumulation * world_size
+        batch = self.global_batch or micro * accumulation * world_size
         order = world_size if self.global_batch is None else max(batch // self.train.settings.batch_size, 1)
         return self.train.loader(train=True, rank=rank, world_size=world_size, batch_size=micro, global_batch=batch,
                                  order_world_size=order, device=device)
@@ -132,4 +132,4 @@ class StageJob:
     def effective_batch(self) -> int:
         """Samples per optimizer step over all workers, at ``scaling.num_workers``."""
         micro, steps = self.batching(self.scaling.num_workers)
-        return micro * steps * self.scaling.num_workers
+        return self.global_batch or micro * steps * self.scaling.num_workers

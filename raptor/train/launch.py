@@ -25,6 +25,7 @@ from raptor.errors import RunStopped, TrainingDiverged, UserError
 from raptor.train import objectstore
 from raptor.train.job import StageJob
 from raptor.train.registered import CHECKPOINTS
+from raptor.train.settings import worker_layout
 from raptor.train.trainer import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ def run_config(job: StageJob) -> ray.train.RunConfig:
 
 
 def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
+    """The worker group: ``num_workers`` workers, or Ray Train's elastic range (min_workers, num_workers)."""
     s = job.scaling
     return ray.train.ScalingConfig(
-        num_workers=s.num_workers,
+        num_workers=s.num_workers if s.min_workers is None else (s.min_workers, s.num_workers),
         use_gpu=s.use_gpu,
         resources_per_worker=s.worker_resources(),
         placement_strategy=s.placement_strategy,
@@ -86,9 +88,9 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     storage stayed unreachable past the patience, and ``ray.train.TrainingFailedError`` when the
     workers failed more than ``max_failures`` times for another reason.
     """
-    n = job.scaling.num_workers
-    micro, accumulation = job.batching(n)
-    preflight(job, n)
+    sizes = job.scaling.world_sizes
+    for n in {sizes[0], sizes[-1]}:
+        preflight(job, n)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -96,9 +98,8 @@ def run_stage(job: StageJob) -> dict[str, Any]:
         scaling_config=scaling_config(job),
         run_config=run_config(job),
     )
-    log.info("%s: %d Ray Train worker%s, ZeRO-%d, effective batch %d (micro-batch %d x %d accumulated x %d), %d steps",
-             job.stage, n, "" if n == 1 else "s", job.deepspeed.zero_stage, micro * accumulation * n, micro, accumulation,
-             n, job.config.steps)
+    log.info("%s: %s, ZeRO-%d, %d steps", job.stage, worker_layout(sizes, job.batching, job.global_batch), job.deepspeed.zero_stage,
+             job.config.steps)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -4,9 +4,9 @@ training stage's section :class:`FaultSettings`; :class:`~raptor.train.job.Stage
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raptor import storage
 from raptor.errors import CorruptArtifact, UserError
@@ -54,7 +54,13 @@ class TeacherSettings(Settings):
 class ScalingSettings(Settings):
     """The worker group Ray Train starts, what each worker reserves, and how often the group may restart."""
 
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks; one per GPU on GPU clusters)")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks; one per GPU on GPU clusters); "
+                             "with min_workers, the most")
+    min_workers: int | None = Field(
+        None, gt=0, description="elastic training: the fewest workers a training stage runs on (Ray Train's elastic "
+        "ScalingConfig, min_workers..num_workers): a lost node shrinks the group from the newest checkpoint instead of "
+        "waiting for it, a node that joins grows it; needs data.global_batch_size, divisible by every count in the "
+        "range; null = exactly num_workers")
     use_gpu: bool = Field(False, description="train on GPUs (NCCL) rather than CPUs (gloo)")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves (its data loading runs there)")
     gpus_per_worker: float = Field(1, ge=0, description="GPUs each worker reserves when use_gpu is true")
@@ -62,6 +68,18 @@ class ScalingSettings(Settings):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the workers")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ScalingSettings":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers={self.min_workers} exceeds scaling.num_workers={self.num_workers} "
+                             "(the most workers of the elastic range)")
+        return self
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers a training stage may run on: ``num_workers``, or min_workers..num_workers."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
     def worker_resources(self) -> dict[str, float]:
         """Resources one Ray Train worker asks for."""
@@ -75,18 +93,33 @@ def micro_batching(global_batch: int | None, world_size: int, micro_batch: int, 
     """(micro-batch per worker, micro-batches per optimizer step) at ``world_size`` workers.
 
     With a ``global_batch`` (``data.global_batch_size``) every optimizer step sees that many samples at
-    any world size: the fewest accumulation steps whose micro-batch is at most ``micro_batch``
-    (``data.batch_size``, a ceiling then). Without one, the batch is ``micro_batch`` per worker and
-    ``accumulation`` micro-batches per step, so the optimizer's batch grows with the workers.
+    any world size: each worker's share (``global_batch / world_size``, one more on some workers where
+    that does not divide) in the fewest micro-batches of at most ``micro_batch`` (``data.batch_size``,
+    a ceiling then); the micro-batch returned is the largest. Without one, the batch is ``micro_batch``
+    per worker and ``accumulation`` micro-batches per step, so the optimizer's batch grows with the workers.
     """
     if global_batch is None:
         return micro_batch, accumulation
-    if global_batch % world_size:
-        raise UserError(f"data.global_batch_size={global_batch} does not divide among {world_size} workers "
-                        f"(scaling.num_workers): use a multiple of {world_size}")
-    per_worker = global_batch // world_size
-    steps = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= micro_batch)
-    return per_worker // steps, steps
+    if global_batch < world_size:
+        raise UserError(f"data.global_batch_size={global_batch} leaves some of {world_size} workers without a sample "
+                        f"(scaling.num_workers): use at least {world_size}")
+    share = -(-global_batch // world_size)
+    steps = -(-share // micro_batch)
+    return -(-share // steps), steps
+
+
+def worker_layout(sizes: range, batching: Callable[[int], tuple[int, int]], global_batch: int | None = None) -> str:
+    """``2 Ray Train workers, effective batch 64 (micro-batch 32 x 1 accumulated x 2)``; for an elastic range
+    the batching at its fewest and most workers (``micro-batch up to``: shares that differ by a sample)."""
+    def batch(n: int) -> str:
+        micro, accumulation = batching(n)
+        total = global_batch or micro * accumulation * n
+        up_to = "up to " if micro * accumulation * n != total else ""
+        return f"effective batch {total} (micro-batch {up_to}{micro} x {accumulation} accumulated x {n})"
+
+    if len(sizes) == 1:
+        return f"{sizes[0]} Ray Train worker{'' if sizes[0] == 1 else 's'}, {batch(sizes[0])}"
+    return f"{sizes[0]}-{sizes[-1]} Ray Train workers (elastic), {batch(sizes[0])} to {batch(sizes[-1])}"
 
 
 class StudentSettings(Settings):

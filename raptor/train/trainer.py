@@ -152,8 +152,10 @@ class Trainer:
     student: Raptor  # its k blocks are the engine's parameters
     engine: Any  # deepspeed.DeepSpeedEngine around the hot path's StageObjective
     hot: HotPath  # the teacher's trajectory and the stage loss, eager or compiled, under autocast
-    micro_batch: int  # per worker, and the micro-batches of one optimizer step: the job's at this world size
+    world_size: int
+    micro_batch: int  # per worker (the largest), and the micro-batches of one optimizer step: the job's at this world size
     accumulation: int
+    global_batch: int  # samples per optimizer step over all workers
     loader: data.ShardLoader  # this rank's training shards
     validator: Validator
     checkpointer: Checkpointer
@@ -172,14 +174,16 @@ class Trainer:
         self.teacher = job.teacher.load(self.device)
         self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world), lambda: self.student)
         self.resumed = self.checkpointer.restore()
+        self.world_size = world
         self.micro_batch, self.accumulation = job.batching(world)
+        self.global_batch = job.global_batch or self.micro_batch * self.accumulation * world
         self.loader = job.train_loader(self.rank, world, self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
         utilisation = Utilisation(self.teacher, self.student, job.config, world_size=world, device=self.device,
                                   peak_tflops=device_peak(self.device, job.deepspeed.amp(self.device),
                                                           job.logging.peak_tflops)) if self.rank == 0 else None
-        self.logger = Progress(job.stage, job.config.steps, self.micro_batch * self.accumulation * world, job.logging, job.labels,
+        self.logger = Progress(job.stage, job.config.steps, self.global_batch, job.logging, job.labels,
                                enabled=self.rank == 0, start_step=self.resumed.step, utilisation=utilisation)
         self.guard = NonFiniteGuard(job.stage, self.engine, self.student, job.faults.max_nonfinite_steps,
                                     self.resumed.nonfinite, report=self.rank == 0)
@@ -193,16 +197,25 @@ class Trainer:
         return self.engine
 
     def step(self, batches: Iterator[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """One optimizer step: ``accumulation`` micro-batches through the engine; returns the mean of their
-        metrics on this rank (the mean over ranks is the global batch's: every micro-batch is as large)."""
+        """One optimizer step: ``accumulation`` micro-batches through the engine; returns their metrics on this
+        rank, weighted by size.
+
+        DeepSpeed averages gradients over ranks and micro-batches as if all were equally large. Where the
+        world size does not divide the global batch they are not (:mod:`raptor.data.streaming`), so each
+        micro-batch's loss is weighted by its share of an equal split (exactly 1 where they are equal): the
+        gradient is then the global batch's mean at any world size."""
         total: dict[str, torch.Tensor] = {}
+        sizes = []
         for _ in range(self.accumulation):
-            loss, metrics = self.engine(self.hot.trajectory(next(batches).to(self.device)), step)
-            self.engine.backward(loss)
+            images = next(batches)
+            loss, metrics = self.engine(self.hot.trajectory(images.to(self.device)), step)
+            weight = len(images) * self.world_size * self.accumulation / self.global_batch
+            self.engine.backward(loss if weight == 1 else loss * weight)
             self.guard.before_update()
             self.engine.step()
-            total = {k: total[k] + v if k in total else v for k, v in metrics.items()}
-        return {k: v / self.accumulation for k, v in total.items()}
+            sizes.append(len(images))
+            total = {k: total[k] + v * len(images) if k in total else v * len(images) for k, v in metrics.items()}
+        return {k: v / sum(sizes) for k, v in total.items()}
 
     def train(self) -> None:
         job, cfg, lg = self.job, self.job.config, self.job.logging

@@ -54,6 +54,7 @@ class WorkerPacking:
     """How the spec's Ray Train workers (of every trial that runs at once, for a sweep) are packed onto identical pods."""
 
     pods: int
+    min_pods: int  # an elastic range's fewest workers need this many (pods otherwise)
     workers_per_pod: int
     gpus_per_pod: int
     cpus_per_pod: float
@@ -85,6 +86,7 @@ def worker_packing(scaling: ScalingSettings, cluster: ClusterSpec, trials: int =
     cpus = scaling.cpus_per_worker * workers_per_pod
     return WorkerPacking(
         pods=scaling.num_workers // workers_per_pod * max(trials, 1),
+        min_pods=-(-scaling.world_sizes[0] // workers_per_pod) * max(trials, 1),
         workers_per_pod=workers_per_pod,
         gpus_per_pod=int(gpus),
         cpus_per_pod=cpus + (1 if trials else 0),  # Ray counts a pod's CPUs from its limit: room for trial drivers
@@ -196,6 +198,7 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
                 cluster,
                 [_ray_container(spec, "head", head_res, head_ok)],
                 volumes=_shm_volume(cluster.head_memory_gib // 2),
+                **({"nodeSelector": dict(cluster.head_node_selector)} if cluster.head_node_selector else {}),
             ),
         },
     }
@@ -205,6 +208,9 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     if packing.gpus_per_pod:
         worker_res["nvidia.com/gpu"] = str(packing.gpus_per_pod)
         worker_extra["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations = [*worker_extra.get("tolerations", []), *cluster.worker_tolerations]
+    if tolerations:
+        worker_extra["tolerations"] = tolerations
     if cluster.node_selector:
         worker_extra["nodeSelector"] = dict(cluster.node_selector)
     start_params: dict[str, str] = {}
@@ -214,7 +220,7 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     workers = {
         "groupName": "gpu-workers" if packing.gpus_per_pod else "cpu-workers",
         "replicas": packing.pods,
-        "minReplicas": 0,
+        "minReplicas": packing.min_pods if scaling.min_workers else 0,
         "maxReplicas": packing.pods,
         "rayStartParams": start_params,
         "template": {
@@ -266,7 +272,8 @@ def ray_job(spec: JobSpec, name: str, entrypoint: str) -> dict[str, Any]:
         job["activeDeadlineSeconds"] = cluster.active_deadline_seconds
     job["submitterPodTemplate"] = {
         "metadata": {"labels": _labels(name, "submitter")},
-        "spec": _pod_spec(cluster, [submitter], restartPolicy="Never"),
+        "spec": _pod_spec(cluster, [submitter], restartPolicy="Never",
+                          **({"nodeSelector": dict(cluster.head_node_selector)} if cluster.head_node_selector else {})),
     }
     job["rayClusterSpec"] = ray_cluster_spec(spec, name)
     return {

@@ -47,8 +47,10 @@ def _teacher_shape(name: str, img_size: int, model_kwargs: str) -> TeacherShape:
 
 def setup_of(spec: JobSpec, stage: int, student: StudentShape) -> Setup:
     """The per-GPU configuration the runner trains ``stage`` of ``spec`` with: its DeepSpeed settings
-    as they are, with the buckets the runner sizes to the student and its micro-batch at ``scaling.num_workers``."""
-    return Setup(batch=spec.batching()[0], world_size=spec.scaling.num_workers, deepspeed=spec.deepspeed,
+    as they are, with the buckets the runner sizes to the student and its micro-batch at its fewest workers
+    (``scaling.num_workers``, or ``min_workers`` of an elastic range: the largest micro-batch and ZeRO shard)."""
+    fewest = spec.scaling.world_sizes[0]
+    return Setup(batch=spec.batching(fewest)[0], world_size=fewest, deepspeed=spec.deepspeed,
                  stage=stage, reduce_bucket_elems=bucket_elems(student.params()))
 
 
@@ -104,7 +106,10 @@ class SpecPlan:
         row = lambda name, a, b: f"{name:<44}{a:>10}{b:>10}"  # noqa: E731
         lines = [
             f"raptor plan: {self.spec.name} on {dev.name}{self.device_note}: {dev.memory_gib:.1f} GiB, "
-            f"{p1.budget / GIB:.1f} usable per GPU; {s.world_size} GPU(s)",
+            f"{p1.budget / GIB:.1f} usable per GPU; {s.world_size} GPU(s)"
+            + (f" (elastic up to {self.spec.scaling.num_workers}: planned at its fewest, the most per GPU)"
+               if self.spec.scaling.min_workers else ""),
+            f"training: {self.spec.worker_layout()}",
             f"teacher {self.spec.teacher.name} at {self.spec.teacher.img_size} px: {p1.teacher_params / 1e6:,.1f}M "
             f"parameters, L = {self.teacher.depth}, N = {self.teacher.num_tokens} tokens",
             f"student k = {self.student.k} on boundaries {list(self.student.boundaries)} ({self.boundaries_from}): "

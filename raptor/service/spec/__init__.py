@@ -299,7 +299,15 @@ class ClusterSpec(Settings):
     service_account_annotations: dict[str, str] = Field(default_factory=dict, description="cloud workload identity, e.g. eks.amazonaws.com/role-arn, so pods reach S3 without keys")
     gpus_per_node: int = Field(8, gt=0, description="GPUs of one worker pod; workers are packed onto pods of this size")
     memory_per_worker_gib: int = Field(64, gt=0, description="host memory per Ray Train worker (half of a pod's memory backs /dev/shm)")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for worker pods, e.g. the GPU type")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for worker pods, e.g. the GPU type "
+                                          "or a spot/preemptible node pool")
+    worker_tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="extra tolerations of worker pods, e.g. a spot pool's taint "
+        "({key: cloud.google.com/gke-spot, operator: Equal, value: 'true', effect: NoSchedule}); pair with "
+        "scaling.min_workers so a preempted node shrinks the group")
+    head_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels for the head and the submitter (the driver, and a sweep's "
+        "trial drivers' cluster state), e.g. an on-demand pool while workers run on spot")
     head_cpus: int = Field(8, gt=0, description="the head runs the driver and dashboard only (Ray schedules no work there)")
     head_memory_gib: int = Field(32, gt=0, description="memory of the head pod")
     wandb_secret: str | None = Field("raptor-wandb", description="Secret with key api-key -> WANDB_API_KEY; None = no wandb credentials")
@@ -469,15 +477,26 @@ class JobSpec(Settings):
             raise ValueError(str(e)) from None
         return self
 
-    def batching(self) -> tuple[int, int]:
-        """(micro-batch per worker, micro-batches per optimizer step) at ``scaling.num_workers``."""
-        return runner.micro_batching(self.data.global_batch_size, self.scaling.num_workers, self.data.batch_size,
-                                     self.deepspeed.gradient_accumulation_steps)
+    @model_validator(mode="after")
+    def _elastic(self) -> "JobSpec":
+        if self.scaling.min_workers is not None and self.data.global_batch_size is None:
+            raise ValueError("scaling.min_workers (elastic training) needs data.global_batch_size: the optimizer's batch "
+                             "must not change with the number of workers")
+        return self
+
+    def batching(self, world_size: int | None = None) -> tuple[int, int]:
+        """(micro-batch per worker, micro-batches per optimizer step) at ``world_size`` (default ``scaling.num_workers``)."""
+        return runner.micro_batching(self.data.global_batch_size, world_size or self.scaling.num_workers,
+                                     self.data.batch_size, self.deepspeed.gradient_accumulation_steps)
+
+    def worker_layout(self) -> str:
+        """The training stages' workers and batching, at each end of an elastic range (:func:`runner.worker_layout`)."""
+        return runner.worker_layout(self.scaling.world_sizes, self.batching, self.data.global_batch_size)
 
     @property
     def effective_batch(self) -> int:
         micro, accumulation = self.batching()
-        return micro * accumulation * self.scaling.num_workers
+        return self.data.global_batch_size or micro * accumulation * self.scaling.num_workers
 
     def public_dump(self) -> dict[str, Any]:
         """The spec as saved with a run (``spec.yaml``, ``run.json``): credentials in ``runtime_env`` redacted."""

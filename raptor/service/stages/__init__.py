@@ -40,6 +40,8 @@ NOT_INPUTS: dict[str, str] = {
     "scaling.resources_per_worker": "a resource request; the work per rank is the same",
     "scaling.placement_strategy": "where the ranks are placed, not what they compute",
     "scaling.max_failures": "how often a failed worker group is restarted from its checkpoint",
+    "scaling.min_workers": "how few workers an elastic stage may shrink to; needs data.global_batch_size, whose "
+    "stages are the same at any worker count",
     "data.error_budget": "decides only whether bad data stops the run",
     "sweep": "which trials a sweep runs; each trial is a spec of its own, keyed by the fields it reads",
 }

@@ -34,11 +34,11 @@ def generated(spec: JobSpec) -> list[tuple[str, str, str, Any]]:
 
 
 def _num_shards(spec: JobSpec, url: str, prefix: str) -> int:
-    """As many shards as a brace pattern names; for a folder, enough to feed every rank's loader
-    workers (the loader deals whole shards); the val split is read by one process."""
+    """As many shards as a brace pattern names; for a folder, one per read stream of the default order
+    (every rank's loader workers) or of ``data.streams``; the val split is read by one process."""
     if "{" in url:
         return len(list(braceexpand.braceexpand(url)))
-    return spec.scaling.num_workers * max(1, spec.data.num_workers) if prefix == "train" else 1
+    return max(spec.scaling.num_workers * max(1, spec.data.num_workers), spec.data.streams or 0) if prefix == "train" else 1
 
 
 def is_done(spec: JobSpec) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import timm
@@ -46,7 +47,8 @@ def train_teacher(spec: JobSpec, out_url: str, device: torch.device | None = Non
     amp = autocast_dtype(tspec.precision, device)  # teacher.precision: the same rule as every stage's teacher
     seed = spec.data.seed if tt.seed is None else tt.seed
     torch.manual_seed(seed)
-    train = shard_source(spec, "train", num_workers=tt.num_workers, seed=seed).loader(
+    source = shard_source(spec, "train", num_workers=tt.num_workers, seed=seed)  # its own batch: its own read streams
+    train = replace(source, settings=source.settings.updated(streams=None)).loader(
         train=True, batch_size=tt.batch_size, device=device)
     if not train.num_classes:
         raise UserError(f"data.train: {spec.data.train} has no class count (_info.json) to size the classifier")
@@ -98,7 +100,7 @@ def reads(spec: JobSpec) -> tuple[str, ...]:
         return ("teacher.checkpoint", "teacher.name", "teacher.img_size", "teacher.model_kwargs")
     # data.seed seeds the teacher only while teacher.train.seed leaves it open (then a sweep over data.seed keeps one teacher)
     seed = ("data.seed",) if spec.teacher.train is not None and spec.teacher.train.seed is None else ()
-    return ("teacher", *(f for f in TRAIN_DATA if f != "data.seed"), *EVAL_DATA, "data.generate", *seed,
+    return ("teacher", *(f for f in TRAIN_DATA if f not in ("data.seed", "data.streams")), *EVAL_DATA, "data.generate", *seed,
             "scaling.use_gpu")
 
 
