@@ -130,6 +130,11 @@ def _secret_env(cluster: ClusterSpec) -> list[dict[str, Any]]:
     return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}} for env, secret, key in refs]
 
 
+def _head_placement(cluster: ClusterSpec) -> dict[str, Any]:
+    """Where the head and the submitter run (``cluster.head_node_selector``, e.g. on-demand nodes), as pod fields."""
+    return {"nodeSelector": dict(cluster.head_node_selector)} if cluster.head_node_selector else {}
+
+
 def _container_security() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
@@ -198,17 +203,17 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
                 cluster,
                 [_ray_container(spec, "head", head_res, head_ok)],
                 volumes=_shm_volume(cluster.head_memory_gib // 2),
-                **({"nodeSelector": dict(cluster.head_node_selector)} if cluster.head_node_selector else {}),
+                **_head_placement(cluster),
             ),
         },
     }
 
     worker_res = {"cpu": _quantity(packing.cpus_per_pod), "memory": f"{packing.memory_gib}Gi"}
     worker_extra: dict[str, Any] = {"volumes": _shm_volume(packing.memory_gib // 2)}
+    tolerations = list(cluster.worker_tolerations)
     if packing.gpus_per_pod:
         worker_res["nvidia.com/gpu"] = str(packing.gpus_per_pod)
-        worker_extra["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    tolerations = [*worker_extra.get("tolerations", []), *cluster.worker_tolerations]
+        tolerations.insert(0, {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
     if tolerations:
         worker_extra["tolerations"] = tolerations
     if cluster.node_selector:
@@ -272,8 +277,7 @@ def ray_job(spec: JobSpec, name: str, entrypoint: str) -> dict[str, Any]:
         job["activeDeadlineSeconds"] = cluster.active_deadline_seconds
     job["submitterPodTemplate"] = {
         "metadata": {"labels": _labels(name, "submitter")},
-        "spec": _pod_spec(cluster, [submitter], restartPolicy="Never",
-                          **({"nodeSelector": dict(cluster.head_node_selector)} if cluster.head_node_selector else {})),
+        "spec": _pod_spec(cluster, [submitter], restartPolicy="Never", **_head_placement(cluster)),
     }
     job["rayClusterSpec"] = ray_cluster_spec(spec, name)
     return {
