@@ -1,7 +1,8 @@
-"""Stage-2 throughput: the Ray Train + DeepSpeed runner against the bare step (``raptor.train.bench``).
+"""Stage-2 throughput: the Ray Train + DeepSpeed runner against the bare step, and what checkpoints cost (``raptor.train.bench``).
 
     python scripts/bench_runner.py runs/quickstart [--steps 100] [--workers 1,2]
     python scripts/bench_runner.py --generated [--steps 40]
+    python scripts/bench_runner.py --generated --quickstart --checkpoint-every 10 [--store s3://...]
 
 With a run folder (a run whose stage 1 has finished, e.g. runs/quickstart): that run's spec,
 data, teacher and stage-1 student. With ``--generated``: generated shards, a random teacher and a
@@ -9,16 +10,27 @@ random stage-1 student (``--teacher``, ``--img-size``, ``--model-kwargs``, ``--b
 check (scripts/bench_gpu.py) runs it on a GPU. Prints one JSON line per worker count: the bare
 rate, the runner's rate per worker and their ratio. One worker measures what Ray Train + DeepSpeed
 add; more workers on one machine also share its cores (CPU) with their loader processes.
+
+With ``--checkpoint-every N``: the runner alone, checkpointing every N steps into ``--store``, once
+with the uploads sync and once async; one JSON line per mode with the checkpoint's size, the median
+step without and with a checkpoint, and the mean step. Without ``--store``, a local S3 server
+(``moto_server``, as the tests use) is started for it. ``--quickstart``: the generated job at the
+sizes of jobs/quickstart.yaml (teacher, resolution, batch, two workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
 import tempfile
-from typing import Any
+import time
+from typing import Any, Iterator
 
 from raptor import storage
 from raptor.train.job import StageJob
@@ -76,10 +88,37 @@ def generated_job(folder: str, *, steps: int, teacher: str = BASE, img_size: int
     return stage_job(spec, "stage2", run_folder, key="bench", inputs={})
 
 
+QUICKSTART = {"teacher": "vit_small_patch14_reg4_dinov2", "img_size": 56, "batch": 32, "image_size": 64,
+              "model_kwargs": {"embed_dim": 96, "depth": 12, "num_heads": 3}, "boundaries": (4, 8), "loader_workers": 1}
+
+
+@contextlib.contextmanager
+def local_s3() -> Iterator[str]:
+    """A bucket on a ``moto_server`` started on a free loopback port, with the AWS variables pointing at it."""
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            time.sleep(0.2)
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+        yield "s3://bench"
+    finally:
+        server.kill()
+
+
 def main() -> None:
     import ray
 
-    from raptor.train.bench import compare
+    from raptor.train.bench import checkpoint_cost, compare
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", help="a run folder whose stage 1 has finished (e.g. runs/quickstart)")
@@ -93,23 +132,33 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--quickstart", action="store_true", help="with --generated: jobs/quickstart.yaml's sizes")
+    p.add_argument("--checkpoint-every", type=int, help="measure checkpoints every N steps, sync vs async upload")
+    p.add_argument("--store", help="where those checkpoints go (default: a local S3 server started for it)")
     args = p.parse_args()
     if bool(args.run) == args.generated:
         p.error("give a run folder or --generated")
     logging.basicConfig(level=logging.WARNING)
     workers = tuple(int(w) for w in args.workers.split(","))
     with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
-        job = run_job(args.run, args.steps) if args.run else generated_job(
-            tmp, steps=args.steps, teacher=args.teacher, img_size=args.img_size,
-            model_kwargs=json.loads(args.model_kwargs), batch=args.batch, loader_workers=args.loader_workers,
-            use_gpu=args.gpu)
+        sizes = QUICKSTART if args.quickstart else {
+            "teacher": args.teacher, "img_size": args.img_size, "model_kwargs": json.loads(args.model_kwargs),
+            "batch": args.batch, "loader_workers": args.loader_workers}
+        job = run_job(args.run, args.steps) if args.run else generated_job(tmp, steps=args.steps, use_gpu=args.gpu, **sizes)
+        if args.quickstart and args.workers == "1":
+            workers = (2,)
         cpus = int(job.scaling.cpus_per_worker)
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
-        try:
-            for row in compare(job, args.steps, args.warmup, workers):
-                print(json.dumps({"bench": "runner", **row}), flush=True)
-        finally:
-            ray.shutdown()
+        with contextlib.ExitStack() as stack:
+            store = args.store or (stack.enter_context(local_s3()) if args.checkpoint_every else None)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
+            stack.callback(ray.shutdown)
+            if args.checkpoint_every:
+                for w in workers:
+                    for row in checkpoint_cost(job, args.steps, args.checkpoint_every, store, w):
+                        print(json.dumps({"bench": "checkpoint", "store": store.split(":")[0], **row}), flush=True)
+            else:
+                for row in compare(job, args.steps, args.warmup, workers):
+                    print(json.dumps({"bench": "runner", **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -245,9 +246,41 @@ def test_an_elastic_spec_on_spot_workers_autoscales_between_its_range_with_the_h
     assert _workers(_job("multinode"))["minReplicas"] == 0  # a fixed size: the autoscaler's to decide
 
 
+def test_a_terminating_worker_pod_gives_notice_and_the_head_hosts_the_trial_drivers():
+    """A worker pod being terminated (a spot reclaim, a scale-down) drains its Ray node as preempted with
+    cluster.drain_seconds to go and stops its node only after that deadline, inside its grace period, so
+    Ray Train's notice reaches the stage, it checkpoints, and Ray Train restarts the group as a
+    preemption (a node stopped before the deadline counts as a failure); the head advertises
+    raptor_driver, where a sweep's trial drivers go. Catches a worker stopped at once (a preemption then
+    loses every step since the last periodic checkpoint), a wait longer than the pod's grace period
+    (killed mid-checkpoint), and trial drivers with nowhere on-demand to go."""
+    from raptor.service.spec import DRIVER_RESOURCE
+
+    job = _job("multinode", SPOT)
+    worker = _workers(job)["template"]["spec"]
+    (command,) = worker["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1:]
+    drain, wait, stop = (part.strip() for part in command.split(";"))
+    assert drain.startswith("ray drain-node --address auto --reason DRAIN_NODE_REASON_PREEMPTION ")
+    assert drain.endswith("--deadline-remaining-seconds 25") and wait == "sleep 30" and stop == "ray stop"
+    assert worker["terminationGracePeriodSeconds"] == 35
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
+    assert _advertised(head["rayStartParams"]) == {DRIVER_RESOURCE: 1000}
+    quick = _workers(_job("multinode", (*SPOT, "cluster.drain_seconds=0")))["template"]["spec"]
+    assert quick["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
+
+
+def _advertised(params: dict[str, str]) -> dict[str, float]:
+    """The custom resources ``ray start`` gets from rayStartParams: KubeRay puts ``--resources=<value>`` into a
+    shell command, whose words are then parsed as JSON."""
+    (word,) = shlex.split(f"--resources={params['resources']}")
+    return json.loads(word.split("=", 1)[1])
+
+
 def test_extra_ray_resources_are_declared_per_pod():
+    """Catches a resources value the shell splits or that is not JSON once unquoted (``ray start`` fails)."""
     group = _workers(_job("multinode", ("scaling.resources_per_worker={ssd: 1}",)))
-    assert yaml.safe_load(group["rayStartParams"]["resources"]) == {"ssd": 8}
+    assert _advertised(group["rayStartParams"]) == {"ssd": 8}
 
 
 @pytest.mark.parametrize(
@@ -300,7 +333,7 @@ def test_rayjob_runs_the_spec_and_cleans_up():
             assert c["image"] == spec.cluster.image
     for template in list(_pod_templates(job))[:2]:  # head and workers
         (c,) = template["spec"]["containers"]
-        assert c["lifecycle"]["preStop"]["exec"]["command"][-1] == "ray stop"
+        assert c["lifecycle"]["preStop"]["exec"]["command"][-1].endswith("ray stop")
         assert "healthz" in c["readinessProbe"]["exec"]["command"][-1]
         assert c["workingDir"] == PROJECT_DIR
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]

@@ -182,9 +182,10 @@ def _raptor_run(spec_file: Path, cluster, *args: str, timeout: float = 600) -> s
                           timeout=timeout)
 
 
-def _popen_run(spec_file: Path, cluster) -> subprocess.Popen:
+def _popen_run(spec_file: Path, cluster, output: Any = subprocess.PIPE) -> subprocess.Popen:
+    """`raptor run` in the background; its output to ``output`` (a file for a run nobody reads while it runs)."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    return subprocess.Popen([RAPTOR, "run", str(spec_file)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([RAPTOR, "run", str(spec_file)], env=env, cwd=REPO, stdout=output,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -193,13 +194,18 @@ def _key_path(url: str) -> str:
     return url.removeprefix("s3://")
 
 
-def _registered(direct, folder: str, step: int) -> bool:
-    """Ray Train has registered the checkpoint of ``step`` (its snapshot names it), read past the relay."""
-    snap = f"{_key_path(folder)}/checkpoints/checkpoint_manager_snapshot.json"
+def _checkpoint_steps(direct, folder: str) -> set[int]:
+    """The steps of the checkpoints Ray Train has registered (its snapshot names them), read past the relay."""
     try:
-        return f"checkpoint_step{step:08d}" in direct.cat_file(snap).decode()
+        snapshot = direct.cat_file(f"{_key_path(folder)}/checkpoints/checkpoint_manager_snapshot.json").decode()
     except FileNotFoundError:
-        return False
+        return set()
+    return {int(step) for step in re.findall(r"checkpoint_step(\d{8})", snapshot)}
+
+
+def _registered(direct, folder: str, step: int) -> bool:
+    """Ray Train has registered the checkpoint of ``step``."""
+    return step in _checkpoint_steps(direct, folder)
 
 
 def _same_student(a: RunFolder, b: RunFolder, stage: str, teacher_url: str, spec: JobSpec) -> None:
@@ -267,6 +273,104 @@ def test_worker_nodes_killed_in_stage1_and_stage2_resume_to_the_same_student(ref
         _same_student(run_folder, reference["run_folder"], stage, reference["teacher"], spec)
         COUNTS["faults"].append(("worker node killed", stage, resumed))
     print(f"node kills: resumed at {[_manifest(run_folder, s)['resumed_at'] for s in ('stage1', 'stage2')]}, "
+          f"{time.perf_counter() - t0:.0f}s")
+
+
+def _train_workers() -> dict[str, str]:
+    """The live Ray Train workers: actor id -> node id."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                                ("state", "=", "ALIVE")], detail=True)}
+
+
+def test_an_elastic_stage_checkpoints_before_a_preemption_shrinks_and_grows_back(reference, cluster, bucket, direct,
+                                                                                   tmp_path, monkeypatch):
+    """Stage 1 with scaling.num_workers=3, min_workers=2 (global batch 32) on three worker nodes. After
+    its step-20 checkpoint one worker node gets a preemption notice (a Ray node drain with a 25 s
+    deadline, what a spot reclaim or a KubeRay drain makes): the stage checkpoints at the next step
+    boundary and trains on; at the deadline Ray Train restarts the group as a preemption (with
+    scaling.max_failures=0, a restart counted as a failure would fail the stage), the node stops 5 s
+    later, and the group runs on the two nodes left from that checkpoint, not from step 500 nor step 0; once it has checkpointed, a node joins and the group
+    grows back to three from that checkpoint.
+    Proved from artifacts: the checkpoint steps Ray registered, the export's ``resumed_at``, the logged
+    steps (each once), the world size and the samples counted at every logged step (steps x 32 exactly:
+    a resize that lost or repeated a step's samples, or re-counted them, fails). Catches a notice that
+    is ignored (the restart would come from step 500), a group that waits for three workers instead of
+    shrinking, one that never grows back, and a resume that changes the batch."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train's watcher of node drains (default 5 s)
+    # a tiny step takes ~50 ms here: enough steps that the stage outlasts the notice, the restart and the growth
+    steps, every = 3000, 500
+    # max_failures=0: the restart must count as a preemption (scaling.max_preemptions), or the stage fails
+    spec = _given_teacher(reference, bucket, "elastic", "scaling.num_workers=3", "scaling.min_workers=2",
+                          "scaling.max_failures=0", "scaling.resize_interval=5", "data.global_batch_size=32",
+                          f"stage1.steps={steps}", f"storage.checkpoint_interval={every}", "logging.val_interval=1000")
+    run_folder = run_folder_of(spec)
+    folder = run_folder.folder("stage1")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    _ensure_worker_nodes(cluster, 3)
+    import ray
+
+    # the stage starts on all three (Ray Train sizes the group by the resources it sees ready)
+    _wait_for(lambda: ray.available_resources().get("worker_node", 0) >= 3, 60, "three worker nodes ready")
+    t0 = time.perf_counter()
+    console = tmp_path / "console.txt"
+    proc = _popen_run(spec_file, cluster, console.open("w"))
+    try:
+        _wait_for(lambda: every in _checkpoint_steps(direct, folder), 600, "stage 1's first checkpoint")
+        first = _train_workers()
+        assert len(first) == 3, first
+        from ray.util.state import list_actors
+
+        controller = {a.node_id for a in list_actors(filters=[("class_name", "=", "TrainController"),
+                                                             ("state", "=", "ALIVE")], detail=True)}
+        node = next(n for n in list(cluster.worker_nodes) if n.node_id in set(first.values()) - controller)
+        noticed = time.time()
+        deadline = noticed + 25
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "test: spot reclaim",
+            int(deadline * 1000))
+        assert accepted, why
+        _wait_for(lambda: any(s % every for s in _checkpoint_steps(direct, folder)), 60, "a checkpoint after the notice")
+        registered_after = time.time() - noticed
+        (jit,) = [s for s in _checkpoint_steps(direct, folder) if s % every]
+        # the reclaim, as KubeRay's preStop makes it: `ray stop` 5 s after the deadline, when Ray Train has
+        # restarted the group without the node
+        time.sleep(max(0.0, deadline + 5 - time.time()))
+        cluster.remove_node(node)
+        removed = time.perf_counter()
+        _wait_for(lambda: len(w := _train_workers()) == 2 and not set(w) & set(first), 300, "the group on two nodes")
+        shrink_s, second = time.perf_counter() - removed, _train_workers()
+        # the smaller group checkpoints before it grows, so its steps are in the final history
+        _wait_for(lambda: max(_checkpoint_steps(direct, folder)) > jit, 300, "a checkpoint of the group on two nodes")
+        _ensure_worker_nodes(cluster, 3)  # a node joins
+        joined = time.perf_counter()
+        _wait_for(lambda: len(w := _train_workers()) == 3 and not set(w) & set(second), 300, "the group on three nodes")
+        grow_s = time.perf_counter() - joined
+        _wait_for(lambda: storage.exists(run_folder.marker("stage1")), 900, "stage 1's end")
+    except BaseException:
+        print(console.read_text()[-6000:])
+        raise
+    finally:
+        kill_job(proc) if proc.poll() is None else proc.communicate()
+        while len(cluster.worker_nodes) > 2:
+            cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+    history = storage.read_json(run_folder.history("stage1"))
+    assert every < jit < 2 * every, jit  # at the first check after the notice, not a periodic one
+    resumed = _manifest(run_folder, "stage1")["resumed_at"]
+    assert len(resumed) == 2 and resumed[0] == jit and jit < resumed[1] < steps and resumed[1] % every == 0, resumed
+    grown = resumed[1]
+    assert [row["step"] for row in history] == list(range(5, steps + 1, 5))
+    assert [row["world_size"] for row in history] == [3 if row["step"] <= jit or row["step"] > grown else 2
+                                                      for row in history], [(r["step"], r["world_size"]) for r in history]
+    assert [row["samples"] for row in history] == [row["step"] * 32 for row in history]
+    COUNTS["faults"].append(("preemption notice, node reclaimed, node back (elastic 2-3)", "stage1", resumed))
+    print(f"elastic: notice -> checkpoint at step {jit} registered {registered_after:.1f}s after the drain; node stopped -> "
+          f"2 workers in {shrink_s:.0f}s, node back -> 3 workers in {grow_s:.0f}s; resumed at {resumed}, "
           f"{time.perf_counter() - t0:.0f}s")
 
 

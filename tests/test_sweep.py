@@ -158,6 +158,21 @@ def test_concurrency_follows_free_resources_and_each_trials_workers(tmp_path):
     assert concurrency(_spec(tmp_path, "sweep_quick", "sweep.max_concurrent_trials=5"), {"CPU": 1.0}) == 5
 
 
+def test_trial_drivers_stay_on_the_nodes_that_are_never_preempted(tmp_path):
+    """Where the cluster has nodes advertising raptor_driver (the KubeRay head, on on-demand capacity), a
+    trial's driver reserves a unit of it and no CPU (the head offers none), so Tune places it there, not on
+    a spot worker whose reclaim would kill the trial; elsewhere it takes 0.01 CPU anywhere. Catches drivers
+    left free to land on preemptible nodes, and a driver resource a local cluster cannot satisfy (every
+    trial would wait forever)."""
+    from raptor.service.spec import DRIVER_RESOURCE
+    from raptor.service.sweep.trials import driver_resources
+
+    assert driver_resources({"CPU": 2.0}) == {"CPU": 0.01}
+    assert driver_resources({"CPU": 64.0, DRIVER_RESOURCE: 1000.0}) == {"CPU": 0.0, DRIVER_RESOURCE: 1.0}
+    two = _spec(tmp_path, "sweep_quick", "scaling.num_workers=2")
+    assert concurrency(two, {"CPU": 4.0, DRIVER_RESOURCE: 1000.0}) == 2  # the drivers take no worker CPU
+
+
 def test_submit_and_k8s_run_raptor_sweep():
     """Catches a sweep submitted or deployed as `raptor run` (it would run the base spec alone)."""
     spec = parse_spec(yaml.safe_load((ROOT / "jobs" / "sweep_k_lambda.yaml").read_text()))

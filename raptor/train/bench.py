@@ -1,4 +1,5 @@
-"""What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step; the runner should add at most a tenth.
+"""What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step (the runner
+should add at most a tenth), and what a checkpoint adds to a step, uploaded sync or async.
 
 Both sides run the same :class:`~raptor.train.job.StageJob` with the same work per sample: this
 rank's shards through the loader, the teacher's trajectory and the stage loss through the job's
@@ -7,13 +8,14 @@ clipping, AdamW (fused on GPU) and the LR schedule. The bare side runs them in t
 a plain torch optimizer; the runner side is :func:`raptor.train.launch.run_stage` (a TorchTrainer
 with one DeepSpeed engine per worker), timed by its own progress rows after the first logging
 interval (start-up and compilation excluded) and before the last (the final validation and
-checkpoint). ``scripts/bench_runner.py`` (on CPU) and ``scripts/bench_gpu.py`` (the device check)
-call this module.
+checkpoint). ``scripts/bench_runner.py`` (on CPU), ``scripts/bench_checkpoint.py`` (checkpoints to
+an S3 server) and ``scripts/bench_gpu.py`` (the device check) call this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -64,25 +66,55 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     return steps * micro * accum / (time.perf_counter() - t0)
 
 
-def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
-    """Samples/s of ``job`` through Ray Train + DeepSpeed with ``workers`` workers (all together),
-    in a throw-away folder; needs a Ray cluster (``ray.init``) with room for the workers."""
+def _history(job: StageJob, steps: int, workers: int, out_url: str, log_interval: int, **storage_settings: Any) -> list[dict]:
+    """The logged rows of ``job`` run for ``steps`` steps through Ray Train + DeepSpeed into ``out_url``
+    (validation only at the end); needs a Ray cluster (``ray.init``) with room for the workers."""
     from raptor.train.launch import run_stage  # Ray Train is loaded only when the runner is measured
 
-    interval = max(1, steps // 5)
+    measured = dataclasses.replace(
+        job,
+        config=dataclasses.replace(job.config, steps=steps),
+        scaling=job.scaling.updated(num_workers=workers, min_workers=None, max_failures=0),
+        storage=job.storage.updated(**storage_settings),
+        logging=job.logging.updated(log_interval=log_interval, val_interval=steps, wandb_mode="disabled"),
+        out_url=out_url,
+    )
+    run_stage(measured)
+    return storage.read_json(storage.join(out_url, HISTORY_FILE))
+
+
+def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
+    """Samples/s of ``job`` through Ray Train + DeepSpeed with ``workers`` workers (all together)."""
     with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
-        measured = dataclasses.replace(
-            job,
-            config=dataclasses.replace(job.config, steps=steps),
-            scaling=job.scaling.updated(num_workers=workers, max_failures=0),
-            storage=job.storage.updated(checkpoint_interval=steps),  # one, at the end
-            logging=job.logging.updated(log_interval=interval, val_interval=steps, wandb_mode="disabled"),
-            out_url=tmp,
-        )
-        run_stage(measured)
-        rows = storage.read_json(storage.join(tmp, HISTORY_FILE))
+        rows = _history(job, steps, workers, tmp, max(1, steps // 5), checkpoint_interval=steps)  # one, at the end
     steady = rows[1:-1] or rows  # the first interval holds start-up, the last the final validation
     return sum(r["samples_per_s"] for r in steady) / len(steady)
+
+
+def checkpoint_cost(job: StageJob, steps: int, interval: int, store: str, workers: int = 1) -> list[dict[str, Any]]:
+    """Step times of ``job`` checkpointing every ``interval`` steps into ``store`` (e.g. ``s3://bucket/x``),
+    the upload sync and async: per mode, the median step without a checkpoint, the median step that
+    took one (a step's time runs from its predecessor's log row to its own, so it holds the
+    checkpoint its predecessor took) and the mean of all steps after the first interval."""
+    rows = []
+    for upload in ("sync", "async"):
+        out = storage.join(store, f"{job.stage}-{upload}-{time.time_ns()}")
+        history = _history(job, steps, workers, out, 1, checkpoint_interval=interval, upload=upload, keep=2)
+        times = {b["step"]: (b["samples"] - a["samples"]) / b["samples_per_s"] for a, b in zip(history, history[1:])}
+        after = [t for step, t in times.items() if (step - 1) % interval == 0 and step > interval]
+        plain = [t for step, t in times.items() if (step - 1) % interval and step > interval]
+        folder = storage.join(out, "checkpoints")
+        fs, root = storage.filesystem(folder)
+        saved = [rel for rel in storage.files(folder) if rel.startswith("checkpoint_step")]
+        newest = max(rel.split("/")[0] for rel in saved)
+        size = sum(fs.size(f"{root.rstrip('/')}/{rel}") for rel in saved if rel.startswith(newest + "/"))
+        rows.append({"upload": upload, "workers": workers, "steps": steps, "interval": interval,
+                     "checkpoint_mb": round(size / 2**20, 1),
+                     "step_ms": round(1000 * statistics.median(plain), 1),
+                     "checkpoint_step_ms": round(1000 * statistics.median(after), 1),
+                     "mean_step_ms": round(1000 * statistics.fmean([t for s, t in times.items() if s > interval]), 1)})
+        storage.remove(out)
+    return rows
 
 
 def compare(job: StageJob, steps: int, warmup: int = 3, workers: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:

@@ -11,10 +11,17 @@ key: Ray Train V2 finds its snapshot there and hands the newest checkpoint back 
 a checkpoint made at N workers under ZeRO stage z resumes at M workers under ZeRO stage z'.
 (Checkpoints written by DeepSpeed itself, by an older raptor, still resume at their own world size.)
 
+When: every ``storage.checkpoint_interval`` steps and at the end, and at the first check
+(``storage.preemption_check``) after Ray Train announces that a node of the worker group will be
+preempted (``ray.train.get_preemption_info``: a spot reclaim, a Kubernetes drain), so a preemption
+loses at most the steps after that checkpoint. Training goes on after it, as Ray recommends: when
+the node goes, Ray Train restarts the group from it (an elastic group at the size the live nodes
+allow). Periodic checkpoints upload in the background (``storage.upload``: async), the one before a
+preemption before the next step, so it is in storage before the node can go.
+
 Client state: the optimizer step, which fixes the LR and lambda schedules (both pure functions of
-the step) and the data position (every step reads the same number of micro-batches per rank, and the
-loader's order is a pure function of (seed, epoch, rank, world size), so the step is enough to
-continue the same stream at the same world size).
+the step) and the data position (the global order of samples is a pure function of (seed, epoch),
+whatever the world size: :func:`raptor.train.trainer.batches_from`).
 
 Nothing is trusted unverified (``raptor.train.integrity``): each rank records the checksums of the
 files it saved, and a restore that finds a checkpoint truncated, bit-flipped, half-uploaded or
@@ -31,7 +38,9 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -42,6 +51,7 @@ from pyarrow.fs import FileSelector, FileType
 
 from raptor.train import consolidated, integrity
 from raptor.train.registered import CHECKPOINT_DIR
+from raptor.train.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +68,7 @@ class Resumed:
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0's logged rows so far
     resumed_at: list[int] = field(default_factory=list)  # the step of every resume so far (the export records it)
     nonfinite: dict[str, int] = field(default_factory=dict)  # raptor.train.nonfinite.NonFiniteGuard's counters
+    samples: int = 0  # training samples the optimizer steps so far took, over all ranks and resumes
 
 
 def tag(step: int) -> str:
@@ -117,10 +128,12 @@ class Checkpointer:
     the current engine, whose parameters name the consolidated state.
     """
 
-    def __init__(self, interval: int, fresh: Callable[[], Any], student: Callable[[], Any]):
-        self.interval, self.fresh, self.student = interval, fresh, student
+    def __init__(self, settings: StorageSettings, fresh: Callable[[], Any], student: Callable[[], Any]):
+        self.settings, self.fresh, self.student = settings, fresh, student
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.noticed: set[str] = set()  # nodes whose preemption notice this group has checkpointed for
+        self.preempting = False  # the next save is the one before a preemption: it uploads before training goes on
         self.engine = self._new_engine()
 
     def _new_engine(self) -> Any:
@@ -129,30 +142,58 @@ class Checkpointer:
         return engine
 
     def due(self, step: int, last: bool) -> bool:
-        return step % self.interval == 0 or last
+        """Whether ``step`` ends with a checkpoint: periodic, last, or the first check after a preemption notice.
+
+        Every rank calls it at every step (the notice check is a collective that all ranks make together)."""
+        return self._preempting(step) or step % self.settings.checkpoint_interval == 0 or last
+
+    def _preempting(self, step: int) -> bool:
+        """True once per newly announced preemption of a node that holds ranks of this group."""
+        if step % self.settings.preemption_check:
+            return False
+        info = ray.train.get_preemption_info()  # collective
+        nodes = set(info.preempted_node_to_ranks) - self.noticed if info is not None else set()
+        if not nodes:
+            return False
+        self.noticed |= nodes
+        if self.rank == 0:
+            left = f"{(info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "an unknown time"
+            log.warning("node(s) %s (ranks %s) will be preempted in %s: checkpoint at step %d", ", ".join(sorted(nodes)),
+                        info.preempted_ranks, left, step)
+        self.preempting = True
+        return True
 
     def save(self, step: int, metrics: dict[str, float], resumed: Resumed) -> None:
         """Collective: the ranks gather the whole state (rank 0 writes it), each saves its RNG and reports the folder.
 
-        ``resumed`` carries rank 0's history and the steps it resumed at so far.
+        ``resumed`` carries rank 0's history and the steps it resumed at so far. The folder is
+        uploaded in the background (``storage.upload``), except before a preemption; Ray Train deletes
+        it once uploaded.
         """
         client = {"step": step, "history": resumed.history, "resumed_at": resumed.resumed_at,
-                  "nonfinite": resumed.nonfinite, "global_samples": int(self.engine.global_samples),
+                  "nonfinite": resumed.nonfinite, "samples": resumed.samples, "global_samples": int(self.engine.global_samples),
                   "skipped_steps": int(self.engine.skipped_steps), "world_size": self.world_size,
                   "zero_stage": int(self.engine.zero_optimization_stage())}
         state = consolidated.gather(self.engine, self.student())  # collective
-        with tempfile.TemporaryDirectory(prefix="raptor-ckpt-") as tmp:
+        wait, self.preempting = self.settings.upload == "sync" or self.preempting, False
+        tmp = tempfile.mkdtemp(prefix="raptor-ckpt-")
+        try:
             if self.rank == 0:
                 torch.save({"training": state, "client": client}, os.path.join(tmp, STATE_FILE))
             torch.save(_rng_state(), os.path.join(tmp, _RNG_FILE.format(rank=self.rank)))
             integrity.write_checksums(tmp, rank=self.rank, world_size=self.world_size, step=step)
-            ray.train.report(
-                {**metrics, "step": step},
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_{tag(step)}",
-            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ray.train.report(
+            {**metrics, "step": step},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{tag(step)}",
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC if wait else ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
         if self.rank == 0:
-            log.debug("checkpoint at step %d saved", step)
+            log.debug("checkpoint at step %d %s", step, "saved" if wait else "uploading")
 
     def restore(self, latest: ray.train.Checkpoint | None = None) -> Resumed:
         """Load the newest checkpoint every rank can use into the engine (and each rank's RNG); step 0 if none.
@@ -220,8 +261,9 @@ class Checkpointer:
             e.global_steps, e.global_samples = int(client["step"]), int(client["global_samples"])
             e.micro_steps, e.skipped_steps = e.global_steps * e.gradient_accumulation_steps(), int(client["skipped_steps"])
             if (client["world_size"], client["zero_stage"]) != (self.world_size, e.zero_optimization_stage()) and self.rank == 0:
-                log.info("checkpoint %s: made at %d worker(s) under ZeRO-%d, resumed at %d under ZeRO-%d", folder,
-                         client["world_size"], client["zero_stage"], self.world_size, e.zero_optimization_stage())
+                log.info("checkpoint of step %d: made at %d worker(s) under ZeRO-%d, resumed at %d under ZeRO-%d",
+                         client["step"], client["world_size"], client["zero_stage"], self.world_size,
+                         e.zero_optimization_stage())
         else:
             _, client = self.engine.load_checkpoint(folder, tag=saved, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
@@ -232,7 +274,8 @@ class Checkpointer:
         else:  # the world size grew: this rank starts from the seeded RNG
             log.warning("checkpoint %s has no RNG state for rank %d", folder, self.rank)
         return Resumed(int(client["step"]), list(client.get("history", [])),
-                       [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {})))
+                       [*client.get("resumed_at", []), int(client["step"])], dict(client.get("nonfinite", {})),
+                       int(client.get("samples", client["global_samples"])))
 
 
 class _Unusable(Exception):

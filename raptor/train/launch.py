@@ -2,8 +2,10 @@
 
 Checkpoints live in the job's checkpoint folder (``{store}/{stage}/{key}/checkpoints``): re-running a
 stage with the same key (after a crash, a Ctrl-C or a preempted cluster) resumes from its newest
-checkpoint, and a stage with other inputs starts afresh in its own folder. Worker crashes inside one
-run are retried up to ``max_failures`` times from the newest checkpoint (``FailureConfig``).
+checkpoint, and a stage with other inputs starts afresh in its own folder. Inside one run the worker
+group restarts from the newest checkpoint after a crash (up to ``scaling.max_failures`` times) and
+after a node was preempted (``scaling.max_preemptions``: Ray Train's own budget); an elastic group
+restarts at the size the live nodes allow.
 Object-store folders (``s3://...``) are handed to Ray as a pyarrow filesystem over the same fsspec
 filesystem every other artifact uses, so the AWS variables (endpoint, credentials) mean the same
 thing to checkpoints as to shards and exports, and with the same retries
@@ -53,7 +55,8 @@ def run_config(job: StageJob) -> ray.train.RunConfig:
         callbacks.append(TuneReportCallback())
     return ray.train.RunConfig(
         name=CHECKPOINTS,
-        failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures,
+                                               max_preemption_failures=job.scaling.max_preemptions),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.storage.keep),
         callbacks=callbacks,
         **ray_storage(job.out_url, job.storage.patience),
@@ -68,6 +71,7 @@ def scaling_config(job: StageJob) -> ray.train.ScalingConfig:
         use_gpu=s.use_gpu,
         resources_per_worker=s.worker_resources(),
         placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.resize_interval,
     )
 
 

@@ -67,7 +67,14 @@ class ScalingSettings(Settings):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the workers")
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts after a failure (FailureConfig.max_failures); "
+                              "-1 = unlimited")
+    max_preemptions: int = Field(
+        -1, ge=-1, description="worker-group restarts after a node was preempted (FailureConfig.max_preemption_failures), "
+        "counted apart from max_failures; -1 = unlimited")
+    resize_interval: float = Field(
+        60, gt=0, description="elastic training: seconds between Ray Train's checks for nodes that joined (a larger "
+        "group restarts from the newest checkpoint)")
 
     @model_validator(mode="after")
     def _range(self) -> "ScalingSettings":
@@ -135,6 +142,12 @@ class StorageSettings(Settings):
 
     checkpoint_interval: int = Field(1000, gt=0, description="steps between checkpoints")
     keep: int = Field(2, gt=0, description="checkpoints kept per stage")
+    upload: Literal["async", "sync"] = Field(
+        "async", description="periodic checkpoints: async = training goes on while they upload (Ray Train's "
+        "CheckpointUploadMode.ASYNC), sync = the step waits; a checkpoint before a preemption always waits")
+    preemption_check: int = Field(
+        1, gt=0, description="steps between checks for a preemption notice (ray.train.get_preemption_info, a "
+        "collective); a notice brings a checkpoint at the next check")
     patience: float = Field(
         storage.DEFAULT_PATIENCE_S, gt=0, le=86_400, description="seconds an unreachable object store is retried (with backoff) before "
         "the run stops, resumable; checkpoint, artifact and index writes and reads wait this long")

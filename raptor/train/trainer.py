@@ -156,6 +156,7 @@ class Trainer:
     micro_batch: int  # per worker (the largest), and the micro-batches of one optimizer step: the job's at this world size
     accumulation: int
     global_batch: int  # samples per optimizer step over all workers
+    samples: int  # the samples this rank's optimizer steps took since the group started
     loader: data.ShardLoader  # this rank's training shards
     validator: Validator
     checkpointer: Checkpointer
@@ -172,11 +173,12 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
         self.teacher = job.teacher.load(self.device)
-        self.checkpointer = Checkpointer(job.storage.checkpoint_interval, lambda: self._fresh(world), lambda: self.student)
+        self.checkpointer = Checkpointer(job.storage, lambda: self._fresh(world), lambda: self.student)
         self.resumed = self.checkpointer.restore()
         self.world_size = world
         self.micro_batch, self.accumulation = job.batching(world)
         self.global_batch = job.global_batch or self.micro_batch * self.accumulation * world
+        self.samples = 0
         self.loader = job.train_loader(self.rank, world, self.device)
         self.validator = Validator(job.val, self.teacher, self.student, job.logging.val_interval, self.device,
                                    job.teacher.amp(self.device), job.deepspeed.amp(self.device))
@@ -214,8 +216,16 @@ class Trainer:
             self.guard.before_update()
             self.engine.step()
             sizes.append(len(images))
+            self.samples += len(images)
             total = {k: total[k] + v * len(images) if k in total else v * len(images) for k, v in metrics.items()}
         return {k: v / sum(sizes) for k, v in total.items()}
+
+    def samples_taken(self) -> int:
+        """Collective: the training samples every optimizer step so far took, over all ranks and resumes
+        (counted, not derived from the batch size: a resize must leave it at steps x global batch)."""
+        here = torch.tensor([self.samples], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(here)
+        return self.resumed.samples + int(here.item())
 
     def train(self) -> None:
         job, cfg, lg = self.job, self.job.config, self.job.logging
@@ -229,7 +239,8 @@ class Trainer:
             row: dict[str, float] = {}
             if done % lg.log_interval == 0 or last:
                 row = {**{k: float(v) for k, v in metrics.items()}, "lr": self.engine.get_lr()[0],
-                       "nonfinite_steps": self.guard.total, **_data_counters(self.loader, self.device),
+                       "nonfinite_steps": self.guard.total, "samples": self.samples_taken(),
+                       **_data_counters(self.loader, self.device),
                        **self.hot.counters()}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -240,11 +251,11 @@ class Trainer:
                 self.logger.log_validation(done, val)
                 row.update(val)
             if row:
-                history.append({"step": done, **row})
+                history.append({"step": done, "world_size": self.world_size, **row})
                 latest.update(row)
             reported = {**_headline(latest), "global_step": job.labels.step_offset + done}
             if self.checkpointer.due(done, last):
-                state.nonfinite = self.guard.counters()
+                state.nonfinite, state.samples = self.guard.counters(), self.samples_taken()
                 stop = {"stopped": self.guard.stopped} if self.guard.stopped else {}
                 self.checkpointer.save(done, {**reported, **stop}, state)
             elif job.labels.report_interval and done % job.labels.report_interval == 0:

@@ -18,6 +18,7 @@ trial drivers Tune places there (0.01 CPU each), so they never take a worker's p
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 import yaml
 
 from raptor.errors import UserError
-from raptor.service.spec import ClusterSpec, JobSpec, load_spec, secrets_in
+from raptor.service.spec import DRIVER_RESOURCE, DRIVER_SLOTS, ClusterSpec, JobSpec, load_spec, secrets_in
 from raptor.train.settings import ScalingSettings
 from raptor.service.deploy.submit import entrypoint
 
@@ -154,6 +155,27 @@ def _pod_spec(cluster: ClusterSpec, containers: list[dict[str, Any]], **extra: A
     }
 
 
+DRAIN_MARGIN_S = 5  # a draining worker pod stops this long after its deadline, and is killed this long after that
+
+
+def _start_resources(resources: dict[str, float]) -> str:
+    """``rayStartParams.resources`` as KubeRay wants it: JSON in double quotes, its own quotes escaped (the value
+    goes into the ``ray start`` shell command, and the autoscaler reads it the same way)."""
+    return json.dumps(json.dumps(resources))
+
+
+def _pre_stop(cluster: ClusterSpec, role: str) -> str:
+    """How a Ray pod stops: a worker first drains its node as preempted with ``cluster.drain_seconds`` to go
+    (Ray Train's preemption notice: the training stage checkpoints at its next step boundary) and stops a
+    little after that deadline, once Ray Train has restarted the group without it (a node stopped earlier
+    would count as a failure, not a preemption)."""
+    if role == "head" or not cluster.drain_seconds:
+        return "ray stop"
+    n = cluster.drain_seconds
+    return (f"ray drain-node --address auto --reason DRAIN_NODE_REASON_PREEMPTION --reason-message 'pod terminating' "
+            f"--deadline-remaining-seconds {n}; sleep {n + DRAIN_MARGIN_S}; ray stop")
+
+
 def _ray_container(spec: JobSpec, role: str, resources: dict[str, str], ready: str) -> dict[str, Any]:
     """A Ray node container; KubeRay supplies its ``ray start`` command."""
     container: dict[str, Any] = {
@@ -164,7 +186,7 @@ def _ray_container(spec: JobSpec, role: str, resources: dict[str, str], ready: s
         "env": _secret_env(spec.cluster),
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", _pre_stop(spec.cluster, role)]}}},
         "readinessProbe": {
             "exec": {"command": ["/bin/sh", "-c", ready]},
             "initialDelaySeconds": 10,
@@ -195,8 +217,10 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
 
     head_res = {"cpu": str(cluster.head_cpus), "memory": f"{cluster.head_memory_gib}Gi"}
     head = {
-        # num-cpus 0: Ray schedules no tasks on the head, so the driver and GCS never compete with training
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+        # num-cpus 0: Ray schedules no tasks on the head, so the driver and GCS never compete with training;
+        # raptor_driver: the on-demand node where a sweep's trial drivers and locks go (raptor.service.sweep.trials)
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
+                           "resources": _start_resources({DRIVER_RESOURCE: DRIVER_SLOTS})},
         "template": {
             "metadata": {"labels": _labels(name, "ray-head")},
             "spec": _pod_spec(
@@ -221,7 +245,7 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
     start_params: dict[str, str] = {}
     if scaling.resources_per_worker:
         pod_resources = {k: v * packing.workers_per_pod for k, v in scaling.resources_per_worker.items()}
-        start_params["resources"] = yaml.safe_dump(pod_resources, default_flow_style=True).strip()
+        start_params["resources"] = _start_resources(pod_resources)
     workers = {
         "groupName": "gpu-workers" if packing.gpus_per_pod else "cpu-workers",
         "replicas": packing.pods,
@@ -233,6 +257,7 @@ def ray_cluster_spec(spec: JobSpec, name: str) -> dict[str, Any]:
             "spec": _pod_spec(
                 cluster,
                 [_ray_container(spec, "worker", worker_res, raylet_ok)],
+                terminationGracePeriodSeconds=cluster.drain_seconds + 2 * DRAIN_MARGIN_S,
                 **worker_extra,
             ),
         },

@@ -290,6 +290,12 @@ class StorageSpec(runner.StorageSettings):
         return self.store or storage.join(self.url, "store")
 
 
+# A Ray resource that nodes never preempted advertise (the KubeRay head does): a sweep's trial drivers and
+# its locks reserve a unit of it where a cluster has any (raptor.service.sweep.trials.driver_resources).
+DRIVER_RESOURCE = "raptor_driver"
+DRIVER_SLOTS = 1000  # how much of it such a node advertises: the trial drivers it may host
+
+
 class ClusterSpec(Settings):
     """Where the job runs on Kubernetes (KubeRay); read only by ``raptor k8s render``, never by training."""
 
@@ -306,8 +312,13 @@ class ClusterSpec(Settings):
         "({key: cloud.google.com/gke-spot, operator: Equal, value: 'true', effect: NoSchedule}); pair with "
         "scaling.min_workers so a preempted node shrinks the group")
     head_node_selector: dict[str, str] = Field(
-        default_factory=dict, description="node labels for the head and the submitter (the driver, and a sweep's "
-        "trial drivers' cluster state), e.g. an on-demand pool while workers run on spot")
+        default_factory=dict, description="node labels for the head and the submitter (the driver, a sweep's trial "
+        "drivers and its cluster state), e.g. an on-demand pool while workers run on spot")
+    drain_seconds: int = Field(
+        25, ge=0, le=3600, description="a worker pod being terminated (a spot reclaim, a scale-down) announces its "
+        "preemption to Ray with this long to go, so a training stage checkpoints at its next step boundary, and stops "
+        "its Ray node 5 s after that (terminationGracePeriodSeconds = this + 10; keep it within the provider's "
+        "notice); 0 = stop at once")
     head_cpus: int = Field(8, gt=0, description="the head runs the driver and dashboard only (Ray schedules no work there)")
     head_memory_gib: int = Field(32, gt=0, description="memory of the head pod")
     wandb_secret: str | None = Field("raptor-wandb", description="Secret with key api-key -> WANDB_API_KEY; None = no wandb credentials")

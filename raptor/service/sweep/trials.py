@@ -7,7 +7,9 @@ grouped under the sweep's name. Every trial's spec is validated before Tune star
 drawn while the sweep runs: each field's extremes and choices are validated instead).
 
 Following Ray Train V2's guide, a trial is a small driver (:func:`run_trial`, 0.01 CPU) that runs
-the trial's pipeline; its training stages launch their own TorchTrainers, whose reports (every
+the trial's pipeline, on capacity that is not preempted where the cluster says which: nodes that
+advertise the ``raptor_driver`` resource (the KubeRay head does) host the trial drivers and the
+sweep's locks, so a reclaimed spot node takes training workers, never a trial's driver; its training stages launch their own TorchTrainers, whose reports (every
 ``logging.log_interval`` steps, with a step counter that rises across stage 1 and stage 2) reach
 Tune through ``TuneReportCallback``, so ASHA stops a trailing trial in the middle of a stage.
 
@@ -53,7 +55,7 @@ from raptor.errors import UserError
 from raptor.service.spec.translate import absolute_paths
 from raptor.service.engine.graph import Step
 from raptor.service.engine.artifacts import RunFolder
-from raptor.service.spec import JobSpec, SpecError, SweepSpec, parse_spec, set_field, tied
+from raptor.service.spec import DRIVER_RESOURCE, JobSpec, SpecError, SweepSpec, parse_spec, set_field, tied
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +301,17 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], locks_name: str) 
 # ---------------------------------------------------------------- the sweep
 
 
-def trial_resources(spec: JobSpec) -> dict[str, float]:
-    """What one trial holds at most: its Ray Train workers and its driver's 0.01 CPU."""
+def driver_resources(cluster: dict[str, float]) -> dict[str, float]:
+    """What a trial's driver reserves on a cluster with these resources: a unit of ``raptor_driver`` (on
+    the nodes that advertise it, never preempted) where it has any, else 0.01 CPU anywhere."""
+    return {"CPU": 0.0, DRIVER_RESOURCE: 1.0} if cluster.get(DRIVER_RESOURCE) else {"CPU": TRIAL_DRIVER_CPUS}
+
+
+def trial_resources(spec: JobSpec, cluster: dict[str, float]) -> dict[str, float]:
+    """What one trial holds at most: its Ray Train workers and its driver (:func:`driver_resources`)."""
     need = {k: v * spec.scaling.num_workers for k, v in spec.scaling.worker_resources().items()}
-    need["CPU"] = need.get("CPU", 0.0) + TRIAL_DRIVER_CPUS
+    for k, v in driver_resources(cluster).items():
+        need[k] = need.get(k, 0.0) + v
     return need
 
 
@@ -311,7 +320,7 @@ def concurrency(spec: JobSpec, free: dict[str, float]) -> int:
     assert spec.sweep is not None
     if spec.sweep.max_concurrent_trials:
         return spec.sweep.max_concurrent_trials
-    need = trial_resources(spec)
+    need = trial_resources(spec, free)
     fits = min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
     if fits < 1:
         log.warning("one trial needs %s but the cluster has %s free: trials wait for the autoscaler", need, free)

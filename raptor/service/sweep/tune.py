@@ -19,7 +19,7 @@ from raptor import storage
 from raptor.service.spec import JobSpec
 from raptor.service.sweep.results import ResultsCallback
 from raptor.service.sweep.trials import (
-    LOCK_TTL_S, TRIAL_DRIVER_CPUS, KeyLocks, SweepError, SweepRun, concurrency, decode, grid_points, load_results,
+    LOCK_TTL_S, KeyLocks, SweepError, SweepRun, concurrency, decode, driver_resources, grid_points, load_results,
     plan_sweep, run_trial, summarize, total_steps, trial_id, tune_domain,
 )
 
@@ -36,7 +36,7 @@ def _tuner(plan: SweepRun, specs: list[tuple[dict[str, Any], JobSpec]], locks_na
     sweep = spec.sweep
     assert sweep is not None
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.model_dump(mode="json"), locks_name=locks_name),
-                                    {"cpu": TRIAL_DRIVER_CPUS})
+                                    driver_resources(ray.cluster_resources()))
     where = ray_storage(plan.tune_root, spec.storage.patience)
     fs = where.get("storage_filesystem")
     path = posixpath.join(where["storage_path"], plan.experiment)
@@ -92,7 +92,8 @@ def run_planned(plan: SweepRun, specs: list[tuple[dict[str, Any], JobSpec]]) -> 
     # the metric (ASHA skips those), which Tune's strict check would turn into an error
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     locks_name = f"raptor-sweep-locks-{uuid.uuid4().hex[:8]}"
-    locks = ray.remote(num_cpus=0)(KeyLocks).options(name=locks_name).remote(LOCK_TTL_S)
+    on_demand = {k: v for k, v in driver_resources(ray.cluster_resources()).items() if k != "CPU"}  # beside the drivers
+    locks = ray.remote(num_cpus=0)(KeyLocks).options(name=locks_name, resources=on_demand).remote(LOCK_TTL_S)
     try:
         tuner = _tuner(plan, specs, locks_name, max_concurrent)
         tuner.fit()
