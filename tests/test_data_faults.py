@@ -114,16 +114,32 @@ def test_read_error_mid_shard_is_retried_not_counted_as_corrupt(flaky, tmp_path,
         assert FlakyFileSystem.opens[shard] == 2
 
 
-def test_read_error_that_persists_fails_naming_the_shard(flaky, tmp_path):
-    """Catches: an outage that outlasts the retries passed off as bad data (skipped, run goes
-    on with a hole) instead of stopping the run with the shard named."""
+def test_read_error_that_persists_fails_naming_the_shard(flaky, tmp_path, monkeypatch):
+    """A shard whose reads break 10 times in a row (a reset connection: the store unreachable). Within
+    storage.patience the loader waits it out and delivers every sample once, as every other store
+    access does; past a patience of 50 ms it stops naming the shard and the patience, as a
+    ShardUnavailableError that is also the resumable StorageUnavailable. Catches: an outage passed off
+    as bad data (skipped, run goes on with a hole), a loader that gives up after a few tries while
+    checkpoints and artifacts wait out the same outage (a training step during an async checkpoint
+    upload would fail the stage), and one that retries forever."""
+    from raptor import storage
+    from raptor.errors import StorageUnavailable
+
     shard = f"{tmp_path}/ds/train-000002.tar"
+    kw = dict(image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.001)
+    clean = fingerprints(loader(flaky, LoaderSettings(batch_size=4, num_workers=0), **kw))
     FlakyFileSystem.faults[shard] = [3000, 10]
-    batches = loader(flaky, LoaderSettings(batch_size=4, num_workers=0),
-                     image_size=SIZE, train=False, drop_last=False, retries=2, backoff_s=0.01)
-    with pytest.raises(ShardUnavailableError, match=r"train-000002\.tar failed mid-read 3 times"):
+    batches = loader(flaky, LoaderSettings(batch_size=4, num_workers=0), **kw)
+    assert fingerprints(batches) == clean and batches.stats.read_retries == 10
+
+    monkeypatch.setattr(storage, "_patience_s", 0.05)
+    FlakyFileSystem.faults[shard] = [3000, 1000]
+    batches = loader(flaky, LoaderSettings(batch_size=4, num_workers=0), **{**kw, "backoff_s": 0.01})
+    with pytest.raises(ShardUnavailableError, match=r"unreachable for 0s \(storage.patience\) while reading shards") as e:
         list(batches)
+    assert isinstance(e.value, StorageUnavailable)
     assert batches.stats.skipped == 0 and batches.stats.shard_errors == 0
+    FlakyFileSystem.faults.pop(shard)
 
 
 class Outage:

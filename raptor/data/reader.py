@@ -13,12 +13,13 @@ naming it (:class:`~raptor.data.gopen.ShardUnavailableError`).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Callable, Iterator, TypeVar
 
 from raptor.data import tarstream
 from raptor.data.decode import LabelKey
-from raptor.data.gopen import TRANSIENT, ShardUnavailableError, open_shard, wait_before_retry
+from raptor.data.gopen import TRANSIENT, ShardUnavailableError, keep_trying, open_shard, wait_before_retry
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Reader:
     def samples(self, url: str, expected: int | None) -> Iterator[dict[str, Any]]:
         """The raw samples (``__key__``, ``__url__``, entries as bytes) of one shard."""
         count = resume = failures = 0
+        since = 0.0  # when the current streak of read failures began
         while True:
             stream = open_shard(url, retries=self.retries, backoff_s=self.backoff_s)
             try:
@@ -95,7 +97,8 @@ class Reader:
                                  f"({e}); skipping its remaining {lost}")
                 return
             except TRANSIENT as e:
-                if failures == self.retries:
+                since = since if failures else time.monotonic()
+                if not keep_trying(e, failures, self.retries, since):
                     raise ShardUnavailableError(
                         f"shard {url} failed mid-read {failures + 1} times after {count} samples: "
                         f"{type(e).__name__}: {e}"

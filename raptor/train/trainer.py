@@ -220,6 +220,15 @@ class Trainer:
             total = {k: total[k] + v * len(images) if k in total else v * len(images) for k, v in metrics.items()}
         return {k: v / sum(sizes) for k, v in total.items()}
 
+    def global_mean(self, metrics: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Collective: this step's metrics over the global batch (each rank's mean weighted by its ``count``
+        samples), so a logged loss means the same at any world size, not rank 0's share of the batch."""
+        keys = sorted(metrics)
+        t = torch.stack([metrics[k].detach().float().reshape(()) * count for k in keys]
+                        + [torch.tensor(float(count), device=self.device)]).to(self.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(t[i] / t[-1]) for i, k in enumerate(keys)}
+
     def samples_taken(self) -> int:
         """Collective: the training samples every optimizer step so far took, over all ranks and resumes
         (counted, not derived from the batch size: a resize must leave it at steps x global batch)."""
@@ -233,12 +242,13 @@ class Trainer:
         state = Resumed(history=history if self.rank == 0 else [], resumed_at=self.resumed.resumed_at)
         batches = batches_from(self.loader, self.resumed.step)
         for step in range(self.resumed.step, cfg.steps):
+            before = self.samples
             metrics = self.step(batches, step)
             self.guard.after_update(step + 1, metrics)
             done, last = step + 1, step + 1 == cfg.steps or self.guard.stopped is not None
             row: dict[str, float] = {}
             if done % lg.log_interval == 0 or last:
-                row = {**{k: float(v) for k, v in metrics.items()}, "lr": self.engine.get_lr()[0],
+                row = {**self.global_mean(metrics, self.samples - before), "lr": self.engine.get_lr()[0],
                        "nonfinite_steps": self.guard.total, "samples": self.samples_taken(),
                        **_data_counters(self.loader, self.device),
                        **self.hot.counters()}
