@@ -8,8 +8,8 @@ clipping, AdamW (fused on GPU) and the LR schedule. The bare side runs them in t
 a plain torch optimizer; the runner side is :func:`raptor.train.launch.run_stage` (a TorchTrainer
 with one DeepSpeed engine per worker), timed by its own progress rows after the first logging
 interval (start-up and compilation excluded) and before the last (the final validation and
-checkpoint). ``scripts/bench_runner.py`` (on CPU), ``scripts/bench_checkpoint.py`` (checkpoints to
-an S3 server) and ``scripts/bench_gpu.py`` (the device check) call this module.
+checkpoint). ``scripts/bench_runner.py`` (on CPU; ``--checkpoint-every`` for checkpoints to an S3
+server) and ``scripts/bench_gpu.py`` (the device check) call this module.
 """
 
 from __future__ import annotations
