@@ -35,6 +35,7 @@ from raptor.errors import TrainingDiverged
 from raptor.models import load_student
 from raptor.service.spec.translate import teacher_ref
 from raptor.service.engine.artifacts import RunFolder
+from raptor.service.engine.graph import downstream
 from raptor.service.engine.pipeline import run_pipeline
 from raptor.service.spec import JobSpec, parse_spec
 from raptor.service.stages import STAGES
@@ -176,6 +177,18 @@ def _given_teacher(reference: dict[str, Any], bucket: str, name: str, *overrides
                    "runtime_env={}", *overrides)
 
 
+def _past_stage1(reference: dict[str, Any], direct, bucket: str, name: str, *overrides: str) -> JobSpec:
+    """The reference's spec in a store of its own that holds the reference's artifacts up to stage 1
+    (copied: the same keys), so its run trains stage 2 on, the stage the fault is injected into, and
+    must end with the reference's stage-2 student."""
+    spec = variant(reference["spec"], f"storage.url={bucket}/{name}", "runtime_env={}", *overrides)
+    source, redone = reference["spec"].storage.store_url, downstream(STAGES, ["stage2"])
+    for stage, url in reference["run_folder"].folders.items():
+        if stage not in redone and url.startswith(source + "/"):
+            _copy_store(direct, url, spec.storage.store_url + url[len(source):])
+    return spec
+
+
 def _raptor_run(spec_file: Path, cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     return subprocess.run([RAPTOR, "run", str(spec_file), *args], env=env, cwd=REPO, capture_output=True, text=True,
@@ -302,6 +315,9 @@ def test_an_elastic_stage_checkpoints_before_a_preemption_shrinks_and_grows_back
     from ray.core.generated import autoscaler_pb2
 
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray Train's watcher of node drains (default 5 s)
+    # the group's first restart after the reclaim still counts the drained node and waits this long to start
+    # without it (default 60 s); a start here takes a few seconds
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     # a tiny step takes ~50 ms here: enough steps that the stage outlasts the notice, the restart and the growth
     steps, every = 3000, 500
     # max_failures=0: the restart must count as a preemption (scaling.max_preemptions), or the stage fails
@@ -379,7 +395,7 @@ def test_object_store_outage_is_waited_out_without_a_restart(reference, relay, b
     """S3 goes down for 25 s in the middle of stage 2 (after its step-20 checkpoint) and comes back:
     the checkpoint writes, Ray's bookkeeping and the shard reads wait with backoff; the stage never
     restarts (its export records no resume) and ends with the reference's student."""
-    spec = _given_teacher(reference, bucket, "outage")
+    spec = _past_stage1(reference, direct, bucket, "outage")
     run_folder = run_folder_of(spec)
 
     def outage() -> None:
@@ -403,7 +419,7 @@ def test_outage_past_patience_stops_in_one_line_and_resumes(reference, relay, cl
     """S3 stays down past storage.patience (10 s) during stage 2: `raptor run` stops with exit code 3
     and one line saying so, stage 2 is not marked done; once S3 is back, the same command resumes
     from the newest registered checkpoint and ends with the reference's student."""
-    spec = _given_teacher(reference, bucket, "patience", "storage.patience=10")
+    spec = _past_stage1(reference, direct, bucket, "patience", "storage.patience=10")
     run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
@@ -434,7 +450,7 @@ def test_kill_during_a_checkpoint_write_never_resumes_the_half_written_one(refer
     """The job is killed while stage 2's step-40 checkpoint is being uploaded (the relay stalls its
     PUTs): a half-written folder is left in S3. The re-run resumes from step 20 (the last whole,
     registered checkpoint), never from the half-written one, and ends with the reference's student."""
-    spec = _given_teacher(reference, bucket, "halfwritten")
+    spec = _past_stage1(reference, direct, bucket, "halfwritten")
     run_folder = run_folder_of(spec)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
@@ -464,7 +480,7 @@ def test_kill_during_a_checkpoint_write_never_resumes_the_half_written_one(refer
 @pytest.fixture(scope="module")
 def interrupted(reference, cluster, bucket, direct, tmp_path_factory) -> JobSpec:
     """A run whose stage 2 was killed after its step-40 checkpoint: checkpoints 20 and 40 in S3."""
-    spec = _given_teacher(reference, bucket, "interrupted")
+    spec = _past_stage1(reference, direct, bucket, "interrupted")
     run_folder = run_folder_of(spec)
     spec_file = tmp_path_factory.mktemp("interrupted") / "spec.yaml"
     spec_file.write_text(spec.to_yaml())

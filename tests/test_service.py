@@ -32,6 +32,7 @@ from raptor.service.engine.pipeline import plan, run_pipeline
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.service.stages import STAGES
 from raptor.train.launch import run_stage
+from tests.inprocess import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RAPTOR = str(Path(sys.executable).with_name("raptor"))
@@ -87,16 +88,16 @@ def finished(spec: JobSpec) -> dict[str, str]:
 
 
 def dry_run(spec_file: Path, *overrides: str) -> dict[str, tuple[str, str]]:
-    """`raptor run SPEC --dry-run` as a person runs it: stage -> (status, why), read off the printed table."""
-    out = subprocess.run([RAPTOR, "run", str(spec_file), "--dry-run", *(a for o in overrides for a in ("--set", o))],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    """`raptor run SPEC --dry-run` (the CLI's entry point, in this process: no interpreter start): stage ->
+    (status, why), read off the printed table."""
+    code, _, err = run_cli(["run", str(spec_file), "--dry-run", *(a for o in overrides for a in ("--set", o))], cwd=REPO)
+    assert code == 0, err[-2000:]
     rows = {}
-    for line in out.stderr.splitlines():
+    for line in err.splitlines():
         m = re.fullmatch(r"(\w+)\s+[0-9a-f]{12}\s+(done|will run|will resume|missing)\s*(.*)", line)
         if m and m.group(1) in ORDER:
             rows[m.group(1)] = (m.group(2), m.group(3))
-    assert list(rows) == ORDER, out.stderr
+    assert list(rows) == ORDER, err
     return rows
 
 
@@ -283,14 +284,21 @@ def _close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol:
         assert (a[name] - b[name]).abs().max() <= rtol * scale, name
 
 
+@pytest.fixture(scope="module")
+def zero2_stage2(tiny_run: JobSpec, tmp_path_factory) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Three optimizer steps of stage 2 as the tiny run makes them (ZeRO-2, data.batch_size=16): what the
+    ZeRO, accumulation and offload runs are compared with."""
+    return _short_stage2(tiny_run, str(tmp_path_factory.mktemp("zero2")))
+
+
 @pytest.mark.slow
-def test_zero_stages_give_the_same_first_losses_and_exports(tiny_run, tmp_path):
+def test_zero_stages_give_the_same_first_losses_and_exports(tiny_run, zero2_stage2, tmp_path):
     """Stage 2 from the same stage-1 student under ZeRO 0-3: the same loss at step 1 (before any
     update) to 1e-6 and after two optimizer steps to 1e-4 (relative), the sharded reductions only
     reorder float32 sums. ZeRO-3's export (gathered from the parameter shards) is loaded and equals
     ZeRO-2's to 1e-5 of each tensor's scale. (This is why deepspeed.zero_stage is not in a stage's key.)"""
-    losses, exports = {}, {}
-    for zero in (0, 1, 2, 3):
+    losses, exports = {2: zero2_stage2[0]}, {2: zero2_stage2[1]}
+    for zero in (0, 1, 3):
         losses[zero], exports[zero] = _short_stage2(tiny_run, str(tmp_path / f"zero{zero}"), f"deepspeed.zero_stage={zero}")
     for zero in (1, 2, 3):
         torch.testing.assert_close(losses[zero][:1], losses[0][:1], rtol=1e-6, atol=0)
@@ -306,11 +314,11 @@ def _stage1_weights(tiny_run: JobSpec) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_matches_the_doubled_batch(tiny_run, tmp_path):
+def test_gradient_accumulation_matches_the_doubled_batch(tiny_run, zero2_stage2, tmp_path):
     """data.batch_size=8 with gradient_accumulation_steps=2 sees the same 16 samples per rank and step
     as data.batch_size=16 (the loader's order does not depend on the batch size): the same student
     after three steps to 1e-5 of each tensor's scale (the mean over two halves reorders float sums)."""
-    _, doubled = _short_stage2(tiny_run, str(tmp_path / "batch16"), "data.batch_size=16")
+    _, doubled = zero2_stage2  # data.batch_size=16
     _, accumulated = _short_stage2(tiny_run, str(tmp_path / "accum2"), "data.batch_size=8",
                                    "deepspeed.gradient_accumulation_steps=2")
     _close_weights(accumulated, doubled, rtol=1e-5)
@@ -319,10 +327,10 @@ def test_gradient_accumulation_matches_the_doubled_batch(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_optimizer_offload_runs_end_to_end(tiny_run, tmp_path):
+def test_cpu_optimizer_offload_runs_end_to_end(tiny_run, zero2_stage2, tmp_path):
     """ZeRO-2 with the optimizer states offloaded to the CPU trains, checkpoints, exports and matches
     the resident run to 1e-5 (where the states live does not change them)."""
-    _, resident = _short_stage2(tiny_run, str(tmp_path / "resident"), "deepspeed.zero_stage=2")
+    _, resident = zero2_stage2
     _, offloaded = _short_stage2(tiny_run, str(tmp_path / "offload"), "deepspeed.zero_stage=2",
                                  "deepspeed.offload_optimizer=cpu", "storage.checkpoint_interval=2")
     _close_weights(offloaded, resident, rtol=1e-5)

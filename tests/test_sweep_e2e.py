@@ -150,9 +150,9 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
 
 @pytest.mark.slow
 def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
-    """`raptor analyze --sweep` over two drop-path rates x two stage-2 learning rates, so each rate has one
-    teacher shared by two trials (rate 0.1 is the seed-0 teacher the store already holds, so only the
-    0.3 one is trained). One row per rate, each with one teacher and two trials, finite z-scores for
+    """`raptor analyze --sweep` over two drop-path rates x two probe lengths, so each rate has one teacher
+    (and one student: the probe is the only stage the trials of a rate do not share) shared by two trials
+    (rate 0.1 is the seed-0 teacher the store already holds, so only the 0.3 one is trained). One row per rate, each with one teacher and two trials, finite z-scores for
     both distances. Catches a study that mixes rates, counts a shared teacher once per trial, or loses
     a distance metric."""
     import json
@@ -160,7 +160,7 @@ def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
     from raptor.cli import main
 
     spec = sweep_spec(root, "study", {"space": {"teacher.drop_path_rate": {"grid": [0.1, 0.3]},
-                                                "stage2.lr": {"grid": [1e-3, 2e-3]}}, "max_concurrent_trials": 2},
+                                                "probe.epochs": {"grid": [2, 3]}}, "max_concurrent_trials": 2},
                       stage1={"steps": 20}, stage2={"steps": 10})
     summary = run_sweep(spec)
     assert summary["finished"] == 4, summary
