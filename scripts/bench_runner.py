@@ -3,6 +3,7 @@
     python scripts/bench_runner.py runs/quickstart [--steps 100] [--workers 1,2]
     python scripts/bench_runner.py --generated [--steps 40]
     python scripts/bench_runner.py --generated --quickstart --checkpoint-every 10 [--store s3://...]
+    python scripts/bench_runner.py --generated --quickstart --resize 2,1 [--stop 60] [--store s3://...]
 
 With a run folder (a run whose stage 1 has finished, e.g. runs/quickstart): that run's spec,
 data, teacher and stage-1 student. With ``--generated``: generated shards, a random teacher and a
@@ -16,12 +17,18 @@ with the uploads sync and once async; one JSON line per mode with the checkpoint
 step without and with a checkpoint, and the mean step. Without ``--store``, a local S3 server
 (``moto_server``, as the tests use) is started for it. ``--quickstart``: the generated job at the
 sizes of jobs/quickstart.yaml (teacher, resolution, batch, two workers).
+
+With ``--resize N,M``: what a resize costs. The stage is stopped after its ``--stop`` checkpoint on N
+workers and resumed from it on M, and started afresh on M; one JSON line with each run's wall time,
+the start-up of the fresh one and of the resumed one (wall time less their steps), the checkpoint's
+size and the step time. The global batch is the job's batch x N, so M workers accumulate or split it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -118,7 +125,7 @@ def local_s3() -> Iterator[str]:
 def main() -> None:
     import ray
 
-    from raptor.train.bench import checkpoint_cost, compare
+    from raptor.train.bench import checkpoint_cost, compare, resize_cost
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", help="a run folder whose stage 1 has finished (e.g. runs/quickstart)")
@@ -134,7 +141,9 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--quickstart", action="store_true", help="with --generated: jobs/quickstart.yaml's sizes")
     p.add_argument("--checkpoint-every", type=int, help="measure checkpoints every N steps, sync vs async upload")
-    p.add_argument("--store", help="where those checkpoints go (default: a local S3 server started for it)")
+    p.add_argument("--resize", help="N,M: stop on N workers, resume on M (what a resize costs)")
+    p.add_argument("--stop", type=int, help="with --resize: the checkpointed step it stops at (default: half the steps)")
+    p.add_argument("--store", help="where the checkpoints go (default: a local S3 server started for it)")
     args = p.parse_args()
     if bool(args.run) == args.generated:
         p.error("give a run folder or --generated")
@@ -147,12 +156,20 @@ def main() -> None:
         job = run_job(args.run, args.steps) if args.run else generated_job(tmp, steps=args.steps, use_gpu=args.gpu, **sizes)
         if args.quickstart and args.workers == "1":
             workers = (2,)
+        if args.resize:
+            workers = tuple(int(w) for w in args.resize.split(","))
+            if len(workers) != 2:
+                p.error(f"--resize takes N,M (two worker counts), not {args.resize!r}")
+            job = dataclasses.replace(job, global_batch=job.train.settings.batch_size * workers[0])
         cpus = int(job.scaling.cpus_per_worker)
         with contextlib.ExitStack() as stack:
-            store = args.store or (stack.enter_context(local_s3()) if args.checkpoint_every else None)
+            store = args.store or (stack.enter_context(local_s3()) if args.checkpoint_every or args.resize else None)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus * max(workers)), logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
-            if args.checkpoint_every:
+            if args.resize:
+                row = resize_cost(job, args.steps, args.stop or args.steps // 2, *workers, store)
+                print(json.dumps({"bench": "resize", "store": store.split(":")[0], **row}), flush=True)
+            elif args.checkpoint_every:
                 for w in workers:
                     for row in checkpoint_cost(job, args.steps, args.checkpoint_every, store, w):
                         print(json.dumps({"bench": "checkpoint", "store": store.split(":")[0], **row}), flush=True)

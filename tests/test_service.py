@@ -736,25 +736,6 @@ def test_a_stage_resized_mid_way_steps_on_the_same_global_batch(tiny_run, tmp_pa
         assert (update - expected_update).norm() <= 1e-4 * expected_update.norm(), world
 
 
-class _Stopped(Exception):
-    """Raised by :func:`_stop_after` once its stage has checkpointed the step it was told to stop at."""
-
-
-def _stop_after(config: dict) -> None:
-    """Ray Train worker: the stage's Trainer, stopped (raising) right after its step-``stop`` checkpoint."""
-    from raptor.train.logs import quiet_worker
-    from raptor.train.trainer import Trainer
-
-    class Stopping(Trainer):
-        def step(self, batches, step):
-            if step == config["stop"]:
-                raise _Stopped(f"stopped at step {step}")
-            return super().step(batches, step)
-
-    quiet_worker()
-    Stopping(config["job"]).train()
-
-
 @pytest.mark.slow
 def test_a_3_worker_stage1_stopped_at_step_20_ends_the_same_on_2_or_4_workers(tiny_run, tmp_path):
     """Stage 1 on 3 workers with a global batch of 32 (shares 11/11/10), run through and, separately,
@@ -771,12 +752,11 @@ def test_a_3_worker_stage1_stopped_at_step_20_ends_the_same_on_2_or_4_workers(ti
     import shutil
 
     import ray.train
-    from ray import cloudpickle
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raptor.train import launch
+    from raptor.train.bench import stop_after
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     spec = variant(tiny_run, "data.global_batch_size=32", "scaling.num_workers=3", "scaling.cpus_per_worker=0.5",
                    "scaling.max_failures=0", "logging.log_interval=1", "logging.val_interval=100", "storage.upload=sync")
     job = _job(spec, "stage1", str(tmp_path / "through"))
@@ -786,7 +766,7 @@ def test_a_3_worker_stage1_stopped_at_step_20_ends_the_same_on_2_or_4_workers(ti
 
     stopped = dataclasses.replace(job, out_url=str(tmp_path / "stopped"))
     with pytest.raises(ray.train.TrainingFailedError, match="stopped at step 20"):
-        TorchTrainer(_stop_after, train_loop_config={"job": stopped, "stop": 20}, torch_config=TorchConfig(backend="gloo"),
+        TorchTrainer(stop_after, train_loop_config={"job": stopped, "stop": 20}, torch_config=TorchConfig(backend="gloo"),
                      scaling_config=launch.scaling_config(stopped), run_config=launch.run_config(stopped)).fit()
     worst = {}
     for world in (2, 4):

@@ -1,5 +1,6 @@
 """What Ray Train + DeepSpeed cost: a stage's step through the runner against the bare step (the runner
-should add at most a tenth), and what a checkpoint adds to a step, uploaded sync or async.
+should add at most a tenth), what a checkpoint adds to a step, uploaded sync or async, and what a
+resize costs (a stage resumed from its checkpoint at another world size, against a fresh start).
 
 Both sides run the same :class:`~raptor.train.job.StageJob` with the same work per sample: this
 rank's shards through the loader, the teacher's trajectory and the stage loss through the job's
@@ -9,7 +10,7 @@ a plain torch optimizer; the runner side is :func:`raptor.train.launch.run_stage
 with one DeepSpeed engine per worker), timed by its own progress rows after the first logging
 interval (start-up and compilation excluded) and before the last (the final validation and
 checkpoint). ``scripts/bench_runner.py`` (on CPU; ``--checkpoint-every`` for checkpoints to an S3
-server) and ``scripts/bench_gpu.py`` (the device check) call this module.
+server, ``--resize`` for a resize) and ``scripts/bench_gpu.py`` (the device check) call this module.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from raptor.distill import lr_scheduler, make_optimizer
 from raptor.train.export import HISTORY_FILE
 from raptor.train.hotpath import HotPath
 from raptor.train.job import StageJob
+from raptor.train.registered import CHECKPOINT_DIR
 from raptor.train.trainer import batches_from, build_student
 
 
@@ -66,12 +68,9 @@ def bare_rate(job: StageJob, steps: int, warmup: int = 3, device: torch.device |
     return steps * micro * accum / (time.perf_counter() - t0)
 
 
-def _history(job: StageJob, steps: int, workers: int, out_url: str, log_interval: int, **storage_settings: Any) -> list[dict]:
-    """The logged rows of ``job`` run for ``steps`` steps through Ray Train + DeepSpeed into ``out_url``
-    (validation only at the end); needs a Ray cluster (``ray.init``) with room for the workers."""
-    from raptor.train.launch import run_stage  # Ray Train is loaded only when the runner is measured
-
-    measured = dataclasses.replace(
+def _measured(job: StageJob, steps: int, workers: int, out_url: str, log_interval: int, **storage_settings: Any) -> StageJob:
+    """``job`` for ``steps`` steps on ``workers`` workers into ``out_url``, validated only at the end, no retries."""
+    return dataclasses.replace(
         job,
         config=dataclasses.replace(job.config, steps=steps),
         scaling=job.scaling.updated(num_workers=workers, min_workers=None, max_failures=0),
@@ -79,8 +78,20 @@ def _history(job: StageJob, steps: int, workers: int, out_url: str, log_interval
         logging=job.logging.updated(log_interval=log_interval, val_interval=steps, wandb_mode="disabled"),
         out_url=out_url,
     )
-    run_stage(measured)
+
+
+def _history(job: StageJob, steps: int, workers: int, out_url: str, log_interval: int, **storage_settings: Any) -> list[dict]:
+    """The logged rows of ``job`` run for ``steps`` steps through Ray Train + DeepSpeed into ``out_url``
+    (validation only at the end); needs a Ray cluster (``ray.init``) with room for the workers."""
+    from raptor.train.launch import run_stage  # Ray Train is loaded only when the runner is measured
+
+    run_stage(_measured(job, steps, workers, out_url, log_interval, **storage_settings))
     return storage.read_json(storage.join(out_url, HISTORY_FILE))
+
+
+def _step_times(history: list[dict]) -> dict[int, float]:
+    """Seconds per logged step, from the samples counted and the rate of each row (log interval 1)."""
+    return {b["step"]: (b["samples"] - a["samples"]) / b["samples_per_s"] for a, b in zip(history, history[1:])}
 
 
 def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
@@ -100,7 +111,7 @@ def checkpoint_cost(job: StageJob, steps: int, interval: int, store: str, worker
     for upload in ("sync", "async"):
         out = storage.join(store, f"{job.stage}-{upload}-{time.time_ns()}")
         history = _history(job, steps, workers, out, 1, checkpoint_interval=interval, upload=upload, keep=2)
-        times = {b["step"]: (b["samples"] - a["samples"]) / b["samples_per_s"] for a, b in zip(history, history[1:])}
+        times = _step_times(history)
         after = [t for step, t in times.items() if (step - 1) % interval == 0 and step > interval]
         plain = [t for step, t in times.items() if (step - 1) % interval and step > interval]
         folder = storage.join(out, "checkpoints")
@@ -115,6 +126,74 @@ def checkpoint_cost(job: StageJob, steps: int, interval: int, store: str, worker
                      "mean_step_ms": round(1000 * statistics.fmean([t for s, t in times.items() if s > interval]), 1)})
         storage.remove(out)
     return rows
+
+
+class Stopped(Exception):
+    """Raised by :func:`stop_after` when its stage reaches the step it was told to stop at."""
+
+
+def stop_after(config: dict[str, Any]) -> None:
+    """Ray Train worker: ``config["job"]``'s Trainer, stopped (raising :class:`Stopped`) when ``config["stop"]``
+    steps are done, after that step's checkpoint if one was due: a stage interrupted there, to be resumed."""
+    from raptor.train.logs import quiet_worker
+    from raptor.train.trainer import Trainer
+
+    class Stopping(Trainer):
+        def step(self, batches, step):
+            if step == config["stop"]:
+                raise Stopped(f"stopped at step {step}")
+            return super().step(batches, step)
+
+    quiet_worker()
+    Stopping(config["job"]).train()
+
+
+def resize_cost(job: StageJob, steps: int, stop: int, before: int, after: int, store: str) -> dict[str, Any]:
+    """What a resize costs: ``job`` stopped after its step-``stop`` checkpoint on ``before`` workers and resumed
+    from it on ``after`` (Ray Train's restart of the group, at another size), against the same stage started
+    afresh on ``after``. A run's start-up is its wall time less its steps at its median step time: for the
+    fresh one Ray Train's controller and worker group, DeepSpeed, the teacher and the loader; the resumed
+    one adds the checkpoint's download, load and re-partitioning and the loader's skip to ``stop``. An
+    elastic resize keeps the controller, so it costs at most ``resume_s``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raptor.train import launch
+
+    def timed(run: StageJob) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        launch.run_stage(run)
+        wall = time.perf_counter() - t0
+        times = _step_times(storage.read_json(storage.join(run.out_url, HISTORY_FILE)))
+        return wall, statistics.median(t for s, t in times.items() if s > stop + 1)
+
+    base = storage.join(store, f"resize-{before}-{after}-{time.time_ns()}")
+    settings = {"checkpoint_interval": stop, "upload": "sync"}
+    fresh = _measured(job, steps, after, storage.join(base, "fresh"), 1, **settings)
+    stopped = _measured(job, steps, before, storage.join(base, "stopped"), 1, **settings)
+    try:
+        TorchTrainer(stop_after, train_loop_config={"job": stopped, "stop": stop},
+                     torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+                     scaling_config=launch.scaling_config(stopped), run_config=launch.run_config(stopped)).fit()
+    except ray.train.TrainingFailedError as e:
+        if f"stopped at step {stop}" not in str(e):
+            raise
+    resumed = dataclasses.replace(fresh, out_url=storage.join(base, "resumed"))
+    storage.copy_tree(storage.join(stopped.out_url, "checkpoints"), storage.join(resumed.out_url, "checkpoints"))
+    fresh_wall, fresh_step = timed(fresh)
+    resumed_wall, resumed_step = timed(resumed)
+    resumed_at = storage.read_json(storage.join(resumed.out_url, "manifest.json"))["resumed_at"]
+    if resumed_at != [stop]:
+        raise RuntimeError(f"the resumed run resumed at {resumed_at}, not at step {stop}")
+    folder = storage.join(stopped.out_url, "checkpoints")
+    fs, root = storage.filesystem(folder)
+    size = sum(fs.size(f"{root.rstrip('/')}/{rel}") for rel in storage.files(folder)
+               if (m := CHECKPOINT_DIR.match(rel.split("/")[0])) and int(m.group(1)) == stop)
+    storage.remove(base)
+    return {"before": before, "after": after, "steps": steps, "stop": stop, "checkpoint_mb": round(size / 2**20, 1),
+            "step_ms": round(1000 * resumed_step, 1), "fresh_wall_s": round(fresh_wall, 1),
+            "start_s": round(fresh_wall - steps * fresh_step, 1), "resumed_wall_s": round(resumed_wall, 1),
+            "resume_s": round(resumed_wall - (steps - stop) * resumed_step, 1)}
 
 
 def compare(job: StageJob, steps: int, warmup: int = 3, workers: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:
