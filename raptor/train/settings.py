@@ -59,8 +59,8 @@ class ScalingSettings(Settings):
     min_workers: int | None = Field(
         None, gt=0, description="elastic training: the fewest workers a training stage runs on (Ray Train's elastic "
         "ScalingConfig, min_workers..num_workers): a lost node shrinks the group from the newest checkpoint instead of "
-        "waiting for it, a node that joins grows it; needs data.global_batch_size, divisible by every count in the "
-        "range; null = exactly num_workers")
+        "waiting for it, a node that joins grows it; needs data.global_batch_size (a count that does not divide it gives "
+        "shares that differ by one sample, weighted so the gradient is the batch's mean); null = exactly num_workers")
     use_gpu: bool = Field(False, description="train on GPUs (NCCL) rather than CPUs (gloo)")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves (its data loading runs there)")
     gpus_per_worker: float = Field(1, ge=0, description="GPUs each worker reserves when use_gpu is true")
