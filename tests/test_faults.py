@@ -600,19 +600,16 @@ def test_non_finite_steps_are_skipped_and_counted(zero, reference, tmp_path):
     ZeRO-2 by DeepSpeed's own check): the step-40 checkpoint holds exactly the step-20 weights, the
     export counts 20 skipped steps, and training goes on to a finite student."""
     from ray import cloudpickle  # Ray's own copy: the one that pickles the training function
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raptor.train import launch
     from raptor.train.integrity import load_weights_only
+    from raptor.train.launch import stage_trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     spec = variant(reference["spec"], f"deepspeed.zero_stage={zero}", "stage2.max_nonfinite_steps=25",
                    "logging.val_interval=100", "storage.keep=5", "runtime_env={}")
     folder = str(tmp_path / "stage2")
     job = _job(spec, "stage2", folder)
-    trainer = TorchTrainer(_poisoned_loop, train_loop_config={"job": job}, torch_config=TorchConfig(backend="gloo"),
-                           scaling_config=launch.scaling_config(job), run_config=launch.run_config(job))
-    trainer.fit()
+    stage_trainer(job, _poisoned_loop).fit()
     manifest = storage.read_json(storage.join(folder, "manifest.json"))
     assert manifest["nonfinite_steps"] == 20 and manifest["resumed_at"] == []
     weights = {}

@@ -31,7 +31,7 @@ from raptor.service.engine.graph import downstream
 from raptor.service.engine.pipeline import plan, run_pipeline
 from raptor.service.spec import JobSpec, apply_overrides, parse_spec
 from raptor.service.stages import STAGES
-from raptor.train.launch import run_stage
+from raptor.train.launch import run_stage, stage_trainer
 from tests.inprocess import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -616,9 +616,7 @@ def test_a_checkpoint_refused_by_one_rank_leaves_every_rank_in_the_same_state(ba
     import shutil
 
     from ray import cloudpickle
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raptor.train import launch
     from raptor.train.integrity import load_weights_only
     from raptor.train.trainer import build_student
 
@@ -629,8 +627,7 @@ def test_a_checkpoint_refused_by_one_rank_leaves_every_rank_in_the_same_state(ba
         _plant_bad_rng(folder / "checkpoints" / f"checkpoint_step{step:08d}", rank=1)
     job = _job(variant(tiny_run, "scaling.max_failures=0"), "stage2", str(folder))
     out = tmp_path / "ranks.pt"
-    TorchTrainer(_restored_state, train_loop_config={"job": job, "out": str(out)}, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=launch.scaling_config(job), run_config=launch.run_config(job)).fit()
+    stage_trainer(job, _restored_state, out=str(out)).fit()
     ranks = torch.load(out)
     assert len(ranks) == 2 and torch.equal(ranks[0], ranks[1])  # weights and resumed step
     weights, step = ranks[0][:-2], int(ranks[0][-2])
@@ -698,9 +695,7 @@ def test_a_stage_resized_mid_way_steps_on_the_same_global_batch(tiny_run, tmp_pa
     import shutil
 
     from ray import cloudpickle
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raptor.train import launch
     from raptor.train.integrity import load_weights_only
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -718,9 +713,7 @@ def test_a_stage_resized_mid_way_steps_on_the_same_global_batch(tiny_run, tmp_pa
         resized = dataclasses.replace(job, out_url=str(folder), global_batch=batch,
                                       scaling=job.scaling.updated(num_workers=world, cpus_per_worker=0.5),
                                       deepspeed=job.deepspeed.updated(zero_stage=zero))
-        TorchTrainer(_step_after_restore, train_loop_config={"job": resized, "out": str(tmp_path / f"{world}.pt")},
-                     torch_config=TorchConfig(backend="gloo"), scaling_config=launch.scaling_config(resized),
-                     run_config=launch.run_config(resized)).fit()
+        stage_trainer(resized, _step_after_restore, out=str(tmp_path / f"{world}.pt")).fit()
         out[world] = torch.load(tmp_path / f"{world}.pt")
         assert (out[world]["step"], out[world]["batch"]) == (60, batch), world
         torch.testing.assert_close(out[world]["restored"], expected, rtol=0, atol=0)
@@ -751,11 +744,7 @@ def test_a_3_worker_stage1_stopped_at_step_20_ends_the_same_on_2_or_4_workers(ti
     import dataclasses
     import shutil
 
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raptor.train import launch
-    from raptor.train.bench import stop_after
+    from raptor.train.bench import stop_stage
 
     spec = variant(tiny_run, "data.global_batch_size=32", "scaling.num_workers=3", "scaling.cpus_per_worker=0.5",
                    "scaling.max_failures=0", "logging.log_interval=1", "logging.val_interval=100", "storage.upload=sync")
@@ -765,9 +754,7 @@ def test_a_3_worker_stage1_stopped_at_step_20_ends_the_same_on_2_or_4_workers(ti
     expected, _ = load_student(storage.join(job.out_url, "student.safetensors"))
 
     stopped = dataclasses.replace(job, out_url=str(tmp_path / "stopped"))
-    with pytest.raises(ray.train.TrainingFailedError, match="stopped at step 20"):
-        TorchTrainer(stop_after, train_loop_config={"job": stopped, "stop": 20}, torch_config=TorchConfig(backend="gloo"),
-                     scaling_config=launch.scaling_config(stopped), run_config=launch.run_config(stopped)).fit()
+    stop_stage(stopped, 20)  # raises unless the stage stopped at step 20
     worst = {}
     for world in (2, 4):
         folder = tmp_path / f"on{world}"

@@ -152,9 +152,9 @@ def test_three_trials_share_a_teacher_and_the_best_reruns_as_a_no_op(cluster, ro
 def test_depth_study_groups_teachers_by_drop_path_rate(cluster, root):
     """`raptor analyze --sweep` over two drop-path rates x two probe lengths, so each rate has one teacher
     (and one student: the probe is the only stage the trials of a rate do not share) shared by two trials
-    (rate 0.1 is the seed-0 teacher the store already holds, so only the 0.3 one is trained). One row per rate, each with one teacher and two trials, finite z-scores for
-    both distances. Catches a study that mixes rates, counts a shared teacher once per trial, or loses
-    a distance metric."""
+    (rate 0.1 is the seed-0 teacher the store already holds, so only the 0.3 one is trained). One row
+    per rate, each with one teacher and two trials, finite z-scores for both distances. Catches a study
+    that mixes rates, counts a shared teacher once per trial, or loses a distance metric."""
     import json
 
     from raptor.cli import main

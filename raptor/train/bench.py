@@ -25,10 +25,10 @@ import torch
 
 from raptor import storage
 from raptor.distill import lr_scheduler, make_optimizer
-from raptor.train.export import HISTORY_FILE
+from raptor.train.export import HISTORY_FILE, MANIFEST_FILE
 from raptor.train.hotpath import HotPath
 from raptor.train.job import StageJob
-from raptor.train.registered import CHECKPOINT_DIR
+from raptor.train.registered import CHECKPOINT_DIR, CHECKPOINTS
 from raptor.train.trainer import batches_from, build_student
 
 
@@ -94,6 +94,16 @@ def _step_times(history: list[dict]) -> dict[int, float]:
     return {b["step"]: (b["samples"] - a["samples"]) / b["samples_per_s"] for a, b in zip(history, history[1:])}
 
 
+def _checkpoint_mb(checkpoints: str, step: int | None = None) -> float:
+    """MiB of the checkpoint of ``step`` (default: the newest) in a stage's ``checkpoints`` folder."""
+    fs, root = storage.filesystem(checkpoints)
+    sizes: dict[int, int] = {}
+    for rel in storage.files(checkpoints):
+        if m := CHECKPOINT_DIR.match(rel.split("/")[0]):
+            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + fs.size(f"{root.rstrip('/')}/{rel}")
+    return round(sizes[max(sizes) if step is None else step] / 2**20, 1)
+
+
 def runner_rate(job: StageJob, steps: int, workers: int = 1) -> float:
     """Samples/s of ``job`` through Ray Train + DeepSpeed with ``workers`` workers (all together)."""
     with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
@@ -114,13 +124,8 @@ def checkpoint_cost(job: StageJob, steps: int, interval: int, store: str, worker
         times = _step_times(history)
         after = [t for step, t in times.items() if (step - 1) % interval == 0 and step > interval]
         plain = [t for step, t in times.items() if (step - 1) % interval and step > interval]
-        folder = storage.join(out, "checkpoints")
-        fs, root = storage.filesystem(folder)
-        saved = [rel for rel in storage.files(folder) if rel.startswith("checkpoint_step")]
-        newest = max(rel.split("/")[0] for rel in saved)
-        size = sum(fs.size(f"{root.rstrip('/')}/{rel}") for rel in saved if rel.startswith(newest + "/"))
         rows.append({"upload": upload, "workers": workers, "steps": steps, "interval": interval,
-                     "checkpoint_mb": round(size / 2**20, 1),
+                     "checkpoint_mb": _checkpoint_mb(storage.join(out, CHECKPOINTS)),
                      "step_ms": round(1000 * statistics.median(plain), 1),
                      "checkpoint_step_ms": round(1000 * statistics.median(after), 1),
                      "mean_step_ms": round(1000 * statistics.fmean([t for s, t in times.items() if s > interval]), 1)})
@@ -148,6 +153,22 @@ def stop_after(config: dict[str, Any]) -> None:
     Stopping(config["job"]).train()
 
 
+def stop_stage(job: StageJob, stop: int) -> None:
+    """Run ``job`` through Ray Train until step ``stop`` is done (and checkpointed, if one was due) and stop it
+    there as a crash would; raises if the stage ended any other way."""
+    import ray.train
+
+    from raptor.train.launch import stage_trainer
+
+    try:
+        stage_trainer(job, stop_after, stop=stop).fit()
+    except ray.train.TrainingFailedError as e:
+        if f"stopped at step {stop}" in str(e):
+            return
+        raise
+    raise RuntimeError(f"{job.stage} ran through instead of stopping at step {stop}")
+
+
 def resize_cost(job: StageJob, steps: int, stop: int, before: int, after: int, store: str) -> dict[str, Any]:
     """What a resize costs: ``job`` stopped after its step-``stop`` checkpoint on ``before`` workers and resumed
     from it on ``after`` (Ray Train's restart of the group, at another size), against the same stage started
@@ -155,14 +176,11 @@ def resize_cost(job: StageJob, steps: int, stop: int, before: int, after: int, s
     fresh one Ray Train's controller and worker group, DeepSpeed, the teacher and the loader; the resumed
     one adds the checkpoint's download, load and re-partitioning and the loader's skip to ``stop``. An
     elastic resize keeps the controller, so it costs at most ``resume_s``."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raptor.train import launch
+    from raptor.train.launch import run_stage
 
     def timed(run: StageJob) -> tuple[float, float]:
         t0 = time.perf_counter()
-        launch.run_stage(run)
+        run_stage(run)
         wall = time.perf_counter() - t0
         times = _step_times(storage.read_json(storage.join(run.out_url, HISTORY_FILE)))
         return wall, statistics.median(t for s, t in times.items() if s > stop + 1)
@@ -171,26 +189,18 @@ def resize_cost(job: StageJob, steps: int, stop: int, before: int, after: int, s
     settings = {"checkpoint_interval": stop, "upload": "sync"}
     fresh = _measured(job, steps, after, storage.join(base, "fresh"), 1, **settings)
     stopped = _measured(job, steps, before, storage.join(base, "stopped"), 1, **settings)
-    try:
-        TorchTrainer(stop_after, train_loop_config={"job": stopped, "stop": stop},
-                     torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
-                     scaling_config=launch.scaling_config(stopped), run_config=launch.run_config(stopped)).fit()
-    except ray.train.TrainingFailedError as e:
-        if f"stopped at step {stop}" not in str(e):
-            raise
+    stop_stage(stopped, stop)
+    saved = storage.join(stopped.out_url, CHECKPOINTS)
     resumed = dataclasses.replace(fresh, out_url=storage.join(base, "resumed"))
-    storage.copy_tree(storage.join(stopped.out_url, "checkpoints"), storage.join(resumed.out_url, "checkpoints"))
+    storage.copy_tree(saved, storage.join(resumed.out_url, CHECKPOINTS))
     fresh_wall, fresh_step = timed(fresh)
     resumed_wall, resumed_step = timed(resumed)
-    resumed_at = storage.read_json(storage.join(resumed.out_url, "manifest.json"))["resumed_at"]
+    resumed_at = storage.read_json(storage.join(resumed.out_url, MANIFEST_FILE))["resumed_at"]
     if resumed_at != [stop]:
         raise RuntimeError(f"the resumed run resumed at {resumed_at}, not at step {stop}")
-    folder = storage.join(stopped.out_url, "checkpoints")
-    fs, root = storage.filesystem(folder)
-    size = sum(fs.size(f"{root.rstrip('/')}/{rel}") for rel in storage.files(folder)
-               if (m := CHECKPOINT_DIR.match(rel.split("/")[0])) and int(m.group(1)) == stop)
+    size_mb = _checkpoint_mb(saved, stop)
     storage.remove(base)
-    return {"before": before, "after": after, "steps": steps, "stop": stop, "checkpoint_mb": round(size / 2**20, 1),
+    return {"before": before, "after": after, "steps": steps, "stop": stop, "checkpoint_mb": size_mb,
             "step_ms": round(1000 * resumed_step, 1), "fresh_wall_s": round(fresh_wall, 1),
             "start_s": round(fresh_wall - steps * fresh_step, 1), "resumed_wall_s": round(resumed_wall, 1),
             "resume_s": round(resumed_wall - (steps - stop) * resumed_step, 1)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -84,6 +84,19 @@ def preflight(job: StageJob, world_size: int) -> None:
         job.train_loader(rank, world_size)
 
 
+def stage_trainer(job: StageJob, loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+                  **config: Any) -> TorchTrainer:
+    """The TorchTrainer that runs ``loop`` (the stage's Trainer unless told otherwise) for ``job`` with
+    ``{"job": job, **config}``: gloo or NCCL, the job's scaling and its checkpoint folder."""
+    return TorchTrainer(
+        loop,
+        train_loop_config={"job": job, **config},
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(job),
+        run_config=run_config(job),
+    )
+
+
 def run_stage(job: StageJob) -> dict[str, Any]:
     """Train ``job`` on the connected Ray cluster; the student is exported to ``job.out_url``.
 
@@ -95,13 +108,7 @@ def run_stage(job: StageJob) -> dict[str, Any]:
     sizes = job.scaling.world_sizes
     for n in {sizes[0], sizes[-1]}:
         preflight(job, n)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
-        scaling_config=scaling_config(job),
-        run_config=run_config(job),
-    )
+    trainer = stage_trainer(job)
     log.info("%s: %s, ZeRO-%d, %d steps", job.stage, worker_layout(sizes, job.batching, job.global_batch), job.deepspeed.zero_stage,
              job.config.steps)
     try:
